@@ -1,0 +1,53 @@
+"""Adaptive mask extraction (AME, GDPI paper Sec. II-B).
+
+Per axial slice, the median HU inside the liver is the adaptive threshold; liver
+voxels darker than that median by more than ``offset_hu`` form the candidate mask.
+Returned masks use the inpainting convention: 1 = candidate = region to re-paint.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import ParameterError
+
+
+def adaptive_mask(
+    ct_hu: np.ndarray,
+    liver: np.ndarray,
+    offset_hu: float = 20.0,
+    two_sided: bool = False,
+    min_area_px: int = 0,
+) -> np.ndarray:
+    """Candidate mask (uint8, 1 = inpaint) for a slice ``[H, W]`` or a stack ``[Z, H, W]``.
+
+    Args:
+        ct_hu: CT in HU; axis 0 of a stack is the axial slice index.
+        liver: liver mask of the same shape (nonzero = liver).
+        offset_hu: a voxel is a candidate when ``HU < median - offset_hu``.
+        two_sided: also flag voxels with ``HU > median + offset_hu`` (arterial-phase
+            tumours are brighter than the liver); not in the paper.
+        min_area_px: drop in-slice 8-connected candidate components with fewer pixels.
+    """
+    if ct_hu.shape != liver.shape:
+        raise ParameterError(f"CT shape {ct_hu.shape} and liver shape {liver.shape} differ")
+    if offset_hu < 0:
+        raise ParameterError(f"offset must be >= 0 HU, got {offset_hu}")
+    if ct_hu.ndim == 2:
+        return adaptive_mask(ct_hu[None], liver[None], offset_hu, two_sided, min_area_px)[0]
+    out = np.zeros(ct_hu.shape, dtype=np.uint8)
+    inside = liver > 0
+    for k in np.flatnonzero(inside.any(axis=(1, 2))):
+        threshold = np.median(ct_hu[k][inside[k]])
+        cand = inside[k] & (ct_hu[k] < threshold - offset_hu)
+        if two_sided:
+            cand |= inside[k] & (ct_hu[k] > threshold + offset_hu)
+        if min_area_px > 1 and cand.any():
+            labels, _ = ndimage.label(cand, structure=np.ones((3, 3), bool))
+            sizes = np.bincount(labels.ravel())
+            keep = sizes >= min_area_px
+            keep[0] = False
+            cand = keep[labels]
+        out[k] = cand
+    return out

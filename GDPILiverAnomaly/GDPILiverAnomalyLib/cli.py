@@ -1,0 +1,314 @@
+"""``gdpi`` command line: ``gdpi detect`` and ``gdpi init-model``.
+
+Exit codes: 0 success; 2 bad input, parameter, checkpoint or output folder (one-line
+``gdpi: error: ...`` on stderr, nothing written); 3 folder mode with at least one
+failed case; 130 cancelled (SIGINT/SIGTERM; nothing written for the running case).
+With ``--progress json`` every line on stdout is one JSON object with an ``event``
+key: ``start``, ``progress``, ``case``, ``done``, ``error``, ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .checkpoint import init_checkpoint, load_checkpoint, save_checkpoint
+from .errors import Cancelled, GDPIError
+from .grid import InputGrid
+from .job import run_case, run_folder
+from .pipeline import PRESETS, DetectionParams, Progress
+from .unet import MODEL_SIZES
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gdpi", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser(
+        "detect",
+        help="detect liver anomalies in a CT (or every case of folders)",
+        description="Run GDPI on a CT and its liver mask, or on every case of a "
+        "folder (LiTS names, case subfolders, or same names).",
+    )
+    d.add_argument(
+        "--ct", required=True, help="CT file (NIfTI/NRRD/MHA), DICOM folder, or a folder of cases"
+    )
+    d.add_argument("--liver", required=True, help="liver mask file (or folder in folder mode)")
+    d.add_argument(
+        "--liver-label",
+        type=int,
+        default=None,
+        help="liver label value in a label map (default: nonzero of a binary or "
+        "LiTS map; TotalSegmentator: 5)",
+    )
+    d.add_argument("--checkpoint", required=True, help="GDPI checkpoint (.safetensors)")
+    d.add_argument("--out", required=True, help="output folder")
+    d.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="paper",
+        help="paper: 250 steps, jump 10, 10 resamplings; fast: 50 steps, jump 5, 3 resamplings",
+    )
+    d.add_argument("--steps", type=_positive_int, help="respaced diffusion steps")
+    d.add_argument("--jump-length", type=_positive_int, help="RePaint jump length")
+    d.add_argument("--jump-n-sample", type=_positive_int, help="RePaint resamplings")
+    d.add_argument(
+        "--offset-hu", type=float, help="AME offset below the liver median (HU, default 20)"
+    )
+    d.add_argument(
+        "--two-sided",
+        action="store_true",
+        default=None,
+        help="AME also flags tissue brighter than median + offset (arterial phase)",
+    )
+    d.add_argument(
+        "--min-candidate-mm2", type=float, help="drop smaller in-slice candidate regions (mm^2)"
+    )
+    d.add_argument(
+        "--median-size", type=int, help="median filter size in model-grid pixels (0 = off)"
+    )
+    d.add_argument(
+        "--threshold", dest="threshold_hu", type=float, help="anomaly threshold (HU, default 20)"
+    )
+    d.add_argument("--batch-size", type=_positive_int, help="slices inpainted together (default 8)")
+    d.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    d.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast on CUDA")
+    d.add_argument("--seed", type=int, help="random seed (default 0)")
+    d.add_argument(
+        "--allow-non-hu", action="store_true", help="process a CT whose values do not look like HU"
+    )
+    d.add_argument(
+        "--progress",
+        choices=("text", "json", "none"),
+        default="text",
+        help="text: progress bar on stderr; json: one JSON object per line on stdout",
+    )
+
+    m = sub.add_parser(
+        "init-model", help="write a randomly initialised checkpoint (tests, smoke runs)"
+    )
+    m.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
+    m.add_argument("--size", choices=sorted(MODEL_SIZES), default="tiny")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument(
+        "--fixed-variance", action="store_true", help="no learned sigma (C output channels)"
+    )
+    m.add_argument(
+        "--grid-spacing",
+        type=float,
+        default=None,
+        help="model grid spacing in mm (0 = fit the whole slice; default by size)",
+    )
+    return parser
+
+
+class _Reporter:
+    """Turns progress into a tqdm bar (text) or throttled JSON lines (json)."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.bar = None
+        self.last = 0.0
+        self.case = None
+
+    def emit(self, event: str, **fields) -> None:
+        if self.mode == "json":
+            print(json.dumps({"event": event, **fields}), flush=True)
+
+    def start_case(self, name: str | None) -> None:
+        self.close()
+        self.case = name
+
+    def __call__(self, p: Progress) -> None:
+        if self.mode == "json":
+            now = time.monotonic()
+            final = p.nfe_done == p.nfe_total
+            if final or now - self.last >= 0.25 or p.nfe_done == 0:
+                self.last = now
+                self.emit("progress", case=self.case, **p.to_dict())
+        elif self.mode == "text":
+            from tqdm import tqdm
+
+            if self.bar is None:
+                self.bar = tqdm(
+                    total=p.nfe_total,
+                    unit="NFE",
+                    desc=self.case or "inpainting",
+                    file=sys.stderr,
+                    dynamic_ncols=True,
+                )
+            self.bar.n = p.nfe_done
+            self.bar.set_postfix_str(f"slices {p.slices_done}/{p.slices_total}", refresh=False)
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _detect(args: argparse.Namespace, cancelled: dict) -> int:
+    overrides = {
+        k: getattr(args, k)
+        for k in (
+            "steps",
+            "jump_length",
+            "jump_n_sample",
+            "offset_hu",
+            "two_sided",
+            "min_candidate_mm2",
+            "median_size",
+            "threshold_hu",
+            "batch_size",
+            "device",
+            "bf16",
+            "seed",
+        )
+    }
+    params = DetectionParams.from_preset(args.preset, **overrides)
+    checkpoint = load_checkpoint(args.checkpoint)
+    params.validate(checkpoint.diffusion.num_timesteps)
+    reporter = _Reporter(args.progress)
+    ct, liver = Path(args.ct), Path(args.liver)
+
+    def should_cancel() -> bool:
+        return cancelled["flag"]
+
+    folder_mode = ct.is_dir() and liver.is_dir() and not _is_dicom_folder(ct)
+    reporter.emit(
+        "start",
+        ct=str(ct),
+        liver=str(liver),
+        out=args.out,
+        folder=folder_mode,
+        parameters=params.to_dict(),
+        nfe_per_batch=params.nfe_per_batch(),
+    )
+    t0 = time.perf_counter()
+    try:
+        if folder_mode:
+
+            def on_case(number: int, total: int, name: str) -> None:
+                reporter.start_case(name)
+                reporter.emit("case", number=number, total=total, case=name)
+
+            rows = run_folder(
+                ct,
+                liver,
+                checkpoint,
+                params,
+                args.out,
+                args.liver_label,
+                args.allow_non_hu,
+                on_case,
+                reporter,
+                should_cancel,
+            )
+            reporter.close()
+            failed = [r for r in rows if r["status"] != "ok"]
+            for r in failed:
+                print(f"gdpi: case {r['case']} failed: {r['error']}", file=sys.stderr)
+            reporter.emit(
+                "done",
+                out=str(Path(args.out).absolute()),
+                cases=len(rows),
+                failed=len(failed),
+                seconds=round(time.perf_counter() - t0, 2),
+            )
+            if args.progress == "text":
+                print(
+                    f"{len(rows) - len(failed)}/{len(rows)} cases done; summary: "
+                    f"{Path(args.out) / 'summary.csv'}",
+                    file=sys.stderr,
+                )
+            return 3 if failed else 0
+        info = run_case(
+            ct,
+            liver,
+            checkpoint,
+            params,
+            args.out,
+            args.liver_label,
+            args.allow_non_hu,
+            reporter,
+            should_cancel,
+        )
+    finally:
+        reporter.close()
+    reporter.emit(
+        "done",
+        out=str(Path(args.out).absolute()),
+        lesions=info["results"]["lesions"],
+        nfe=info["nfe"],
+        seconds=round(time.perf_counter() - t0, 2),
+    )
+    if args.progress == "text":
+        print(
+            f"{info['results']['lesions']} lesion(s), max score {info['results']['max_score_hu']:.1f} HU, "
+            f"{info['nfe']} NFE, {info['timings_s']['wall']:.1f} s; outputs in {args.out}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _is_dicom_folder(folder: Path) -> bool:
+    import SimpleITK as sitk
+
+    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+
+def _init_model(args: argparse.Namespace) -> int:
+    grid = None
+    if args.grid_spacing is not None:
+        size = MODEL_SIZES[args.size]["image_size"]
+        grid = InputGrid(size, None if args.grid_spacing == 0 else args.grid_spacing)
+    ckpt = init_checkpoint(args.size, args.seed, learn_sigma=not args.fixed_variance, grid=grid)
+    path = save_checkpoint(ckpt, args.out)
+    params = sum(p.numel() for p in ckpt.model.parameters())
+    print(
+        f"wrote {path} ({args.size}, {params / 1e6:.2f} M parameters, grid {ckpt.grid.size} px "
+        f"at {ckpt.grid.spacing_mm or 'whole-slice'} mm; random weights, not trained)"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cancelled = {"flag": False}
+
+    def on_signal(signum, frame) -> None:
+        cancelled["flag"] = True
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if args.command == "detect":
+            return _detect(args, cancelled)
+        return _init_model(args)
+    except GDPIError as exc:
+        if getattr(args, "progress", None) == "json":
+            print(json.dumps({"event": "error", "message": str(exc)}), flush=True)
+        print(f"gdpi: error: {exc}", file=sys.stderr)
+        return 2
+    except Cancelled:
+        if getattr(args, "progress", None) == "json":
+            print(json.dumps({"event": "cancelled"}), flush=True)
+        print("gdpi: cancelled; nothing written for the running case", file=sys.stderr)
+        return 130
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

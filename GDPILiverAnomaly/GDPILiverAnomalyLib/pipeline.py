@@ -1,0 +1,281 @@
+"""The volume pipeline: CT + liver mask in, score / pseudo-healthy / masks / lesions out.
+
+Only axial slices with liver are processed; AME runs on the CT grid; slices are
+resampled to the model's grid, inpainted in batches (slices whose candidate mask is
+empty cost nothing), scored there, and mapped back. Every output array has the CT's
+own index order and geometry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .ame import adaptive_mask
+from .checkpoint import Checkpoint
+from .diffusion import GaussianDiffusion
+from .errors import Cancelled, ParameterError
+from .grid import PlaneMapping
+from .repaint import SliceNoise, repaint, schedule_counts
+from .scoring import Lesion, anomaly_mask, find_lesions, median_filter_slices
+from .volumes import OrientedCase
+
+#: Presets: ``paper`` is the GDPI paper's setting; ``fast`` trades resampling for speed.
+PRESETS: dict[str, dict] = {
+    "paper": dict(steps=250, jump_length=10, jump_n_sample=10, median_size=5),
+    "fast": dict(steps=50, jump_length=5, jump_n_sample=3, median_size=5),
+}
+
+
+@dataclass
+class DetectionParams:
+    """Detection settings. HU for intensities, model-grid pixels for ``median_size``."""
+
+    steps: int = 250  # respaced diffusion steps
+    jump_length: int = 10  # RePaint jump length
+    jump_n_sample: int = 10  # RePaint resamplings (1 = none)
+    offset_hu: float = 20.0  # AME: candidate when HU < slice liver median - offset
+    two_sided: bool = False  # AME: also HU > median + offset; score becomes |difference|
+    min_candidate_mm2: float = 0.0  # AME: drop smaller in-slice candidate components
+    median_size: int = 5  # median filter of the score (pixels of the model grid; <= 1 = off)
+    threshold_hu: float = 20.0  # anomaly mask: score > threshold
+    batch_size: int = 8  # slices inpainted together
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    seed: int = 0
+    bf16: bool = False  # bfloat16 autocast (CUDA only)
+    preset: str | None = None
+
+    @classmethod
+    def from_preset(cls, preset: str = "paper", **overrides) -> DetectionParams:
+        """A preset with non-None ``overrides`` applied."""
+        if preset not in PRESETS:
+            raise ParameterError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+        values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ParameterError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
+        return cls(preset=preset, **values)
+
+    def validate(self, num_timesteps: int = 1000) -> None:
+        checks = [
+            (1 <= self.steps <= num_timesteps, f"steps must be in 1..{num_timesteps}"),
+            (
+                1 <= self.jump_length <= self.steps,
+                f"jump length must be in 1..steps ({self.steps})",
+            ),
+            (1 <= self.jump_n_sample <= 100, "resamplings (jump_n_sample) must be in 1..100"),
+            (0 <= self.offset_hu <= 500, "offset must be in 0..500 HU"),
+            (self.min_candidate_mm2 >= 0, "minimum candidate area must be >= 0 mm^2"),
+            (0 <= self.median_size <= 31, "median filter size must be in 0..31 pixels"),
+            (math.isfinite(self.threshold_hu), "threshold must be a finite number of HU"),
+            (1 <= self.batch_size <= 512, "batch size must be in 1..512"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ParameterError(message)
+
+    def nfe_per_batch(self) -> int:
+        return schedule_counts(self.steps, self.jump_length, self.jump_n_sample)[0]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ParameterError(f"unknown device {name!r} (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ParameterError(f"device {name!r} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ParameterError(
+                f"device {name!r} requested but only {torch.cuda.device_count()} "
+                "CUDA device(s) exist"
+            )
+    elif device.type != "cpu":
+        raise ParameterError(f"unsupported device {name!r} (auto, cpu, cuda or cuda:N)")
+    return device
+
+
+@dataclass
+class Progress:
+    """One progress report. ``nfe`` counts network evaluations of whole batches."""
+
+    slices_done: int
+    slices_total: int
+    nfe_done: int
+    nfe_total: int
+    elapsed_s: float
+    eta_s: float | None
+
+    @property
+    def fraction(self) -> float:
+        return 1.0 if self.nfe_total == 0 else self.nfe_done / self.nfe_total
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "fraction": round(self.fraction, 4)}
+
+
+@dataclass
+class DetectionResult:
+    """Arrays in the CT's own index order ``[k, j, i]``."""
+
+    score: np.ndarray  # float32 HU, 0 outside the liver
+    pseudo_healthy: np.ndarray  # float32 HU
+    candidates: np.ndarray  # uint8, 1 = inpainted (AME)
+    anomaly: np.ndarray  # uint8, score > threshold
+    lesions: list[Lesion]
+    stats: dict = field(default_factory=dict)
+
+
+def detect(
+    ct: sitk.Image,
+    liver: np.ndarray,
+    checkpoint: Checkpoint,
+    params: DetectionParams,
+    progress: Callable[[Progress], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> DetectionResult:
+    """Run GDPI on one volume. ``liver`` is uint8 on the CT grid (1 = liver)."""
+    params.validate(checkpoint.diffusion.num_timesteps)
+    device = resolve_device(params.device)
+    start = time.perf_counter()
+    case = OrientedCase.from_arrays(ct, liver)
+    n_z, height, width = case.ct.shape
+    sy, sx = case.spacing_yx
+    liver_slices = np.flatnonzero(case.liver.any(axis=(1, 2)))
+
+    min_area_px = math.ceil(params.min_candidate_mm2 / (sy * sx)) if params.min_candidate_mm2 else 0
+    candidates = adaptive_mask(case.ct, case.liver, params.offset_hu, params.two_sided, min_area_px)
+    mapping = PlaneMapping.for_volume(checkpoint.grid, (height, width), (sy, sx), case.liver)
+    ct_grid = mapping.to_grid(case.ct[liver_slices], "image")
+    cand_grid = mapping.to_grid(candidates[liver_slices], "mask")
+    work = [i for i in range(len(liver_slices)) if cand_grid[i].any()]
+    batches = [work[i : i + params.batch_size] for i in range(0, len(work), params.batch_size)]
+    t_prepare = time.perf_counter() - start
+
+    diffusion = GaussianDiffusion.from_config(checkpoint.diffusion, params.steps)
+    nfe_batch = params.nfe_per_batch()
+    nfe_total = nfe_batch * len(batches)
+    model = checkpoint.model.to(device).eval()
+    use_bf16 = params.bf16 and device.type == "cuda"
+
+    def network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+        with ctx:
+            return model(x, t).float()
+
+    intensity = checkpoint.intensity
+    diff_grid = np.zeros_like(ct_grid)
+    done = {"nfe": 0, "slices": len(liver_slices) - len(work)}
+    t0 = time.perf_counter()
+
+    def report(nfe_in_batch: int = 0) -> None:
+        if progress is None:
+            return
+        nfe = done["nfe"] + nfe_in_batch
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / nfe * (nfe_total - nfe) if nfe else None
+        progress(
+            Progress(
+                done["slices"],
+                len(liver_slices),
+                nfe,
+                nfe_total,
+                round(elapsed, 3),
+                None if eta is None else round(eta, 1),
+            )
+        )
+
+    report()
+    for batch in batches:
+        hu = torch.from_numpy(ct_grid[batch][:, None]).to(device)
+        image = intensity.normalize(hu)
+        mask = torch.from_numpy(cand_grid[batch][:, None]).to(device)
+        noise = SliceNoise([params.seed * 1_000_003 + int(liver_slices[i]) for i in batch], device)
+        x0, nfe = repaint(
+            network,
+            diffusion,
+            image,
+            mask,
+            params.jump_length,
+            params.jump_n_sample,
+            noise,
+            progress=lambda n, _total: report(n),
+            should_cancel=should_cancel,
+        )
+        diff_grid[batch] = ((x0 - image)[:, 0] * intensity.hu_per_unit).cpu().numpy()
+        done["nfe"] += nfe
+        done["slices"] += len(batch)
+        report()
+    if should_cancel is not None and should_cancel():
+        raise Cancelled()
+    t_inpaint = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    score_grid = np.abs(diff_grid) if params.two_sided else diff_grid
+    score_grid = median_filter_slices(score_grid, params.median_size)
+    score_lps = np.zeros(case.ct.shape, np.float32)
+    diff_lps = np.zeros(case.ct.shape, np.float32)
+    if len(liver_slices):
+        score_lps[liver_slices] = mapping.to_slices(score_grid, (height, width))
+        diff_lps[liver_slices] = mapping.to_slices(diff_grid, (height, width))
+    inside = case.liver > 0
+    score_lps[~inside] = 0.0
+    diff_lps[~inside] = 0.0
+    score = case.to_original(score_lps)
+    pseudo = case.to_original(case.ct + diff_lps)
+    cand = case.to_original(candidates)
+    anomaly = anomaly_mask(score, params.threshold_hu)
+    lesions = find_lesions(anomaly, score, ct)
+    t_score = time.perf_counter() - t1
+
+    stats = {
+        "device": str(device),
+        "bf16": use_bf16,
+        "slices_total": int(n_z),
+        "slices_with_liver": len(liver_slices),
+        "slices_inpainted": len(work),
+        "batches": len(batches),
+        "nfe": done["nfe"],
+        "nfe_per_batch": nfe_batch,
+        "slice_evaluations": nfe_batch * len(work),
+        "model_grid": {"size": mapping.size, "centre_rc": mapping.centre, "step_rc": mapping.step},
+        "liver_outside_grid_voxels": _liver_outside_grid(mapping, case.liver[liver_slices]),
+        "timings_s": {
+            "prepare": round(t_prepare, 3),
+            "inpaint": round(t_inpaint, 3),
+            "score": round(t_score, 3),
+            "total": round(time.perf_counter() - start, 3),
+        },
+    }
+    return DetectionResult(
+        score.astype(np.float32),
+        pseudo.astype(np.float32),
+        cand.astype(np.uint8),
+        anomaly,
+        lesions,
+        stats,
+    )
+
+
+def _liver_outside_grid(mapping: PlaneMapping, liver: np.ndarray) -> int:
+    """Liver voxels not covered by the model grid (they get score 0)."""
+    if not liver.size:
+        return 0
+    covered = mapping.to_slices(
+        np.ones((1, mapping.size, mapping.size), np.float32), liver.shape[1:]
+    )[0]
+    return int(np.count_nonzero((liver > 0) & (covered[None] < 0.5)))

@@ -1,0 +1,121 @@
+"""RePaint inpainting (Lugmayr et al. 2022) with a diffusion prior, batched over slices.
+
+Mask convention: ``inpaint_mask`` is 1 where the image is unknown and gets re-painted
+(the AME candidates), 0 where the image is known and kept. Images are in model units
+([-1, 1]), shape ``[N, C, H, W]``; the mask is ``[N, 1, H, W]`` or ``[N, C, H, W]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from itertools import pairwise
+
+import torch
+
+from .diffusion import GaussianDiffusion, NoiseModel
+from .errors import Cancelled, ParameterError
+
+
+def get_schedule_jump(num_steps: int, jump_length: int, jump_n_sample: int) -> list[int]:
+    """RePaint's time walk (``get_schedule_jump`` with ``n_sample = 1``).
+
+    Starts at ``num_steps - 1`` and ends at ``-1``; consecutive entries differ by one.
+    A decrease ``t -> t - 1`` is a denoising step (one network evaluation) at level
+    ``t``; an increase ``t -> t + 1`` is an undo step (one forward noising step). At
+    every multiple of ``jump_length`` below ``num_steps - jump_length`` the walk jumps
+    back up ``jump_length`` levels, ``jump_n_sample - 1`` times.
+    """
+    if num_steps < 1 or jump_length < 1 or jump_n_sample < 1:
+        raise ParameterError("steps, jump length and resamplings must all be >= 1")
+    jumps = {j: jump_n_sample - 1 for j in range(0, num_steps - jump_length, jump_length)}
+    t = num_steps
+    walk = []
+    while t >= 1:
+        t -= 1
+        walk.append(t)
+        if jumps.get(t, 0) > 0:
+            jumps[t] -= 1
+            for _ in range(jump_length):
+                t += 1
+                walk.append(t)
+    walk.append(-1)
+    return walk
+
+
+def schedule_counts(num_steps: int, jump_length: int, jump_n_sample: int) -> tuple[int, int]:
+    """(network evaluations, undo steps) of one RePaint run of a batch."""
+    walk = get_schedule_jump(num_steps, jump_length, jump_n_sample)
+    down = sum(1 for a, b in pairwise(walk) if b < a)
+    return down, len(walk) - 1 - down
+
+
+class SliceNoise:
+    """Gaussian noise from one generator per batch item.
+
+    A slice's noise depends only on its own seed, so a slice inpaints the same
+    whatever batch it lands in.
+    """
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+
+    def like(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != len(self.generators):
+            raise ValueError(f"batch of {x.shape[0]} but {len(self.generators)} noise generators")
+        return torch.stack(
+            [
+                torch.randn(x.shape[1:], generator=g, device=self.device, dtype=torch.float32)
+                for g in self.generators
+            ]
+        ).to(x.dtype)
+
+
+ProgressFn = Callable[[int, int], None]  # (network evaluations done, total)
+
+
+@torch.no_grad()
+def repaint(
+    model: NoiseModel,
+    diffusion: GaussianDiffusion,
+    image: torch.Tensor,
+    inpaint_mask: torch.Tensor,
+    jump_length: int = 10,
+    jump_n_sample: int = 10,
+    noise: SliceNoise | None = None,
+    progress: ProgressFn | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Re-paint the masked region of ``image``; return ``(x0, network evaluations)``.
+
+    Before every denoising step at level ``t`` the known region is replaced by the
+    input noised to level ``t``; undo steps re-noise the whole image by one step. The
+    known region of the returned image equals ``image`` exactly. The model is any
+    callable ``model(x_t, t_original)`` returning C (fixed variance) or 2C (learned
+    variance) channels.
+    """
+    if image.ndim != 4 or inpaint_mask.ndim != 4 or inpaint_mask.shape[0] != image.shape[0]:
+        raise ParameterError("image must be [N, C, H, W] and the mask [N, 1 or C, H, W]")
+    noise = noise or SliceNoise(range(image.shape[0]), image.device)
+    unknown = inpaint_mask.to(image.dtype).expand_as(image)
+    known = 1.0 - unknown
+    walk = get_schedule_jump(diffusion.num_timesteps, jump_length, jump_n_sample)
+    total, _ = schedule_counts(diffusion.num_timesteps, jump_length, jump_n_sample)
+    x = noise.like(image)
+    nfe = 0
+    for t_last, t_cur in pairwise(walk):
+        if should_cancel is not None and should_cancel():
+            raise Cancelled()
+        if t_cur < t_last:
+            known_t = diffusion.q_sample(image, t_last, noise.like(image))
+            x = known * known_t + unknown * x
+            out = diffusion.p_mean_variance(model, x, t_last)
+            x = out.mean
+            if t_last > 0:
+                x = x + torch.exp(0.5 * out.log_variance) * noise.like(image)
+            nfe += 1
+            if progress is not None:
+                progress(nfe, total)
+        else:
+            x = diffusion.forward_step(x, t_cur, noise.like(image))
+    return known * image + unknown * x.clamp(-1, 1), nfe

@@ -1,0 +1,218 @@
+"""Reading and validating CT volumes and liver masks, and the processing orientation.
+
+Conventions
+- CT intensities are Hounsfield units (HU), read as float32.
+- Masks are uint8 arrays on the CT grid, 1 = liver, 0 = background.
+- Arrays follow SimpleITK: ``array[k, j, i]`` for voxel index ``(i, j, k)``.
+- Processing happens in LPS orientation (:func:`to_lps`): axis 0 runs inferior to
+  superior, so ``array[k]`` is an axial slice shown the radiological way (rows anterior
+  to posterior, columns patient right to left). Outputs are mapped back exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+#: File endings read as single files; a folder is read as a DICOM series.
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+#: Liver median (HU) outside this range means the CT is very likely not in HU.
+PLAUSIBLE_LIVER_HU = (-300.0, 400.0)
+
+#: Relative tolerance when deciding that two grids are the same.
+GRID_RTOL = 1e-4
+
+
+def image_stem(path: str | Path) -> str:
+    """File name without an image suffix (``volume-3.nii.gz`` -> ``volume-3``)."""
+    name = Path(path).name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def read_image(path: str | Path, what: str = "image") -> sitk.Image:
+    """Read a 3-D scalar image from NIfTI, NRRD, MHA/MHD or a DICOM series folder."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{what} not found: {p}")
+    if p.is_dir():
+        image = _read_dicom_series(p, what)
+    else:
+        try:
+            image = sitk.ReadImage(str(p))
+        except RuntimeError as exc:
+            detail = str(exc).strip().splitlines()
+            reason = detail[-1] if detail else "unknown reason"
+            raise InputError(f"cannot read {what} {p}: {reason}") from None
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"{what} {p} has {image.GetNumberOfComponentsPerPixel()} components "
+            "per voxel; a scalar image is required"
+        )
+    if image.GetDimension() != 3:
+        raise InputError(f"{what} {p} is {image.GetDimension()}-D; a 3-D volume is required")
+    return image
+
+
+def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputError(f"{what} folder {folder} holds no DICOM series")
+    # Several series in one folder: take the one with the most files.
+    files = max(
+        (sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len
+    )
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(
+            f"cannot read DICOM series in {folder}: {str(exc).strip().splitlines()[-1]}"
+        ) from None
+    if image.GetDimension() == 2:
+        image = sitk.JoinSeries([image])
+    return image
+
+
+def read_ct(path: str | Path) -> sitk.Image:
+    """Read a CT as float32 HU and check that every value is finite."""
+    image = sitk.Cast(read_image(path, "CT"), sitk.sitkFloat32)
+    values = sitk.GetArrayViewFromImage(image)
+    if not np.all(np.isfinite(values)):
+        bad = int(np.count_nonzero(~np.isfinite(values)))
+        raise InputError(f"CT {path} contains {bad} NaN or infinite voxels")
+    return image
+
+
+def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    """True when both images have the same size, spacing, origin and direction."""
+    if a.GetSize() != b.GetSize():
+        return False
+    scale = max(max(a.GetSpacing()), 1.0)
+    return (
+        np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=GRID_RTOL, atol=0)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), rtol=0, atol=GRID_RTOL * scale * 10)
+        and np.allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=GRID_RTOL)
+    )
+
+
+def read_liver_mask(path: str | Path, ct: sitk.Image, label: int | None = None) -> np.ndarray:
+    """Read a liver mask and return it on the CT grid as uint8 (1 = liver).
+
+    ``label=None`` accepts a binary mask or a LiTS-style map (1 liver, 2 tumour: both
+    count as liver); any other label map needs an explicit ``label`` (TotalSegmentator:
+    5). A mask on another grid is resampled onto the CT grid by nearest neighbour.
+    """
+    image = read_image(path, "liver mask")
+    values = sitk.GetArrayViewFromImage(image)
+    if not np.all(np.isfinite(values)):
+        raise InputError(f"liver mask {path} contains NaN or infinite values")
+    labels = np.unique(values)
+    if label is None:
+        if not np.all(np.isin(labels, (0, 1, 2))):
+            shown = ", ".join(str(v) for v in labels[:12])
+            raise InputError(
+                f"liver mask {path} is a label map (labels {shown}{' ...' if len(labels) > 12 else ''}); "
+                "choose the liver label (TotalSegmentator: 5)"
+            )
+        selected = values > 0
+    else:
+        if label not in labels:
+            shown = ", ".join(str(v) for v in labels[:12])
+            raise InputError(
+                f"liver mask {path} has no voxel with label {label} (labels present: {shown})"
+            )
+        selected = values == label
+    if not selected.any():
+        raise InputError(f"liver mask {path} contains no liver voxels")
+    mask = sitk.GetImageFromArray(selected.astype(np.uint8))
+    mask.CopyInformation(image)
+    if same_grid(mask, ct):
+        array = sitk.GetArrayFromImage(mask)
+    else:
+        resampled = sitk.Resample(
+            mask, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8
+        )
+        array = sitk.GetArrayFromImage(resampled)
+        if not array.any():
+            raise InputError(f"liver mask {path} does not overlap the CT")
+    return array.astype(np.uint8)
+
+
+def check_hu(ct_array: np.ndarray, liver: np.ndarray, source: str = "CT") -> None:
+    """Refuse a CT whose values do not look like HU (e.g. raw 0..4095 without rescale)."""
+    span = float(ct_array.max() - ct_array.min())
+    if span < 200:
+        raise InputError(
+            f"{source} values span only {span:.3g}; a CT in HU spans hundreds of HU "
+            "(use --allow-non-hu to process it anyway)"
+        )
+    median = float(np.median(ct_array[liver > 0]))
+    lo, hi = PLAUSIBLE_LIVER_HU
+    if not lo <= median <= hi:
+        raise InputError(
+            f"{source} median inside the liver is {median:.0f}, outside the plausible "
+            f"{lo:.0f}..{hi:.0f} HU: the CT does not look like HU (missing rescale "
+            "slope/intercept?); use --allow-non-hu to process it anyway"
+        )
+
+
+def to_lps(image: sitk.Image) -> sitk.Image:
+    """Permute and flip axes (no interpolation) so the image is in LPS orientation."""
+    return sitk.DICOMOrient(image, "LPS")
+
+
+def orientation_code(image: sitk.Image) -> str:
+    """Three-letter orientation code of an image's direction cosines (e.g. ``LPS``, ``RAS``)."""
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+
+
+def array_on_grid(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """An image holding ``array`` with ``reference``'s geometry."""
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    return image
+
+
+@dataclass
+class OrientedCase:
+    """A CT and its liver mask in LPS processing orientation, with the way back."""
+
+    original: sitk.Image
+    ct_lps: sitk.Image
+    ct: np.ndarray  # float32 HU, [S, A->P, R->L]
+    liver: np.ndarray  # uint8, same shape
+
+    @classmethod
+    def from_arrays(cls, ct: sitk.Image, liver: np.ndarray) -> OrientedCase:
+        ct_lps = to_lps(ct)
+        liver_lps = to_lps(array_on_grid(liver.astype(np.uint8), ct))
+        return cls(
+            ct,
+            ct_lps,
+            sitk.GetArrayFromImage(ct_lps).astype(np.float32),
+            sitk.GetArrayFromImage(liver_lps),
+        )
+
+    @property
+    def spacing_yx(self) -> tuple[float, float]:
+        """In-plane spacing (row, column) of the LPS arrays, in mm."""
+        sx, sy, _ = self.ct_lps.GetSpacing()
+        return float(sy), float(sx)
+
+    def to_original(self, array_lps: np.ndarray) -> np.ndarray:
+        """Map an LPS-oriented array back to the original CT's index order exactly."""
+        image = array_on_grid(array_lps, self.ct_lps)
+        back = sitk.DICOMOrient(image, orientation_code(self.original))
+        if back.GetSize() != self.original.GetSize():  # pragma: no cover - defensive
+            raise RuntimeError("orientation round trip changed the image size")
+        return sitk.GetArrayFromImage(back)
