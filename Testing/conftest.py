@@ -1,0 +1,39 @@
+"""Shared fixtures. ``../shared/data`` (real CTs) sits beside the repository; tests that
+need it skip when it is missing, except under CI (``CI`` set), where they fail."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from GDPILiverAnomalyLib.checkpoint import init_checkpoint, save_checkpoint
+from GDPILiverAnomalyLib.pipeline import DetectionParams
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared(*parts: str) -> Path:
+    """Path inside ``../shared/data``; skip (locally) or fail (CI) when it is missing."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing on CI; ../shared/data must be beside the repository")
+        pytest.skip(f"{path} not found (../shared/data is not beside this checkout)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised tiny checkpoint (64 px grid at 5 mm, learned sigma)."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    return save_checkpoint(init_checkpoint("tiny", seed=0), path)
+
+
+@pytest.fixture()
+def quick_params() -> DetectionParams:
+    """Cheap but complete RePaint settings: 10 steps, jump 2, 2 resamplings = 18 NFE per batch."""
+    return DetectionParams.from_preset(
+        "fast", steps=10, jump_length=2, jump_n_sample=2, device="cpu"
+    )
