@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -81,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--threshold", dest="threshold_hu", type=float, help="anomaly threshold (HU, default 20)"
     )
-    d.add_argument("--batch-size", type=_positive_int, help="slices inpainted together (default 8)")
+    d.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        help="slices inpainted together (default: 8 on CUDA, 1 on CPU)",
+    )
     d.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     d.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast on CUDA")
     d.add_argument("--seed", type=int, help="random seed (default 0)")
@@ -110,7 +115,127 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="model grid spacing in mm (0 = fit the whole slice; default by size)",
     )
+    p = sub.add_parser(
+        "prepare",
+        help="make a slice store (healthy/abnormal slices on a model grid)",
+        description="Healthy slices for training and abnormal slices for testing, "
+        "split by patient (see Training/README.md).",
+    )
+    p.add_argument(
+        "--layout", required=True, choices=("lits", "msd", "ircad", "folders", "list", "synthetic")
+    )
+    p.add_argument("--input", type=Path, help="dataset folder (or CSV for --layout list)")
+    p.add_argument("--out", required=True, type=Path, help="store folder to create")
+    p.add_argument("--grid-size", type=int, default=64, help="model grid pixels (default 64)")
+    p.add_argument(
+        "--grid-spacing",
+        type=float,
+        default=3.5,
+        help="model grid mm per pixel, centred on the liver (0 = whole slice; default 3.5)",
+    )
+    p.add_argument("--liver-label", type=int, help="liver label (default: 1 and 2 as LiTS)")
+    p.add_argument("--tumour-label", type=int, help="tumour label (default 2)")
+    p.add_argument(
+        "--val-fraction", type=float, default=0.1, help="fraction of cases for validation"
+    )
+    p.add_argument(
+        "--test-cases", default="", help="comma-separated case names held out for testing"
+    )
+    p.add_argument(
+        "--min-liver-mm2", type=float, default=1000.0, help="minimum liver area of a slice (mm^2)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--synthetic-cases", type=int, default=0, help="--layout synthetic: number of cases"
+    )
+    p.add_argument(
+        "--synthetic-lesions", action="store_true", help="--layout synthetic: add lesions"
+    )
+
+    t = sub.add_parser(
+        "train",
+        help="train the diffusion model (resumes from --out/state.pt if present)",
+        description="Improved DDPM on healthy slices. Multi-GPU / multi-node: "
+        "torchrun --nproc_per_node N -m GDPILiverAnomalyLib train ...",
+    )
+    t.add_argument("--data", required=True, help="slice store made by gdpi prepare")
+    t.add_argument(
+        "--out", required=True, help="run folder (model.safetensors, state.pt, log.csv, ...)"
+    )
+    t.add_argument("--size", choices=sorted(MODEL_SIZES), default="tiny")
+    t.add_argument("--steps", type=_positive_int, default=10_000)
+    t.add_argument("--batch-size", type=_positive_int, default=16, help="global batch size")
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--ema-decay", type=float, default=0.999)
+    t.add_argument("--schedule", choices=("linear", "cosine"), default="linear")
+    t.add_argument("--fixed-variance", action="store_true", help="no learned sigma (L_simple only)")
+    t.add_argument("--no-augment", action="store_true")
+    t.add_argument("--save-every", type=_positive_int, default=500)
+    t.add_argument("--log-every", type=_positive_int, default=25)
+    t.add_argument(
+        "--preview-every", type=int, default=0, help="preview PNG interval (0: at the end)"
+    )
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--bf16", action="store_true")
+    t.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from GDPITraining.prepare import prepare, print_summary
+
+    if args.layout != "synthetic" and args.input is None:
+        raise GDPIError("--input is required for this layout")
+    if args.out.exists() and any(args.out.iterdir()):
+        raise GDPIError(f"output store {args.out} exists and is not empty")
+    grid = InputGrid(args.grid_size, None if args.grid_spacing == 0 else args.grid_spacing)
+    summary = prepare(
+        args.layout,
+        args.input,
+        args.out,
+        grid,
+        liver_label=args.liver_label,
+        tumour_label=args.tumour_label,
+        val_fraction=args.val_fraction,
+        test_cases={c for c in args.test_cases.split(",") if c},
+        min_liver_mm2=args.min_liver_mm2,
+        seed=args.seed,
+        synthetic_cases=args.synthetic_cases,
+        synthetic_lesions=args.synthetic_lesions,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    print_summary(summary)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from GDPITraining.train import TrainConfig, train
+
+    config = TrainConfig(
+        data=args.data,
+        out=args.out,
+        size=args.size,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        ema_decay=args.ema_decay,
+        schedule=args.schedule,
+        learn_sigma=not args.fixed_variance,
+        augment=not args.no_augment,
+        save_every=args.save_every,
+        log_every=args.log_every,
+        preview_every=args.preview_every,
+        seed=args.seed,
+        device=args.device,
+        bf16=args.bf16,
+        progress=not args.no_progress,
+    )
+    path = train(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote {path}")
+    return 0
 
 
 class _Reporter:
@@ -294,6 +419,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "detect":
             return _detect(args, cancelled)
+        if args.command == "prepare":
+            return _prepare(args)
+        if args.command == "train":
+            return _train(args)
         return _init_model(args)
     except GDPIError as exc:
         if getattr(args, "progress", None) == "json":

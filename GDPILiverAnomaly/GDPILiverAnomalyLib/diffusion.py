@@ -169,11 +169,21 @@ class GaussianDiffusion:
         """Original-process timesteps the network sees for respaced level ``t``."""
         return torch.full((batch,), self.timestep_map[t], device=device, dtype=torch.long)
 
+    def model_timesteps_from(self, t: torch.Tensor) -> torch.Tensor:
+        """Original-process timesteps for a tensor of levels ``t``."""
+        return torch.as_tensor(self.timestep_map, device=t.device)[t]
+
     def p_mean_variance(
         self, model: NoiseModel, x: torch.Tensor, t: int, clip_denoised: bool = True
     ) -> StepOutput:
         """Mean and log-variance of ``p(x_{t-1} | x_t)`` from the network at level ``t``."""
         out = model(x, self.model_timesteps(t, x.shape[0], x.device)).float()
+        return self.p_mean_variance_from_output(out, x, t, clip_denoised)
+
+    def p_mean_variance_from_output(
+        self, out: torch.Tensor, x: torch.Tensor, t: int | torch.Tensor, clip_denoised: bool = True
+    ) -> StepOutput:
+        """``p(x_{t-1} | x_t)`` given the network output ``out`` (C or 2C channels)."""
         channels = x.shape[1]
         if out.shape[1] == 2 * channels:
             eps, v = out[:, :channels], out[:, channels:]
@@ -204,3 +214,71 @@ class GaussianDiffusion:
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1, 1)
         return StepOutput(self.q_posterior_mean(pred_x0, x, t), log_var, pred_x0)
+
+
+def normal_kl(
+    mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor
+) -> torch.Tensor:
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats."""
+    return 0.5 * (
+        -1.0
+        + logvar2
+        - logvar1
+        + torch.exp(logvar1 - logvar2)
+        + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
+
+
+def _approx_std_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def discretized_gaussian_log_likelihood(
+    x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor
+) -> torch.Tensor:
+    """Log-likelihood (nats) of data in [-1, 1] quantised to 256 bins under a Gaussian."""
+    centred = x - mean
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = _approx_std_normal_cdf(inv_std * (centred + 1.0 / 255))
+    cdf_min = _approx_std_normal_cdf(inv_std * (centred - 1.0 / 255))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(
+        x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta)
+    )
+
+
+def training_losses(
+    diffusion: GaussianDiffusion,
+    model: NoiseModel,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    vlb_weight: float = 0.001,
+) -> dict[str, torch.Tensor]:
+    """Per-example losses of improved DDPM (``diffusion`` must be the unrespaced process).
+
+    ``mse`` is L_simple (noise prediction). With learned variances, ``vb`` is the
+    variational term L_t in bits per dimension, computed with the mean frozen (it trains
+    only the variance), and ``loss = mse + vlb_weight * T * vb``: with uniform t,
+    ``T * L_t`` estimates L_vlb, so this is the paper's L_simple + lambda L_vlb.
+    """
+    x_t = diffusion.q_sample(x0, t, noise)
+    out = model(x_t, diffusion.model_timesteps_from(t)).float()
+    channels = x0.shape[1]
+    terms = {"mse": ((out[:, :channels] - noise) ** 2).mean(dim=(1, 2, 3))}
+    if out.shape[1] == 2 * channels:
+        frozen = torch.cat([out[:, :channels].detach(), out[:, channels:]], dim=1)
+        step = diffusion.p_mean_variance_from_output(frozen, x_t, t)
+        true_mean = diffusion.q_posterior_mean(x0, x_t, t)
+        true_logvar = diffusion._at(diffusion.posterior_log_variance_clipped, t, x_t)
+        kl = normal_kl(true_mean, true_logvar, step.mean, step.log_variance).mean(dim=(1, 2, 3))
+        nll = -discretized_gaussian_log_likelihood(x0, step.mean, 0.5 * step.log_variance).mean(
+            dim=(1, 2, 3)
+        )
+        terms["vb"] = torch.where(t == 0, nll, kl) / math.log(2.0)
+        terms["loss"] = terms["mse"] + vlb_weight * diffusion.num_timesteps * terms["vb"]
+    else:
+        terms["loss"] = terms["mse"]
+    return terms

@@ -83,7 +83,8 @@ class PlaneMapping:
         """Resample ``[Z, H, W]`` CT slices onto ``[Z, n, n]`` grid slices.
 
         ``kind="image"``: anti-aliased linear interpolation, outside = air (HU input).
-        ``kind="mask"``: a grid pixel is set when any CT pixel it covers is set.
+        ``kind="mask"``: a grid pixel is set when any CT pixel it covers is set (AME).
+        ``kind="label"``: linear interpolation above 0.5 (reference masks).
         """
         matrix, offset = self._affine()
         out_shape = (slices.shape[0], self.size, self.size)
@@ -111,6 +112,17 @@ class PlaneMapping:
                 )
                 > 0.5
             ).astype(np.uint8)
+        if kind == "label":
+            sampled = ndimage.affine_transform(
+                slices.astype(np.float32),
+                matrix,
+                offset,
+                out_shape,
+                order=1,
+                mode="constant",
+                cval=0.0,
+            )
+            return (sampled > 0.5).astype(np.uint8)
         raise ValueError(f"unknown kind {kind!r}")
 
     def to_slices(self, grid_slices: np.ndarray, shape_yx: tuple[int, int]) -> np.ndarray:

@@ -46,7 +46,7 @@ class DetectionParams:
     min_candidate_mm2: float = 0.0  # AME: drop smaller in-slice candidate components
     median_size: int = 5  # median filter of the score (pixels of the model grid; <= 1 = off)
     threshold_hu: float = 20.0  # anomaly mask: score > threshold
-    batch_size: int = 8  # slices inpainted together
+    batch_size: int | None = None  # slices inpainted together; None: 8 on CUDA, 1 on CPU
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     seed: int = 0
     bf16: bool = False  # bfloat16 autocast (CUDA only)
@@ -75,7 +75,10 @@ class DetectionParams:
             (self.min_candidate_mm2 >= 0, "minimum candidate area must be >= 0 mm^2"),
             (0 <= self.median_size <= 31, "median filter size must be in 0..31 pixels"),
             (math.isfinite(self.threshold_hu), "threshold must be a finite number of HU"),
-            (1 <= self.batch_size <= 512, "batch size must be in 1..512"),
+            (
+                self.batch_size is None or 1 <= self.batch_size <= 512,
+                "batch size must be in 1..512",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -163,7 +166,9 @@ def detect(
     ct_grid = mapping.to_grid(case.ct[liver_slices], "image")
     cand_grid = mapping.to_grid(candidates[liver_slices], "mask")
     work = [i for i in range(len(liver_slices)) if cand_grid[i].any()]
-    batches = [work[i : i + params.batch_size] for i in range(0, len(work), params.batch_size)]
+    # Batching pays on a GPU; on CPU one slice at a time is faster (bench/bench_detect.py)
+    batch_size = params.batch_size or (8 if device.type == "cuda" else 1)
+    batches = [work[i : i + batch_size] for i in range(0, len(work), batch_size)]
     t_prepare = time.perf_counter() - start
 
     diffusion = GaussianDiffusion.from_config(checkpoint.diffusion, params.steps)
@@ -249,6 +254,7 @@ def detect(
         "slices_with_liver": len(liver_slices),
         "slices_inpainted": len(work),
         "batches": len(batches),
+        "batch_size": batch_size,
         "nfe": done["nfe"],
         "nfe_per_batch": nfe_batch,
         "slice_evaluations": nfe_batch * len(work),

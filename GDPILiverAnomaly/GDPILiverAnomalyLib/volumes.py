@@ -134,18 +134,20 @@ def read_liver_mask(path: str | Path, ct: sitk.Image, label: int | None = None) 
         selected = values == label
     if not selected.any():
         raise InputError(f"liver mask {path} contains no liver voxels")
-    mask = sitk.GetImageFromArray(selected.astype(np.uint8))
-    mask.CopyInformation(image)
-    if same_grid(mask, ct):
-        array = sitk.GetArrayFromImage(mask)
-    else:
-        resampled = sitk.Resample(
+    array = mask_on_ct_grid(selected, image, ct)
+    if not array.any():
+        raise InputError(f"liver mask {path} does not overlap the CT")
+    return array
+
+
+def mask_on_ct_grid(selected: np.ndarray, image: sitk.Image, ct: sitk.Image) -> np.ndarray:
+    """A boolean array on ``image``'s grid as uint8 on the CT grid (nearest neighbour)."""
+    mask = array_on_grid(selected.astype(np.uint8), image)
+    if not same_grid(mask, ct):
+        mask = sitk.Resample(
             mask, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8
         )
-        array = sitk.GetArrayFromImage(resampled)
-        if not array.any():
-            raise InputError(f"liver mask {path} does not overlap the CT")
-    return array.astype(np.uint8)
+    return sitk.GetArrayFromImage(mask).astype(np.uint8)
 
 
 def check_hu(ct_array: np.ndarray, liver: np.ndarray, source: str = "CT") -> None:

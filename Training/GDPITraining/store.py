@@ -1,0 +1,121 @@
+"""A compact, memory-mappable store of slices on a model grid.
+
+Folder layout (all arrays share the slice index):
+- ``images.npy``  float32 ``[N, n, n]`` HU on the model grid
+- ``liver.npy``   uint8 ``[N, n, n]``   1 = liver
+- ``tumour.npy``  uint8 ``[N, n, n]``   1 = tumour
+- ``slices.csv``  per slice: case, slice index (LPS, inferior to superior), kind
+  (``healthy`` or ``abnormal``), split (``train``/``val``/``test``), in-plane and slice
+  spacing (mm), liver and tumour pixels, source files
+- ``store.json``  grid, counts, split and how the store was made
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SLICE_FIELDS = [
+    "index",
+    "case",
+    "slice",
+    "kind",
+    "split",
+    "spacing_x_mm",
+    "spacing_y_mm",
+    "spacing_z_mm",
+    "liver_px",
+    "tumour_px",
+    "ct",
+    "liver",
+    "tumour",
+]
+
+
+@dataclass
+class SliceStore:
+    path: Path
+    images: np.ndarray
+    liver: np.ndarray
+    tumour: np.ndarray
+    slices: list[dict]
+    info: dict
+
+    @classmethod
+    def open(cls, path: str | Path) -> SliceStore:
+        path = Path(path)
+        if not (path / "store.json").is_file():
+            raise FileNotFoundError(
+                f"{path} is not a slice store (no store.json); make one with gdpi prepare"
+            )
+        with open(path / "slices.csv", newline="") as f:
+            slices = list(csv.DictReader(f))
+        return cls(
+            path,
+            np.load(path / "images.npy", mmap_mode="r"),
+            np.load(path / "liver.npy", mmap_mode="r"),
+            np.load(path / "tumour.npy", mmap_mode="r"),
+            slices,
+            json.loads((path / "store.json").read_text()),
+        )
+
+    def select(self, kind: str | None = None, split: str | None = None) -> np.ndarray:
+        """Indices of slices of a kind and split (None = any)."""
+        return np.array(
+            [
+                int(s["index"])
+                for s in self.slices
+                if (kind is None or s["kind"] == kind) and (split is None or s["split"] == split)
+            ],
+            dtype=np.int64,
+        )
+
+
+class StoreWriter:
+    """Collects slices, then writes the store atomically (temporary folder, rename)."""
+
+    def __init__(self, out: str | Path, grid_size: int):
+        self.out = Path(out)
+        self.size = grid_size
+        self.images: list[np.ndarray] = []
+        self.liver: list[np.ndarray] = []
+        self.tumour: list[np.ndarray] = []
+        self.rows: list[dict] = []
+
+    def add(
+        self, images: np.ndarray, liver: np.ndarray, tumour: np.ndarray, rows: list[dict]
+    ) -> None:
+        self.images.append(images.astype(np.float32))
+        self.liver.append(liver.astype(np.uint8))
+        self.tumour.append(tumour.astype(np.uint8))
+        self.rows.extend(rows)
+
+    def write(self, info: dict) -> Path:
+        if self.out.exists() and any(self.out.iterdir()):
+            raise FileExistsError(f"{self.out} exists and is not empty")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        try:
+            empty = np.zeros((0, self.size, self.size))
+            np.save(tmp / "images.npy", np.concatenate(self.images or [empty]).astype(np.float32))
+            np.save(tmp / "liver.npy", np.concatenate(self.liver or [empty]).astype(np.uint8))
+            np.save(tmp / "tumour.npy", np.concatenate(self.tumour or [empty]).astype(np.uint8))
+            with open(tmp / "slices.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=SLICE_FIELDS)
+                writer.writeheader()
+                for i, row in enumerate(self.rows):
+                    writer.writerow({**row, "index": i})
+            (tmp / "store.json").write_text(json.dumps(info, indent=2))
+            if self.out.exists():
+                self.out.rmdir()
+            os.rename(tmp, self.out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return self.out
