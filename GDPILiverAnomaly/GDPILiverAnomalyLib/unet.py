@@ -226,6 +226,15 @@ class UNet(nn.Module):
 
 #: Named sizes for ``gdpi init-model`` and training; grid = (pixels, mm per pixel).
 MODEL_SIZES: dict[str, dict] = {
+    # for tests only: trains in seconds on a CPU
+    "micro": dict(
+        image_size=32,
+        model_channels=16,
+        channel_mult=[1, 2],
+        num_res_blocks=1,
+        attention_resolutions=[8],
+        num_heads=2,
+    ),
     "tiny": dict(
         image_size=64,
         model_channels=32,

@@ -25,6 +25,7 @@ import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +67,8 @@ def _label_map_case(
     name: str,
     ct_path: Path,
     seg_path: Path,
-    liver_label: int | None,
-    tumour_label: int | None,
+    liver_label: int | None = None,
+    tumour_label: int | None = None,
     tumour_path: Path | None = None,
 ) -> CaseData:
     ct = read_ct(ct_path)
@@ -98,73 +99,52 @@ def iter_cases(
     seed: int = 0,
 ) -> Iterator[CaseData | tuple[str, Exception]]:
     """Cases of a dataset layout; a case that cannot be read yields ``(name, error)``."""
-    jobs = []
+    jobs = []  # (case name, loader)
+    labels = dict(liver_label=liver_label, tumour_label=tumour_label)
     if layout == "synthetic":
-        for i in range(synthetic_cases):
-            jobs.append(
-                (f"synthetic-{seed + i:04d}", lambda i=i: _synthetic(seed + i, synthetic_lesions))
-            )
+        for i in range(seed, seed + synthetic_cases):
+            jobs.append((f"synthetic-{i:04d}", partial(_synthetic, i, synthetic_lesions)))
     elif layout == "lits":
         for ct in sorted(source.iterdir()):
             m = re.fullmatch(r"volume-(\d+)", image_stem(ct))
             if m:
-                seg = next(
-                    iter(sorted(source.glob(f"segmentation-{m.group(1)}.nii*"))), source / "missing"
-                )
-                jobs.append(
-                    (
-                        f"volume-{m.group(1)}",
-                        lambda c=ct, s=seg, n=m.group(1): _label_map_case(
-                            f"volume-{n}", c, s, liver_label, tumour_label
-                        ),
-                    )
-                )
+                name = f"volume-{m.group(1)}"
+                segs = sorted(source.glob(f"segmentation-{m.group(1)}.nii*"))
+                seg = segs[0] if segs else source / f"segmentation-{m.group(1)}.nii"
+                jobs.append((name, partial(_label_map_case, name, ct, seg, **labels)))
         jobs.sort(key=lambda j: int(j[0].split("-")[1]))
     elif layout == "msd":
         for ct in sorted((source / "imagesTr").glob("*.nii*")):
-            if ct.name.startswith("."):
-                continue
-            seg = source / "labelsTr" / ct.name
-            jobs.append(
-                (
-                    image_stem(ct),
-                    lambda c=ct, s=seg: _label_map_case(
-                        image_stem(c), c, s, liver_label, tumour_label
-                    ),
+            if not ct.name.startswith("."):
+                seg = source / "labelsTr" / ct.name
+                jobs.append(
+                    (image_stem(ct), partial(_label_map_case, image_stem(ct), ct, seg, **labels))
                 )
-            )
     elif layout == "ircad":
         patients = [p for p in sorted(source.iterdir()) if (p / "PATIENT_DICOM").is_dir()]
         if (source / "PATIENT_DICOM").is_dir():
             patients = [source]
-        for p in patients:
-            jobs.append((p.name, lambda p=p: _ircad_case(p)))
+        jobs = [(p.name, partial(_ircad_case, p)) for p in patients]
     elif layout == "folders":
         from GDPILiverAnomalyLib.cases import pair_cases
 
         for case in pair_cases(source, source):
             jobs.append(
-                (
-                    case.name,
-                    lambda c=case: _label_map_case(
-                        c.name, c.ct, c.liver, liver_label, tumour_label
-                    ),
-                )
+                (case.name, partial(_label_map_case, case.name, case.ct, case.liver, **labels))
             )
     elif layout == "list":
+        base = source.parent
         with open(source, newline="") as f:
             for i, row in enumerate(csv.DictReader(f)):
-                base = source.parent
-                ct, liver = base / row["ct"], base / row["liver"]
+                name = row.get("case") or f"case-{i:04d}"
                 tumour = base / row["tumour"] if row.get("tumour") else None
                 ll = int(row["liver_label"]) if row.get("liver_label") else liver_label
                 tl = int(row["tumour_label"]) if row.get("tumour_label") else tumour_label
-                name = row.get("case") or f"case-{i:04d}"
                 jobs.append(
                     (
                         name,
-                        lambda n=name, c=ct, lv=liver, t=tumour, ll=ll, tl=tl: _list_case(
-                            n, c, lv, t, ll, tl
+                        partial(
+                            _list_case, name, base / row["ct"], base / row["liver"], tumour, ll, tl
                         ),
                     )
                 )

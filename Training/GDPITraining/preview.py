@@ -22,7 +22,7 @@ def write_preview(
     path: Path,
     seed: int = 0,
     device: torch.device | str = "cpu",
-    steps: int = 50,
+    steps: int = 25,
     count: int = 4,
 ) -> Path:
     """Row 1: samples; rows 2-3: held-out healthy slices with a disk masked, and the re-painting."""

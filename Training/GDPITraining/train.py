@@ -74,10 +74,23 @@ class TrainConfig:
             raise ParameterError("steps and batch size must be >= 1, lr > 0, 0 <= EMA decay < 1")
 
 
-def _seeded(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step * 1_009 + rank * 9_176_867) % (2**63 - 1))
-    return g
+def sample_randomness(
+    seed: int, step: int, positions: np.ndarray, shape: tuple[int, ...], num_timesteps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Timestep, noise and augmentation parameters of each sample, from its own generator.
+
+    Seeded by (seed, step, position in the global batch): a sample gets the same draws
+    whichever process handles it, so N processes reproduce one process's run.
+    """
+    ts, noises, augs = [], [], []
+    for pos in positions:
+        g = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([seed, step, int(pos)]).generate_state(1)[0])
+        )
+        ts.append(torch.randint(0, num_timesteps, (1,), generator=g))
+        noises.append(torch.randn(shape, generator=g))
+        augs.append(torch.rand(5, generator=g))
+    return torch.cat(ts), torch.stack(noises), torch.stack(augs)
 
 
 def batch_indices(n: int, batch: int, step: int, seed: int) -> np.ndarray:
@@ -91,14 +104,16 @@ def batch_indices(n: int, batch: int, step: int, seed: int) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
-def augment(x: torch.Tensor, g: torch.Generator, hu_per_unit: float) -> torch.Tensor:
-    """CT-safe augmentation of normalised slices ``[B, 1, n, n]`` (no flips: anatomy has sides)."""
+def augment(x: torch.Tensor, u: torch.Tensor, hu_per_unit: float) -> torch.Tensor:
+    """CT-safe augmentation of normalised slices ``[B, 1, n, n]`` (no flips: anatomy has sides).
+
+    ``u`` holds 5 uniform [0, 1) draws per slice: HU shift +-10, rotation +-5 degrees,
+    scale +-5 %, shift +-3 pixels in each direction.
+    """
     b, _, n, _ = x.shape
-    dev = x.device
-    shift_hu = (torch.rand(b, generator=g, device=dev) * 2 - 1) * 10.0
-    angle = (torch.rand(b, generator=g, device=dev) * 2 - 1) * math.radians(5)
-    scale = 1 + (torch.rand(b, generator=g, device=dev) * 2 - 1) * 0.05
-    trans = (torch.rand(b, 2, generator=g, device=dev) * 2 - 1) * (3 * 2 / n)
+    v = u.to(x.device) * 2 - 1
+    shift_hu, angle, scale = v[:, 0] * 10.0, v[:, 1] * math.radians(5), 1 + v[:, 2] * 0.05
+    trans = v[:, 3:5] * (3 * 2 / n)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack(
         [torch.stack([cos, -sin, trans[:, 0]], 1), torch.stack([sin, cos, trans[:, 1]], 1)], 1
@@ -271,17 +286,17 @@ def train(config: TrainConfig) -> Path:
         return save_checkpoint(trained, out / "model.safetensors")
 
     while step < config.steps:
-        idx = batch_indices(len(train_idx), config.batch_size, step, config.seed)[
-            rank * local : (rank + 1) * local
-        ]
-        g = _seeded(config.seed, step, rank, device)
+        positions = np.arange(rank * local, (rank + 1) * local)
+        idx = batch_indices(len(train_idx), config.batch_size, step, config.seed)[positions]
         x0 = intensity.normalize(
-            torch.from_numpy(np.asarray(images[np.sort(train_idx[idx])])).to(device)[:, None]
+            torch.from_numpy(np.asarray(images[train_idx[idx]])).to(device)[:, None]
         )
+        t, noise, aug = sample_randomness(
+            config.seed, step, positions, tuple(x0.shape[1:]), diffusion.num_timesteps
+        )
+        t, noise = t.to(device), noise.to(device)
         if config.augment:
-            x0 = augment(x0, g, intensity.hu_per_unit)
-        t = torch.randint(0, diffusion.num_timesteps, (local,), generator=g, device=device)
-        noise = torch.randn(x0.shape, generator=g, device=device)
+            x0 = augment(x0, aug, intensity.hu_per_unit)
         ctx = (
             torch.autocast("cuda", dtype=torch.bfloat16)
             if config.bf16 and device.type == "cuda"
