@@ -113,6 +113,9 @@ class StoreWriter:
                 for i, row in enumerate(self.rows):
                     writer.writerow({**row, "index": i})
             (tmp / "store.json").write_text(json.dumps(info, indent=2))
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700
             if self.out.exists():
                 self.out.rmdir()
             os.rename(tmp, self.out)
