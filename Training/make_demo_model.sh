@@ -4,7 +4,7 @@
 # Training resumes if interrupted: run the same command again.
 set -euo pipefail
 RUNS=${RUNS:-runs}
-STEPS=${STEPS:-6000}
+STEPS=${STEPS:-3000}
 gdpi prepare --layout synthetic --synthetic-cases 80 --seed 1000 --val-fraction 0.05 \
     --grid-size 64 --grid-spacing 3.5 --out "$RUNS/demo_store"
 gdpi train --data "$RUNS/demo_store" --out "$RUNS/demo_run" --size tiny --steps "$STEPS" \

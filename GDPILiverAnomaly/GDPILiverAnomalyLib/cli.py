@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _demo(args: argparse.Namespace, cancelled: dict) -> int:
     from .demo import run_demo
 
     reporter = _Reporter(args.progress)
@@ -207,6 +207,7 @@ def _demo(args: argparse.Namespace) -> int:
             args.preset,
             args.device,
             progress=reporter,
+            should_cancel=lambda: cancelled["flag"],
             log=lambda m: print(m, file=sys.stderr) if args.progress != "json" else None,
         )
     finally:
@@ -456,12 +457,16 @@ def main(argv: list[str] | None = None) -> int:
     def on_signal(signum, frame) -> None:
         cancelled["flag"] = True
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # detect and demo stop cooperatively (nothing half-written); other commands keep the
+    # default handlers (training saves its state at intervals and resumes from it)
+    cooperative = args.command in ("detect", "demo")
+    signals = (signal.SIGINT, signal.SIGTERM) if cooperative else ()
+    previous = {s: signal.signal(s, on_signal) for s in signals}
     try:
         if args.command == "detect":
             return _detect(args, cancelled)
         if args.command == "demo":
-            return _demo(args)
+            return _demo(args, cancelled)
         if args.command == "prepare":
             return _prepare(args)
         if args.command == "train":

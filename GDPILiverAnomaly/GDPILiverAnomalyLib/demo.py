@@ -29,6 +29,7 @@ def run_demo(
     device: str = "auto",
     progress=None,
     log=print,
+    should_cancel=None,
 ) -> dict:
     """Generate, detect, score and draw; return the metrics (also in ``out/metrics.json``)."""
     out = Path(out)
@@ -57,6 +58,7 @@ def run_demo(
         params,
         out / "result",
         progress=progress,
+        should_cancel=should_cancel,
     )
     score = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "result" / "score.nrrd")))
     metrics = pixel_metrics(score, case.tumour, region=case.liver)

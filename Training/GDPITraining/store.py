@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from GDPILiverAnomalyLib.errors import InputError
 
 SLICE_FIELDS = [
     "index",
@@ -52,7 +53,7 @@ class SliceStore:
     def open(cls, path: str | Path) -> SliceStore:
         path = Path(path)
         if not (path / "store.json").is_file():
-            raise FileNotFoundError(
+            raise InputError(
                 f"{path} is not a slice store (no store.json); make one with gdpi prepare"
             )
         with open(path / "slices.csv", newline="") as f:

@@ -175,6 +175,7 @@ def load_state(path: Path) -> dict:
 def train(config: TrainConfig) -> Path:
     """Train (or resume) and return the path of the EMA checkpoint."""
     config.validate()
+    config.data = str(Path(config.data).resolve())
     rank, world, local_rank = _distributed()
     device = _device(config.device, local_rank)
     if device.type == "cuda":
