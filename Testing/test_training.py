@@ -171,6 +171,16 @@ def test_prepare_generic_list_with_label_map(tmp_path, cases):
     _check_store(tmp_path / "store", cases, ["c0", "c1", "c2"])
 
 
+def test_prepare_case_folders_layout(tmp_path, cases):
+    for n, case in enumerate(cases):
+        d = tmp_path / "cases" / f"patient{n}"
+        d.mkdir(parents=True)
+        sitk.WriteImage(case.image(case.ct.astype(np.int16)), str(d / "ct.nii.gz"))
+        sitk.WriteImage(case.image(_label_map(case)), str(d / "seg.nii.gz"))
+    prepare("folders", tmp_path / "cases", tmp_path / "store", GRID, log=lambda m: None)
+    _check_store(tmp_path / "store", cases, ["patient0", "patient1", "patient2"])
+
+
 def test_gdpi_prepare_cli_refuses_bad_input(tmp_path):
     from GDPILiverAnomalyLib.cli import main
 
