@@ -9,7 +9,7 @@ from GDPILiverAnomalyLib.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from GDPILiverAnomalyLib.errors import CheckpointError
+from GDPILiverAnomalyLib.errors import CheckpointError, ParameterError
 from GDPILiverAnomalyLib.unet import UNet, UNetConfig
 from safetensors.torch import save_file
 
@@ -120,5 +120,5 @@ def test_unet_shapes_and_config_validation():
     )
     net = UNet(cfg)
     assert net(torch.zeros(3, 1, 32, 32), torch.tensor([0, 1, 999])).shape == (3, 1, 32, 32)
-    with pytest.raises(Exception, match="divisible"):
+    with pytest.raises(ParameterError, match="divisible"):
         UNet(UNetConfig(image_size=30, channel_mult=[1, 2, 2]))

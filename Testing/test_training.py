@@ -15,6 +15,7 @@ import SimpleITK as sitk
 import torch
 from GDPILiverAnomalyLib.checkpoint import load_checkpoint
 from GDPILiverAnomalyLib.diffusion import DiffusionConfig, GaussianDiffusion, training_losses
+from GDPILiverAnomalyLib.errors import ParameterError
 from GDPILiverAnomalyLib.grid import InputGrid
 from GDPILiverAnomalyLib.synthetic import synthetic_case
 from GDPITraining.prepare import prepare
@@ -366,7 +367,7 @@ def test_killed_run_resumes_exactly(tmp_path, store):
 
 def test_resume_refuses_a_changed_config(tmp_path, store):
     train(_config(store, tmp_path / "r", steps=2))
-    with pytest.raises(Exception, match="batch_size"):
+    with pytest.raises(ParameterError, match="batch_size"):
         train(_config(store, tmp_path / "r", steps=4, batch_size=2))
 
 

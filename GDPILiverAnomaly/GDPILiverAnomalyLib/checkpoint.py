@@ -24,6 +24,7 @@ from torch import nn
 from . import __version__
 from .diffusion import DiffusionConfig
 from .errors import CheckpointError
+from .files import give_default_permissions
 from .grid import InputGrid
 from .unet import MODEL_SIZES, UNet, UNetConfig
 
@@ -106,9 +107,7 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=header)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
+        give_default_permissions(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

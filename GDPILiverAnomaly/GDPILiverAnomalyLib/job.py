@@ -29,6 +29,7 @@ from . import __version__
 from .cases import pair_cases
 from .checkpoint import Checkpoint
 from .errors import Cancelled, GDPIError, OutputError
+from .files import give_default_permissions
 from .pipeline import DetectionParams, DetectionResult, Progress, detect
 from .scoring import LESION_FIELDS
 from .volumes import array_on_grid, check_hu, read_ct, read_liver_mask
@@ -72,9 +73,7 @@ def atomic_dir(out: Path):
     """Yield a temporary folder; on success its files replace those in ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result is an ordinary folder
+    give_default_permissions(tmp)
     try:
         yield tmp
         if not out.exists():

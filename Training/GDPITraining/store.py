@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from GDPILiverAnomalyLib.errors import InputError
+from GDPILiverAnomalyLib.files import give_default_permissions
 
 SLICE_FIELDS = [
     "index",
@@ -114,9 +115,7 @@ class StoreWriter:
                 for i, row in enumerate(self.rows):
                     writer.writerow({**row, "index": i})
             (tmp / "store.json").write_text(json.dumps(info, indent=2))
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700
+            give_default_permissions(tmp)
             if self.out.exists():
                 self.out.rmdir()
             os.rename(tmp, self.out)
