@@ -4,7 +4,8 @@ Exit codes: 0 success; 2 bad input, parameter, checkpoint or output folder (one-
 ``gdpi: error: ...`` on stderr, nothing written); 3 folder mode with at least one
 failed case; 130 cancelled (SIGINT/SIGTERM; nothing written for the running case).
 With ``--progress json`` every line on stdout is one JSON object with an ``event``
-key: ``start``, ``progress``, ``case``, ``done``, ``error``, ``cancelled``.
+key: ``start``, ``progress``, ``case``, ``partial`` (with ``--stream-dir``), ``done``,
+``error``, ``cancelled``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import signal
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from .checkpoint import init_checkpoint, load_checkpoint, save_checkpoint
 from .errors import Cancelled, GDPIError
@@ -98,6 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("text", "json", "none"),
         default="text",
         help="text: progress bar on stderr; json: one JSON object per line on stdout",
+    )
+    d.add_argument(
+        "--stream-dir",
+        type=Path,
+        help="single case: write the score so far to DIR/partial-N.npy while running "
+        "(cropped to its nonzero box; a json 'partial' event gives the file and offset)",
+    )
+    d.add_argument(
+        "--stream-every",
+        type=float,
+        default=2.0,
+        help="seconds between streamed partial scores (default 2)",
     )
 
     m = sub.add_parser(
@@ -325,6 +340,34 @@ class _Reporter:
             self.bar = None
 
 
+class _PartialWriter:
+    """Writes streamed partial scores as numbered .npy files and announces them."""
+
+    def __init__(self, folder: Path, reporter: _Reporter):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.reporter = reporter
+        self.count = 0
+        self.previous: Path | None = None
+
+    def __call__(self, score: np.ndarray) -> None:
+        nonzero = [np.flatnonzero(score.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1))]
+        if any(len(n) == 0 for n in nonzero):
+            return
+        lo = [int(n[0]) for n in nonzero]
+        hi = [int(n[-1]) + 1 for n in nonzero]
+        self.count += 1
+        path = self.folder / f"partial-{self.count:04d}.npy"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, score[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]])
+        os.replace(tmp, path)
+        if self.previous is not None:
+            self.previous.unlink(missing_ok=True)
+        self.previous = path
+        self.reporter.emit("partial", path=str(path), offset=lo)
+
+
 def _detect(args: argparse.Namespace, cancelled: dict) -> int:
     overrides = {
         k: getattr(args, k)
@@ -410,6 +453,8 @@ def _detect(args: argparse.Namespace, cancelled: dict) -> int:
             args.allow_non_hu,
             reporter,
             should_cancel,
+            None if args.stream_dir is None else _PartialWriter(args.stream_dir, reporter),
+            args.stream_every,
         )
     finally:
         reporter.close()

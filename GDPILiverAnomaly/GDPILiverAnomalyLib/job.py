@@ -146,8 +146,13 @@ def run_case(
     allow_non_hu: bool = False,
     progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    on_partial: Callable[[np.ndarray], None] | None = None,
+    partial_interval_s: float = 2.0,
 ) -> dict:
-    """Detect on one case and write every output into ``out``; return run.json's content."""
+    """Detect on one case and write every output into ``out``; return run.json's content.
+
+    ``on_partial`` streams the score so far (see :func:`pipeline.detect`).
+    """
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     params.validate(checkpoint.diffusion.num_timesteps)
@@ -157,7 +162,9 @@ def run_case(
     if not allow_non_hu:
         check_hu(sitk.GetArrayViewFromImage(ct), liver, f"CT {ct_path}")
     t_read = time.perf_counter() - t0
-    result = detect(ct, liver, checkpoint, params, progress, should_cancel)
+    result = detect(
+        ct, liver, checkpoint, params, progress, should_cancel, on_partial, partial_interval_s
+    )
     voxel_ml = float(np.prod(ct.GetSpacing())) / 1000
     run_info = {
         "gdpi_version": __version__,

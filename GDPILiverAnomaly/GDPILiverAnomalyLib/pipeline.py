@@ -23,15 +23,10 @@ from .checkpoint import Checkpoint
 from .diffusion import GaussianDiffusion
 from .errors import Cancelled, ParameterError
 from .grid import PlaneMapping
+from .presets import PRESETS
 from .repaint import SliceNoise, repaint, schedule_counts
 from .scoring import Lesion, anomaly_mask, find_lesions, median_filter_slices
 from .volumes import OrientedCase
-
-#: Presets: ``paper`` is the GDPI paper's setting; ``fast`` trades resampling for speed.
-PRESETS: dict[str, dict] = {
-    "paper": dict(steps=250, jump_length=10, jump_n_sample=10, median_size=5),
-    "fast": dict(steps=50, jump_length=5, jump_n_sample=3, median_size=5),
-}
 
 
 @dataclass
@@ -150,8 +145,15 @@ def detect(
     params: DetectionParams,
     progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    on_partial: Callable[[np.ndarray], None] | None = None,
+    partial_interval_s: float = 2.0,
 ) -> DetectionResult:
-    """Run GDPI on one volume. ``liver`` is uint8 on the CT grid (1 = liver)."""
+    """Run GDPI on one volume. ``liver`` is uint8 on the CT grid (1 = liver).
+
+    ``on_partial``, if given, receives the score volume so far (CT index order, float32
+    HU, 0 where not yet inpainted) after a batch, at most every ``partial_interval_s``
+    seconds; finished slices already hold their final values.
+    """
     params.validate(checkpoint.diffusion.num_timesteps)
     device = resolve_device(params.device)
     start = time.perf_counter()
@@ -204,8 +206,21 @@ def detect(
             )
         )
 
+    inside = case.liver > 0
+    finished: list[int] = []
+
+    def partial_score() -> np.ndarray:
+        grid = np.abs(diff_grid[finished]) if params.two_sided else diff_grid[finished]
+        volume = np.zeros(case.ct.shape, np.float32)
+        volume[liver_slices[finished]] = mapping.to_slices(
+            median_filter_slices(grid, params.median_size), (height, width)
+        )
+        volume[~inside] = 0.0
+        return case.to_original(volume)
+
+    last_partial = time.perf_counter()
     report()
-    for batch in batches:
+    for number, batch in enumerate(batches, start=1):
         hu = torch.from_numpy(ct_grid[batch][:, None]).to(device)
         image = intensity.normalize(hu)
         mask = torch.from_numpy(cand_grid[batch][:, None]).to(device)
@@ -224,7 +239,13 @@ def detect(
         diff_grid[batch] = ((x0 - image)[:, 0] * intensity.hu_per_unit).cpu().numpy()
         done["nfe"] += nfe
         done["slices"] += len(batch)
+        finished.extend(batch)
         report()
+        now = time.perf_counter()
+        if on_partial is not None and number < len(batches):
+            if now - last_partial >= partial_interval_s:
+                on_partial(partial_score())
+                last_partial = time.perf_counter()
     if should_cancel is not None and should_cancel():
         raise Cancelled()
     t_inpaint = time.perf_counter() - t0
@@ -237,7 +258,6 @@ def detect(
     if len(liver_slices):
         score_lps[liver_slices] = mapping.to_slices(score_grid, (height, width))
         diff_lps[liver_slices] = mapping.to_slices(diff_grid, (height, width))
-    inside = case.liver > 0
     score_lps[~inside] = 0.0
     diff_lps[~inside] = 0.0
     score = case.to_original(score_lps)

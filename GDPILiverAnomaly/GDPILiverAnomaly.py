@@ -1,0 +1,525 @@
+"""GDPI Liver Anomaly: unsupervised liver tumour detection in CT (Slicer scripted module).
+
+The widget is thin: settings live in a parameter node, every action goes to
+``GDPILiverAnomalyLib.slicer_logic.DetectionLogic`` (importable and tested without Qt),
+and detection runs in a background ``PythonSlicer`` process polled from a timer.
+"""
+
+import json
+import logging
+import os
+import tempfile
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from GDPILiverAnomalyLib import dependencies
+from GDPILiverAnomalyLib.errors import GDPIError
+from GDPILiverAnomalyLib.presets import PRESETS
+from GDPILiverAnomalyLib.slicer_logic import DetectionLogic, DetectionSettings
+from slicer import (
+    vtkMRMLLabelMapVolumeNode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+    vtkMRMLTableNode,
+)
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+
+class GDPILiverAnomaly(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("GDPI Liver Anomaly")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["GDPILiverAnomaly developers"]
+        self.parent.helpText = _(
+            "Finds liver tumours in CT without tumour labels: darker regions inside the "
+            "liver are re-painted as healthy tissue by a diffusion model, and the "
+            "difference (HU) is the anomaly heatmap. Pick a CT and a liver segmentation "
+            "or labelmap, then click Detect. Research software, not for clinical use."
+        )
+        self.parent.acknowledgementText = _(
+            "Method: 'CT-based Anomaly Detection of Liver Tumors Using Generative "
+            "Diffusion Prior' (GDPI). The bundled model card lists its training data."
+        )
+
+
+#
+# Parameter node
+#
+
+
+@parameterNodeWrapper
+class GDPILiverAnomalyParameterNode:
+    """Panel settings; saved with the scene. HU for intensities, model-grid pixels for
+    the median filter, 0 batch size = automatic (8 on CUDA, 1 on CPU)."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    liverSource: Annotated[str, Choice(["Segmentation", "Labelmap"])] = "Segmentation"
+    liverSegmentation: vtkMRMLSegmentationNode
+    liverSegmentId: str = ""
+    liverLabelmap: vtkMRMLLabelMapVolumeNode
+    liverLabelValue: Annotated[int, WithinRange(0, 65535)] = 0
+    checkpointPath: str = ""
+    preset: Annotated[str, Choice(["fast", "paper", "custom"])] = "fast"
+    steps: Annotated[int, WithinRange(1, 1000)] = 250
+    jumpLength: Annotated[int, WithinRange(1, 1000)] = 10
+    resamplings: Annotated[int, WithinRange(1, 100)] = 10
+    batchSize: Annotated[int, WithinRange(0, 512)] = 0
+    offsetHu: Annotated[float, WithinRange(0.0, 500.0)] = 20.0
+    twoSided: bool = False
+    medianSize: Annotated[int, WithinRange(0, 31)] = 5
+    device: str = "auto"
+    threshold: Annotated[float, WithinRange(0.0, 200.0)] = 20.0
+    opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    perLesionSegments: bool = True
+    scoreVolume: vtkMRMLScalarVolumeNode
+    pseudoHealthyVolume: vtkMRMLScalarVolumeNode
+    lesionTable: vtkMRMLTableNode
+
+
+#
+# Widget
+#
+
+
+class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._timer = qt.QTimer()
+        self._timer.setInterval(200)
+        self._timer.timeout.connect(self._pollJob)
+        self._lesionTimer = qt.QTimer()
+        self._lesionTimer.setSingleShot(True)
+        self._lesionTimer.setInterval(400)
+        self._lesionTimer.timeout.connect(self.updateLesionTable)
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/GDPILiverAnomaly.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = GDPILiverAnomalyLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.detectButton.connect("clicked(bool)", self.onDetectButton)
+        self.ui.liverSegmentSelector.connect(
+            "currentNodeChanged(vtkMRMLNode*)", self.onLiverSegmentationChanged
+        )
+        self.ui.liverSegmentSelector.connect(
+            "currentSegmentChanged(QString)", self.onLiverSegmentChanged
+        )
+        self.ui.checkpointPathLineEdit.connect(
+            "currentPathChanged(QString)", self.onCheckpointChanged
+        )
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.ui.thresholdSliderWidget.connect("valueChanged(double)", self.onThresholdChanged)
+        self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
+        self.ui.createSegmentationButton.connect("clicked(bool)", self.onCreateSegmentation)
+        self.ui.lesionTableView.connect("selectionChanged()", self.onLesionSelected)
+        self.ui.resultScoreSelector.connect(
+            "currentNodeChanged(vtkMRMLNode*)", self.onResultChanged
+        )
+        self._fillDevices()
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        if self._job is not None and self._job.running:
+            self._job.cancel()
+        self._timer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._job is not None and self._job.running:
+            self._job.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            node = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if node:
+                self._parameterNode.inputVolume = node
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+            self._updateGui()
+
+    # ---- GUI state ----------------------------------------------------------------
+
+    def _fillDevices(self) -> None:
+        """Auto, CPU and each CUDA GPU by name (torch may not be installed yet)."""
+        combo = self.ui.deviceComboBox
+        combo.blockSignals(True)
+        combo.clear()
+        combo.addItem(_("Auto (GPU if available)"), "auto")
+        combo.addItem(_("CPU"), "cpu")
+        try:
+            import torch
+
+            for index in range(torch.cuda.device_count()):
+                combo.addItem(
+                    f"cuda:{index} - {torch.cuda.get_device_name(index)}", f"cuda:{index}"
+                )
+        except Exception:  # torch missing or broken: only auto and CPU
+            pass
+        combo.blockSignals(False)
+
+    def _liverInputs(self):
+        p = self._parameterNode
+        if p.liverSource == "Segmentation":
+            return p.liverSegmentation, p.liverSegmentId or None, 0
+        return p.liverLabelmap, None, p.liverLabelValue
+
+    def _updateGui(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        if p is None:
+            return
+        segmentationMode = p.liverSource == "Segmentation"
+        self.ui.liverSegmentSelector.setVisible(segmentationMode)
+        self.ui.liverLabelmapSelector.setVisible(not segmentationMode)
+        self.ui.liverLabelSpinBox.setVisible(not segmentationMode)
+        self.ui.liverLabelLabel.setVisible(not segmentationMode)
+        if self.ui.liverSegmentSelector.currentNode() != p.liverSegmentation:
+            self.ui.liverSegmentSelector.setCurrentNode(p.liverSegmentation)
+        if p.liverSegmentId and self.ui.liverSegmentSelector.currentSegmentID() != p.liverSegmentId:
+            self.ui.liverSegmentSelector.setCurrentSegmentID(p.liverSegmentId)
+        if self.ui.checkpointPathLineEdit.currentPath != p.checkpointPath:
+            self.ui.checkpointPathLineEdit.currentPath = p.checkpointPath
+        index = self.ui.deviceComboBox.findData(p.device)
+        if index >= 0 and index != self.ui.deviceComboBox.currentIndex:
+            self.ui.deviceComboBox.setCurrentIndex(index)
+        custom = p.preset == "custom"
+        for widget in (self.ui.stepsSpinBox, self.ui.jumpLengthSpinBox, self.ui.resamplingsSpinBox):
+            widget.setEnabled(custom)
+        if not custom:
+            preset = PRESETS[p.preset]
+            self.ui.stepsSpinBox.value = preset["steps"]
+            self.ui.jumpLengthSpinBox.value = preset["jump_length"]
+            self.ui.resamplingsSpinBox.value = preset["jump_n_sample"]
+
+        running = self._job is not None and self._job.running
+        if running:
+            self.ui.detectButton.text = _("Cancel")
+            self.ui.detectButton.toolTip = _("Stop the detection; the scene is left as before.")
+            self.ui.detectButton.enabled = True
+        else:
+            self.ui.detectButton.text = _("Detect")
+            liverNode, segmentId, labelValue = self._liverInputs()
+            problem = self.logic.inputProblem(p.inputVolume, liverNode, segmentId, labelValue)
+            self.ui.detectButton.enabled = problem is None
+            self.ui.detectButton.toolTip = problem or _("Detect anomalies in the liver.")
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.modelCollapsibleButton):
+            widget.setEnabled(not running)
+        hasResult = p.scoreVolume is not None
+        self.ui.createSegmentationButton.enabled = hasResult and not running
+        self.ui.lesionTableView.setMRMLTableNode(p.lesionTable)
+
+    def _settings(self) -> DetectionSettings:
+        p = self._parameterNode
+        return DetectionSettings(
+            checkpoint=p.checkpointPath,
+            preset=p.preset,
+            steps=p.steps,
+            jumpLength=p.jumpLength,
+            resamplings=p.resamplings,
+            batchSize=p.batchSize,
+            offsetHu=p.offsetHu,
+            twoSided=p.twoSided,
+            medianSize=p.medianSize,
+            threshold=p.threshold,
+            device=p.device,
+        )
+
+    # ---- actions --------------------------------------------------------------------
+
+    def onLiverSegmentationChanged(self, node) -> None:
+        if self._parameterNode and self._parameterNode.liverSegmentation != node:
+            self._parameterNode.liverSegmentation = node
+
+    def onLiverSegmentChanged(self, segmentId) -> None:
+        if self._parameterNode and self._parameterNode.liverSegmentId != segmentId:
+            self._parameterNode.liverSegmentId = segmentId or ""
+
+    def onCheckpointChanged(self, path) -> None:
+        if self._parameterNode and self._parameterNode.checkpointPath != path:
+            self._parameterNode.checkpointPath = path
+
+    def onDeviceChanged(self, index) -> None:
+        device = self.ui.deviceComboBox.itemData(index)
+        if self._parameterNode and device and self._parameterNode.device != device:
+            self._parameterNode.device = device
+
+    def onDetectButton(self) -> None:
+        if self._job is not None and self._job.running:
+            self._job.cancel()
+            self._jobEnded()
+            return
+        if not self.ensureDependencies():
+            return
+        p = self._parameterNode
+        liverNode, segmentId, labelValue = self._liverInputs()
+        self.ui.logTextEdit.clear()
+        self.ui.progressBar.value = 0
+        try:
+            self._job = self.logic.process(
+                p.inputVolume, liverNode, segmentId, labelValue, self._settings(),
+                wait=False, onEvent=self._onWorkerEvent,
+            )  # fmt: skip
+        except GDPIError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+        self.ui.statusLabel.text = _("Starting the worker...")
+        self._timer.start()
+        self._updateGui()
+
+    def _onWorkerEvent(self, event) -> None:
+        kind = event.get("event")
+        if kind == "progress":
+            self.ui.progressBar.value = int(round(100 * event["fraction"]))
+        elif kind == "log":
+            self.ui.logTextEdit.appendPlainText(event.get("message", ""))
+        elif kind in ("start", "done", "error", "cancelled"):
+            self.ui.logTextEdit.appendPlainText(json.dumps(event))
+        if self._job is not None:
+            self.ui.statusLabel.text = self._job.message
+
+    def _pollJob(self) -> None:
+        if self._job is None or self._job.poll():
+            return
+        self._jobEnded()
+
+    def _jobEnded(self) -> None:
+        self._timer.stop()
+        job = self._job
+        self.ui.statusLabel.text = job.message
+        if job.state == "completed":
+            p = self._parameterNode
+            p.scoreVolume = job.outputs.scoreVolume
+            p.pseudoHealthyVolume = job.outputs.pseudoHealthyVolume
+            p.lesionTable = job.outputs.lesionTable
+            self.ui.progressBar.value = 100
+            self.logic.showInSliceViews(p.inputVolume, p.scoreVolume, p.opacity)
+        elif job.state == "failed":
+            self.ui.progressBar.value = 0
+            slicer.util.errorDisplay(job.error.splitlines()[0], detailedText=job.error)
+        else:
+            self.ui.progressBar.value = 0
+        self._updateGui()
+
+    def ensureDependencies(self) -> bool:
+        """Install missing packages after a confirmation (torch via the PyTorch extension)."""
+        missing = dependencies.missingModules()
+        if not missing:
+            return True
+        if not slicer.util.confirmOkCancelDisplay(
+            _("GDPI needs these Python packages: {packages}. Install them now? This can take "
+              "several minutes; Slicer's own numpy and SimpleITK are left untouched.").format(
+                packages=", ".join(missing)
+            )
+        ):  # fmt: skip
+            return False
+        with slicer.util.WaitCursor():
+            if "torch" in missing:
+                try:
+                    import PyTorchUtils
+                except ModuleNotFoundError:
+                    slicer.util.errorDisplay(
+                        _("This module needs the PyTorch extension. Install 'PyTorch' from the "
+                          "Extensions Manager, restart Slicer, and click Detect again.")
+                    )  # fmt: skip
+                    return False
+                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
+                    slicer.util.errorDisplay(_("PyTorch could not be installed; see the log."))
+                    return False
+            requirements = dependencies.pipRequirements(missing)
+            if requirements:
+                with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+                    f.write(dependencies.pinnedConstraints())
+                try:
+                    slicer.util.pip_install(["-c", f.name, *requirements])
+                finally:
+                    os.unlink(f.name)
+        self._fillDevices()
+        still = dependencies.missingModules()
+        if still:
+            slicer.util.errorDisplay(_("Still missing: {}").format(", ".join(still)))
+            return False
+        return True
+
+    def onThresholdChanged(self, value) -> None:
+        p = self._parameterNode
+        if p is not None and p.scoreVolume is not None:
+            self.logic.setDisplayThreshold(p.scoreVolume, value)
+            self._lesionTimer.start()  # the lesion table follows once the slider rests
+
+    def updateLesionTable(self) -> None:
+        p = self._parameterNode
+        if p is None or p.scoreVolume is None or p.lesionTable is None:
+            return
+        with slicer.util.WaitCursor():
+            lesions = self.logic.lesionsAt(p.scoreVolume, p.threshold)
+            self.logic.updateLesionTable(p.lesionTable, lesions)
+        self.ui.statusLabel.text = _("{n} lesion(s) above {t:g} HU").format(
+            n=len(lesions), t=p.threshold
+        )
+
+    def onOpacityChanged(self, value) -> None:
+        self.logic.setOpacity(value)
+
+    def onResultChanged(self, node) -> None:
+        p = self._parameterNode
+        if p is None or node is None or p.inputVolume is None:
+            return
+        self.logic.setupScoreDisplay(node, p.threshold)
+        self.logic.showInSliceViews(p.inputVolume, node, p.opacity)
+
+    def onCreateSegmentation(self) -> None:
+        p = self._parameterNode
+        with slicer.util.WaitCursor():
+            segmentation = self.logic.createSegmentation(
+                p.scoreVolume, p.threshold, p.perLesionSegments
+            )
+        self.ui.statusLabel.text = _("Created {name}").format(name=segmentation.GetName())
+
+    def onLesionSelected(self) -> None:
+        p = self._parameterNode
+        rows = {index.row() for index in self.ui.lesionTableView.selectedIndexes()}
+        if p is not None and p.lesionTable is not None and len(rows) == 1:
+            self.logic.jumpToLesion(p.lesionTable, rows.pop())
+
+
+#
+# Logic
+#
+
+
+class GDPILiverAnomalyLogic(ScriptedLoadableModuleLogic, DetectionLogic):
+    """The module logic: Slicer's parameter node plus :class:`DetectionLogic`.
+
+    From the Python console::
+
+        logic = slicer.util.getModuleLogic("GDPILiverAnomaly")
+        outputs = logic.process(ctNode, segmentationNode, segmentId)  # blocks
+        rows = logic.processFolder("/data/cases", "/data/results")
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        DetectionLogic.__init__(self, slicer.mrmlScene, tempRoot=slicer.app.temporaryPath)
+
+    def getParameterNode(self):
+        return GDPILiverAnomalyParameterNode(super().getParameterNode())
+
+
+#
+# Self-test (inside Slicer: Reload and Test). Set GDPI_SELFTEST_HEAVY=1 for full inference.
+#
+
+
+class GDPILiverAnomalyTest(ScriptedLoadableModuleTest):
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_detect_synthetic_case()
+        self.setUp()
+        self.test_panel_state()
+
+    def _syntheticNodes(self):
+        import numpy as np
+        from GDPILiverAnomalyLib.synthetic import synthetic_case
+
+        case = synthetic_case(seed=7)
+        sx, sy, sz = case.spacing
+        ijkToRAS = np.diag([-sx, -sy, sz, 1.0])  # LPS arrays -> RAS
+        ct = slicer.util.addVolumeFromArray(case.ct, ijkToRAS, "synthetic CT")
+        liver = slicer.util.addVolumeFromArray(
+            case.liver, ijkToRAS, "synthetic liver", "vtkMRMLLabelMapVolumeNode"
+        )
+        return case, ct, liver
+
+    def test_detect_synthetic_case(self):
+        import numpy as np
+        from GDPILiverAnomalyLib.demo import DEMO_MODEL
+        from scipy.stats import rankdata
+
+        self.delayDisplay("Detection on a synthetic case with the demo model")
+        case, ct, liver = self._syntheticNodes()
+        logic = GDPILiverAnomalyLogic()
+        heavy = os.environ.get("GDPI_SELFTEST_HEAVY") == "1"
+        settings = DetectionSettings(checkpoint=str(DEMO_MODEL), preset="fast", device="auto")
+        if not heavy:
+            settings.preset, settings.steps, settings.jumpLength, settings.resamplings = (
+                "custom", 10, 5, 1,
+            )  # fmt: skip
+        outputs = logic.process(ct, liver, labelValue=1, settings=settings)
+        score = slicer.util.arrayFromVolume(outputs.scoreVolume)
+        self.assertEqual(score.shape, case.ct.shape)
+        m1, m2 = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        ct.GetIJKToRASMatrix(m1)
+        outputs.scoreVolume.GetIJKToRASMatrix(m2)
+        for r in range(4):
+            for c in range(4):
+                self.assertAlmostEqual(m1.GetElement(r, c), m2.GetElement(r, c), places=6)
+        inside = case.liver > 0
+        labels, values = case.tumour[inside].ravel() > 0, score[inside].ravel()
+        ranks = rankdata(values)  # AUROC as the Mann-Whitney U statistic
+        positives, negatives = labels.sum(), (~labels).sum()
+        auroc = (ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives)
+        logging.info(f"GDPI self-test AUROC {auroc:.3f} ({'fast' if heavy else 'quick'} schedule)")
+        self.assertGreater(auroc, 0.85 if heavy else 0.6)
+        self.assertTrue(np.all(score[~inside] == 0))
+        self.delayDisplay(f"Synthetic case: pixel AUROC {auroc:.3f}")
+
+    def test_panel_state(self):
+        self.delayDisplay("Panel: Detect is disabled with a reason until inputs are valid")
+        widget = slicer.modules.gdpiliveranomaly.widgetRepresentation().self()
+        widget._parameterNode.inputVolume = None
+        self.assertFalse(widget.ui.detectButton.enabled)
+        self.assertIn("CT", widget.ui.detectButton.toolTip)
+        _, ct, liver = self._syntheticNodes()
+        widget._parameterNode.inputVolume = ct
+        widget._parameterNode.liverSource = "Labelmap"
+        widget._parameterNode.liverLabelmap = liver
+        self.assertTrue(widget.ui.detectButton.enabled)
+        self.delayDisplay("Panel test passed")

@@ -1,0 +1,350 @@
+"""The Slicer logic on real MRML (the ``slicer-core`` wheel: no Qt, no Slicer app).
+
+Nodes are read by storage nodes from ``../shared/data``; detection runs in the real
+worker subprocess with a tiny random checkpoint. Only the Qt panel is not exercised
+here (it needs a running Slicer; see the module's self-test).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+vtk = pytest.importorskip("vtk")
+
+from conftest import shared  # noqa: E402
+from GDPILiverAnomalyLib.errors import GDPIError  # noqa: E402
+from GDPILiverAnomalyLib.slicer_logic import (  # noqa: E402
+    LESION_COLUMNS,
+    SCORE_WINDOW_HU,
+    DetectionLogic,
+    DetectionSettings,
+)
+from GDPILiverAnomalyLib.worker import group_members  # noqa: E402
+
+QUICK = dict(preset="custom", steps=10, jumpLength=2, resamplings=2, device="cpu")
+
+
+def _read(scene, path: Path, class_name: str):
+    node = scene.AddNewNodeByClass(class_name, path.parent.name)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    return node
+
+
+def _matrix(node) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _digest(node) -> str:
+    return hashlib.sha256(slicer.util.arrayFromVolume(node).tobytes()).hexdigest()
+
+
+def _scene_state(scene) -> tuple:
+    ids = tuple(sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())))
+    layers = tuple(
+        (c.GetBackgroundVolumeID(), c.GetForegroundVolumeID(), c.GetForegroundOpacity())
+        for c in (
+            scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+            for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))
+        )
+    )
+    return ids, layers
+
+
+@pytest.fixture(scope="module")
+def hcc_scene():
+    """hcc_1720 (two HCCs): CT, its LiTS-style labelmap (1 liver, 2 tumour) and a
+    segmentation with a 'liver' segment (liver + tumour), as a radiologist would have."""
+    scene = slicer.vtkMRMLScene()
+    for name in ("Red", "Yellow", "Green"):
+        composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+        composite.SetLayoutName(name)
+        scene.AddNewNodeByClass("vtkMRMLSliceNode").SetLayoutName(name)
+    ct = _read(scene, shared("hcc_1720", "ct.nii.gz"), "vtkMRMLScalarVolumeNode")
+    labelmap = _read(scene, shared("hcc_1720", "seg.nii.gz"), "vtkMRMLLabelMapVolumeNode")
+    whole = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "whole liver")
+    whole.CopyOrientation(labelmap)
+    slicer.util.updateVolumeFromArray(
+        whole, (slicer.util.arrayFromVolume(labelmap) > 0).astype(np.uint8)
+    )
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "liver segmentation")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+        whole, segmentation
+    )
+    segment_id = segmentation.GetSegmentation().GetNthSegmentID(0)
+    segmentation.GetSegmentation().GetSegment(segment_id).SetName("liver")
+    scene.RemoveNode(whole)
+    return scene, ct, labelmap, segmentation, segment_id
+
+
+@pytest.fixture(scope="module")
+def labelmap_run(hcc_scene, tiny_checkpoint, tmp_path_factory):
+    """One blocking detection from the labelmap (label 0 = liver + tumour)."""
+    scene, ct, labelmap, _, _ = hcc_scene
+    temp_root = tmp_path_factory.mktemp("temp")
+    before = (_digest(ct), _matrix(ct), _digest(labelmap))
+    logic = DetectionLogic(scene, tempRoot=str(temp_root))
+    events: list[dict] = []
+    settings = DetectionSettings(checkpoint=str(tiny_checkpoint), threshold=5.0, **QUICK)
+    outputs = logic.process(ct, labelmap, labelValue=0, settings=settings, onEvent=events.append)
+    return logic, outputs, events, before, temp_root
+
+
+def test_results_are_nodes_with_the_ct_geometry(hcc_scene, labelmap_run):
+    scene, ct, labelmap, _, _ = hcc_scene
+    logic, outputs, events, before, temp_root = labelmap_run
+    score = slicer.util.arrayFromVolume(outputs.scoreVolume)
+    pseudo = slicer.util.arrayFromVolume(outputs.pseudoHealthyVolume)
+    ct_array = slicer.util.arrayFromVolume(ct)
+    assert score.shape == pseudo.shape == ct_array.shape
+    np.testing.assert_allclose(_matrix(outputs.scoreVolume), _matrix(ct), atol=1e-9)
+    np.testing.assert_allclose(_matrix(outputs.pseudoHealthyVolume), _matrix(ct), atol=1e-9)
+    liver = slicer.util.arrayFromVolume(labelmap) > 0
+    assert np.all(score[~liver] == 0) and np.abs(score[liver]).max() > 0
+    # pseudo-healthy = CT outside the liver, re-painted inside
+    np.testing.assert_allclose(pseudo[~liver], ct_array[~liver], atol=1e-3)
+    assert outputs.runInfo["parameters"]["steps"] == 10
+    assert json_attribute(outputs.scoreVolume)["nfe"] == outputs.runInfo["nfe"]
+    # inputs untouched, temporary folder gone
+    assert (_digest(ct), _digest(labelmap)) == (before[0], before[2])
+    np.testing.assert_array_equal(_matrix(ct), before[1])
+    assert list(temp_root.iterdir()) == []
+
+
+def json_attribute(node) -> dict:
+    import json
+
+    return json.loads(node.GetAttribute("GDPI.run"))
+
+
+def test_progress_events_reach_the_caller(labelmap_run):
+    _, outputs, events, _, _ = labelmap_run
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress, "no progress event received"
+    assert progress[-1]["nfe_done"] == progress[-1]["nfe_total"] == outputs.runInfo["nfe"]
+    assert progress[-1]["slices_done"] == progress[-1]["slices_total"] > 0
+    assert [e["event"] for e in events].count("done") == 1
+
+
+def test_score_display_colour_window_threshold_and_layers(hcc_scene, labelmap_run):
+    scene, ct, _, _, _ = hcc_scene
+    logic, outputs, _, _, _ = labelmap_run
+    display = outputs.scoreVolume.GetDisplayNode()
+    colour = display.GetColorNode()
+    assert colour.GetName() in ("Inferno", "GDPI Inferno") and colour.GetNumberOfColors() == 256
+    # perceptual: luminance rises monotonically from black to pale yellow
+    rgba = [colour.GetLookupTable().GetTableValue(i) for i in range(0, 256, 15)]
+    luminance = [0.2126 * r + 0.7152 * g + 0.0722 * b for r, g, b, _ in rgba]
+    assert all(b > a for a, b in zip(luminance, luminance[1:], strict=False))
+    assert not display.GetAutoWindowLevel()
+    assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == SCORE_WINDOW_HU
+    assert display.GetApplyThreshold() and display.GetLowerThreshold() == 5.0
+    logic.setDisplayThreshold(outputs.scoreVolume, 12.5)
+    assert display.GetLowerThreshold() == 12.5
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        composite = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+        assert composite.GetBackgroundVolumeID() == ct.GetID()
+        assert composite.GetForegroundVolumeID() == outputs.scoreVolume.GetID()
+    logic.setOpacity(0.8)
+    assert scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode").GetForegroundOpacity() == 0.8
+
+
+def test_lesion_table_matches_the_score_and_centres_the_views(hcc_scene, labelmap_run):
+    scene, ct, _, _, _ = hcc_scene
+    logic, outputs, _, _, _ = labelmap_run
+    table = outputs.lesionTable
+    assert [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())] == list(
+        LESION_COLUMNS
+    )
+    # the worker's lesions (LPS, from the NRRD) == the logic's recomputation (RAS, from MRML)
+    recomputed = logic.lesionsAt(outputs.scoreVolume, 5.0)
+    assert table.GetNumberOfRows() == len(recomputed) > 0
+    for row, lesion in enumerate(recomputed):
+        for column in LESION_COLUMNS:
+            value = float(table.GetTable().GetColumnByName(column).GetValue(row))
+            assert value == pytest.approx(lesion[column], abs=0.02), (row, column)
+    # centroid inside the CT's RAS bounds; a click centres every slice view on it
+    bounds = [0.0] * 6
+    ct.GetRASBounds(bounds)
+    ras = logic.jumpToLesion(table, 0)
+    assert all(bounds[2 * a] - 1 <= ras[a] <= bounds[2 * a + 1] + 1 for a in range(3))
+    slice_node = scene.GetNthNodeByClass(0, "vtkMRMLSliceNode")
+    to_ras = slice_node.GetSliceToRAS()
+    np.testing.assert_allclose([to_ras.GetElement(a, 3) for a in range(3)], ras, atol=1e-6)
+    # a higher threshold finds fewer, smaller lesions
+    higher = logic.lesionsAt(outputs.scoreVolume, 15.0)
+    assert sum(x["volume_ml"] for x in higher) < sum(x["volume_ml"] for x in recomputed)
+    logic.updateLesionTable(table, higher)
+    assert table.GetNumberOfRows() == len(higher)
+    logic.updateLesionTable(table, recomputed)
+
+
+def test_segmentation_from_threshold(hcc_scene, labelmap_run):
+    scene, _, _, _, _ = hcc_scene
+    logic, outputs, _, _, _ = labelmap_run
+    score = slicer.util.arrayFromVolume(outputs.scoreVolume)
+    lesions = logic.lesionsAt(outputs.scoreVolume, 5.0)
+    per_lesion = logic.createSegmentation(outputs.scoreVolume, 5.0, perLesion=True)
+    segmentation = per_lesion.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == len(lesions)
+    names = {segmentation.GetNthSegment(i).GetName() for i in range(len(lesions))}
+    assert names == {f"Lesion {x['id']}" for x in lesions}
+    single = logic.createSegmentation(outputs.scoreVolume, 5.0, perLesion=False)
+    assert single.GetSegmentation().GetNumberOfSegments() == 1
+    assert single.GetSegmentation().GetNthSegment(0).GetName() == "Anomaly"
+    # voxel count of the single segment == voxels above the threshold
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(single.GetSegmentation().GetNthSegmentID(0))
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+        single, ids, labelmap, outputs.scoreVolume
+    )
+    exported = slicer.util.arrayFromVolume(labelmap) > 0
+    np.testing.assert_array_equal(exported, score > 5.0)
+    for node in (per_lesion, single, labelmap):
+        scene.RemoveNode(node)
+
+
+def test_segment_input_streams_the_heatmap_while_running(hcc_scene, tiny_checkpoint, tmp_path):
+    """Non-blocking run from a segmentation: partial heatmaps appear in the score node
+    before the worker finishes, and the final score equals the labelmap run's inputs."""
+    scene, ct, _, segmentation, segment_id = hcc_scene
+    logic = DetectionLogic(scene, tempRoot=str(tmp_path))
+    logic.streamEvery = 0.5
+    seen: list[tuple[str, float]] = []
+    job = None
+
+    def on_event(event: dict) -> None:
+        if event["event"] == "partial":
+            node = job._scoreNode
+            seen.append((node.GetID(), float(np.abs(slicer.util.arrayFromVolume(node)).sum())))
+
+    settings = DetectionSettings(checkpoint=str(tiny_checkpoint), **QUICK)
+    job = logic.process(
+        ct, segmentation, segment_id, settings=settings, wait=False, onEvent=on_event
+    )
+    assert job.running
+    while job.poll():
+        time.sleep(0.05)
+    assert job.state == "completed", job.error
+    assert len(seen) >= 2, "expected streamed partial heatmaps"
+    sums = [s for _, s in seen]
+    assert sums == sorted(sums) and sums[0] > 0  # the heatmap fills in
+    assert {i for i, _ in seen} == {job.outputs.scoreVolume.GetID()}
+    final = np.abs(slicer.util.arrayFromVolume(job.outputs.scoreVolume)).sum()
+    assert final >= sums[-1]
+
+
+def _launcher(tmp_path: Path) -> str:
+    """Like ``PythonSlicer``: a launcher process that runs the real interpreter as a child."""
+    script = tmp_path / "PythonLauncher"
+    script.write_text(f'#!/bin/sh\n"{sys.executable}" "$@"\nexit $?\n')
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="process-tree check reads /proc")
+def test_cancel_kills_the_tree_and_leaves_the_scene_as_before(hcc_scene, tiny_checkpoint, tmp_path):
+    scene, ct, labelmap, _, _ = hcc_scene
+    temp_root = tmp_path / "temp"
+    temp_root.mkdir()
+    logic = DetectionLogic(scene, python=_launcher(tmp_path), tempRoot=str(temp_root))
+    logic.streamEvery = 0.0
+    state, digest = _scene_state(scene), _digest(ct)
+    settings = DetectionSettings(checkpoint=str(tiny_checkpoint), **{**QUICK, "steps": 40})
+    job = logic.process(ct, labelmap, labelValue=0, settings=settings, wait=False)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (job._scoreNode is None or job.progress is None):
+        assert job.poll(), job.error
+        time.sleep(0.05)
+    assert job._scoreNode is not None, "no streamed score before cancelling"
+    members = group_members(job.worker.pid)
+    assert len(members) >= 2, "expected the launcher and its python child"
+    job.cancel()
+    assert job.state == "cancelled" and not job.poll()
+    assert all(not Path(f"/proc/{pid}").exists() or _zombie(pid) for pid in members)
+    assert group_members(job.worker.pid) == []
+    assert list(temp_root.iterdir()) == []
+    assert _scene_state(scene) == state
+    assert _digest(ct) == digest
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] == "Z"
+
+
+def test_worker_failure_gives_the_error_and_changes_nothing(hcc_scene, tmp_path):
+    scene, ct, labelmap, _, _ = hcc_scene
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    logic = DetectionLogic(scene, tempRoot=str(tmp_path))
+    state = _scene_state(scene)
+    settings = DetectionSettings(checkpoint=str(bad), **QUICK)
+    with pytest.raises(GDPIError) as error:
+        logic.process(ct, labelmap, labelValue=0, settings=settings)
+    assert "exit status 2" in str(error.value) and "broken.safetensors" in str(error.value)
+    assert _scene_state(scene) == state
+    assert [p.name for p in tmp_path.iterdir()] == ["broken.safetensors"]
+
+
+def test_input_problems_are_reported_before_running(hcc_scene):
+    scene, ct, labelmap, segmentation, segment_id = hcc_scene
+    logic = DetectionLogic(scene)
+    assert logic.inputProblem(None, labelmap) == "Select a CT volume."
+    assert "Select the liver" in logic.inputProblem(ct, None)
+    assert "segment" in logic.inputProblem(ct, segmentation, None)
+    assert logic.inputProblem(ct, segmentation, segment_id) is None
+    assert logic.inputProblem(ct, labelmap, labelValue=0) is None
+    assert logic.inputProblem(ct, labelmap, labelValue=1) is None
+    assert "no voxel with label 5" in logic.inputProblem(ct, labelmap, labelValue=5)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    labelmap.SetAndObserveTransformNodeID(transform.GetID())
+    try:
+        assert "different transforms" in logic.inputProblem(ct, labelmap, labelValue=0)
+    finally:
+        labelmap.SetAndObserveTransformNodeID(None)
+        scene.RemoveNode(transform)
+    with pytest.raises(GDPIError, match="Select a CT"):
+        logic.process(None, labelmap)
+
+
+def test_process_folder_continues_past_a_broken_case(tiny_checkpoint, tmp_path):
+    cases = tmp_path / "cases"
+    for name in ("a_good", "b_broken"):
+        (cases / name).mkdir(parents=True)
+    shutil.copy(shared("ts_small", "ct.nii.gz"), cases / "a_good" / "ct.nii.gz")
+    shutil.copy(shared("ts_small", "totalseg.nii.gz"), cases / "a_good" / "seg.nii.gz")
+    (cases / "b_broken" / "ct.nii.gz").write_bytes(b"truncated")
+    shutil.copy(shared("ts_small", "totalseg.nii.gz"), cases / "b_broken" / "seg.nii.gz")
+    logic = DetectionLogic(slicer.vtkMRMLScene(), tempRoot=str(tmp_path))
+    events: list[dict] = []
+    settings = DetectionSettings(checkpoint=str(tiny_checkpoint), **QUICK)
+    rows = logic.processFolder(
+        cases, tmp_path / "out", settings=settings, liverLabel=5, onEvent=events.append
+    )
+    assert [(r["case"], r["status"]) for r in rows] == [("a_good", "ok"), ("b_broken", "error")]
+    assert "ct.nii.gz" in rows[1]["error"]
+    assert (tmp_path / "out" / "a_good" / "score.nrrd").is_file()
+    assert not (tmp_path / "out" / "b_broken").exists()
+    with open(tmp_path / "out" / "summary.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 2
+    assert [e["case"] for e in events if e["event"] == "case"] == ["a_good", "b_broken"]
+    with pytest.raises(GDPIError, match="no cases found"):
+        logic.processFolder(tmp_path / "out" / "a_good", tmp_path / "out2", settings=settings)
