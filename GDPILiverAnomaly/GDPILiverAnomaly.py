@@ -135,7 +135,7 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.thresholdSliderWidget.connect("valueChanged(double)", self.onThresholdChanged)
         self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.createSegmentationButton.connect("clicked(bool)", self.onCreateSegmentation)
-        self.ui.lesionTableView.connect("selectionChanged()", self.onLesionSelected)
+        self.ui.lesionTableView.connect("clicked(QModelIndex)", self.onLesionClicked)
         self.ui.resultScoreSelector.connect(
             "currentNodeChanged(vtkMRMLNode*)", self.onResultChanged
         )
@@ -243,8 +243,7 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.detectButton.enabled = True
         else:
             self.ui.detectButton.text = _("Detect")
-            liverNode, segmentId, labelValue = self._liverInputs()
-            problem = self.logic.inputProblem(p.inputVolume, liverNode, segmentId, labelValue)
+            problem = self._inputProblem()
             self.ui.detectButton.enabled = problem is None
             self.ui.detectButton.toolTip = problem or _("Detect anomalies in the liver.")
         for widget in (self.ui.inputsCollapsibleButton, self.ui.modelCollapsibleButton):
@@ -252,6 +251,20 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasResult = p.scoreVolume is not None
         self.ui.createSegmentationButton.enabled = hasResult and not running
         self.ui.lesionTableView.setMRMLTableNode(p.lesionTable)
+
+    def _inputProblem(self):
+        """The logic's input check, cached until an input node or choice changes (it scans
+        the labelmap, too slow to repeat on every slider move)."""
+        p = self._parameterNode
+        liverNode, segmentId, labelValue = self._liverInputs()
+        key = tuple(
+            (node.GetID(), node.GetMTime()) if node is not None else None
+            for node in (p.inputVolume, liverNode)
+        ) + (segmentId, labelValue)
+        if getattr(self, "_problemKey", None) != key:
+            self._problemKey = key
+            self._problem = self.logic.inputProblem(p.inputVolume, liverNode, segmentId, labelValue)
+        return self._problem
 
     def _settings(self) -> DetectionSettings:
         p = self._parameterNode
@@ -420,11 +433,10 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
         self.ui.statusLabel.text = _("Created {name}").format(name=segmentation.GetName())
 
-    def onLesionSelected(self) -> None:
+    def onLesionClicked(self, index) -> None:
         p = self._parameterNode
-        rows = {index.row() for index in self.ui.lesionTableView.selectedIndexes()}
-        if p is not None and p.lesionTable is not None and len(rows) == 1:
-            self.logic.jumpToLesion(p.lesionTable, rows.pop())
+        if p is not None and p.lesionTable is not None and index.isValid():
+            self.logic.jumpToLesion(p.lesionTable, index.row())
 
 
 #
