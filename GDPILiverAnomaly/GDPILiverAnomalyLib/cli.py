@@ -1,4 +1,4 @@
-"""``gdpi`` command line: ``gdpi detect`` and ``gdpi init-model``.
+"""``gdpi`` command line: detect, demo, init-model, prepare, train, evaluate, synth-tumours.
 
 Exit codes: 0 success; 2 bad input, parameter, checkpoint or output folder (one-line
 ``gdpi: error: ...`` on stderr, nothing written); 3 folder mode with at least one
@@ -164,10 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--liver-label", type=int, help="liver label (default: 1 and 2 as LiTS)")
     p.add_argument("--tumour-label", type=int, help="tumour label (default 2)")
     p.add_argument(
+        "--ignore-label",
+        type=int,
+        help="label counted as liver whose slices are left out (synth-tumours writes 3)",
+    )
+    p.add_argument(
         "--val-fraction", type=float, default=0.1, help="fraction of cases for validation"
     )
     p.add_argument(
-        "--test-cases", default="", help="comma-separated case names held out for testing"
+        "--test-cases",
+        default="",
+        help="comma-separated case names held out for testing ('*' = every case)",
     )
     p.add_argument(
         "--min-liver-mm2", type=float, default=1000.0, help="minimum liver area of a slice (mm^2)"
@@ -190,10 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--out", required=True, help="run folder (model.safetensors, state.pt, log.csv, ...)"
     )
+    t.add_argument(
+        "--model",
+        choices=("ddpm", "ae", "vae", "dae"),
+        default="ddpm",
+        help="ddpm: the GDPI diffusion prior (default); ae, vae, dae: the paper's baselines",
+    )
     t.add_argument("--size", choices=sorted(MODEL_SIZES), default="tiny")
     t.add_argument("--steps", type=_positive_int, default=10_000)
     t.add_argument("--batch-size", type=_positive_int, default=16, help="global batch size")
-    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--lr", type=float, help="learning rate (default 1e-4; 1e-3 for ae and vae)")
     t.add_argument("--ema-decay", type=float, default=0.999)
     t.add_argument("--schedule", choices=("linear", "cosine"), default="linear")
     t.add_argument("--fixed-variance", action="store_true", help="no learned sigma (L_simple only)")
@@ -207,6 +220,75 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto")
     t.add_argument("--bf16", action="store_true")
     t.add_argument("--no-progress", action="store_true")
+    e = sub.add_parser(
+        "evaluate",
+        help="the paper's protocol: GDPI variants and baselines on a prepared test set",
+        description="Pixel AUROC/AP/best Dice (liver and whole-slice pooling), lesion "
+        "detection, slice AUROC and normal-image bias; writes results.md, results.json, "
+        "ROC/PR curves and qualitative panels (see Training/README.md).",
+    )
+    e.add_argument("--data", required=True, help="slice store made by gdpi prepare")
+    e.add_argument("--out", required=True, help="report folder to create")
+    e.add_argument(
+        "--method",
+        action="append",
+        required=True,
+        metavar="NAME[=CHECKPOINT]",
+        help="gdpi, gdpi-wrd, gdpi-wr, gdpi-wd, gdpi-two-sided, gdpi-fast, gdpi-paper, "
+        "gdpi-memory-bank, ae=PATH, vae=PATH, dae=PATH, darkness (repeat the option)",
+    )
+    e.add_argument("--checkpoint", help="diffusion checkpoint of the GDPI methods")
+    e.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="GDPI base preset")
+    e.add_argument(
+        "--abnormal-split", default="test", help="split of the abnormal slices (or 'any')"
+    )
+    e.add_argument(
+        "--healthy-split", default="test", help="split of the healthy slices ('any', 'none')"
+    )
+    e.add_argument(
+        "--max-slices", type=_positive_int, help="at most N abnormal and N healthy slices"
+    )
+    e.add_argument("--offset-hu", type=float, help="AME offset (HU; default from the preset)")
+    e.add_argument("--steps", type=_positive_int, help="override the preset's respaced steps")
+    e.add_argument("--jump-length", type=_positive_int, help="override the RePaint jump length")
+    e.add_argument("--jump-n-sample", type=_positive_int, help="override the resamplings")
+    e.add_argument("--batch-size", type=_positive_int, help="slices inpainted together")
+    e.add_argument("--bank", help="memory-bank store (default: --data's healthy train slices)")
+    e.add_argument(
+        "--bank-level",
+        type=float,
+        default=0.5,
+        help="memory bank: start level as a fraction of the respaced steps (default 0.5)",
+    )
+    e.add_argument("--panels", type=int, default=4, help="qualitative panels (default 4)")
+    e.add_argument("--title", default="", help="report title")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--seed", type=int, default=0)
+
+    st = sub.add_parser(
+        "synth-tumours",
+        help="add synthetic tumours (Hu et al. 2023 style) to a real CT with a liver mask",
+        description="Writes ct.nii.gz, seg.nii.gz (1 liver, 2 synthetic tumour, 3 source "
+        "tumour) and tumours.json into --out; deterministic for a seed.",
+    )
+    st.add_argument("--ct", required=True, help="CT volume (HU)")
+    st.add_argument("--seg", required=True, help="label map with the liver (and tumours)")
+    st.add_argument("--out", required=True, type=Path, help="case folder to create")
+    st.add_argument("--variant", choices=("hu2023", "subtle", "bright", "small"), default="hu2023")
+    st.add_argument("--count", type=_positive_int, default=3, help="tumours to add")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument(
+        "--liver-label",
+        type=int,
+        action="append",
+        help="liver label(s) (default: every nonzero label)",
+    )
+    st.add_argument(
+        "--source-tumour-label",
+        type=int,
+        default=2,
+        help="label of real tumours to keep clear of (default 2; 0 = none)",
+    )
     return parser
 
 
@@ -260,6 +342,7 @@ def _prepare(args: argparse.Namespace) -> int:
         seed=args.seed,
         synthetic_cases=args.synthetic_cases,
         synthetic_lesions=args.synthetic_lesions,
+        ignore_label=args.ignore_label,
         log=lambda m: print(m, file=sys.stderr),
     )
     print_summary(summary)
@@ -273,10 +356,11 @@ def _train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         data=args.data,
         out=args.out,
+        model=args.model,
         size=args.size,
         steps=args.steps,
         batch_size=args.batch_size,
-        lr=args.lr,
+        lr=args.lr if args.lr is not None else (1e-3 if args.model in ("ae", "vae") else 1e-4),
         ema_decay=args.ema_decay,
         schedule=args.schedule,
         learn_sigma=not args.fixed_variance,
@@ -292,6 +376,58 @@ def _train(args: argparse.Namespace) -> int:
     path = train(config)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {path}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from GDPITraining.evaluate import EvaluateConfig, evaluate
+
+    config = EvaluateConfig(
+        store=args.data,
+        out=args.out,
+        methods=args.method,
+        checkpoint=args.checkpoint,
+        preset=args.preset,
+        abnormal_split=args.abnormal_split,
+        healthy_split=args.healthy_split,
+        max_slices=args.max_slices,
+        device=args.device,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        offset_hu=args.offset_hu,
+        steps=args.steps,
+        jump_length=args.jump_length,
+        jump_n_sample=args.jump_n_sample,
+        bank=args.bank,
+        bank_level=args.bank_level,
+        panels=args.panels,
+        title=args.title,
+    )
+    evaluate(config, log=lambda m: print(m, file=sys.stderr))
+    print(Path(args.out, "results.md").read_text())
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _synth_tumours(args: argparse.Namespace) -> int:
+    from GDPITraining.tumours import write_synthetic_case
+
+    info = write_synthetic_case(
+        args.ct,
+        args.seg,
+        args.out,
+        args.variant,
+        args.count,
+        args.seed,
+        tuple(args.liver_label) if args.liver_label else None,
+        args.source_tumour_label or None,
+    )
+    for t in info["tumours"]:
+        print(
+            f"tumour at k,j,i {t['centre_kji']}: {t['volume_ml']} mL, "
+            f"darkening {t['darkening_hu']} HU"
+        )
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -516,6 +652,10 @@ def main(argv: list[str] | None = None) -> int:
             return _prepare(args)
         if args.command == "train":
             return _train(args)
+        if args.command == "evaluate":
+            return _evaluate(args)
+        if args.command == "synth-tumours":
+            return _synth_tumours(args)
         return _init_model(args)
     except GDPIError as exc:
         if getattr(args, "progress", None) == "json":

@@ -33,3 +33,79 @@ def pixel_metrics(score: np.ndarray, truth: np.ndarray, region: np.ndarray | Non
         "pixels": int(t.size),
         "positives": int(t.sum()),
     }
+
+
+def curves(score: np.ndarray, truth: np.ndarray, points: int = 200) -> dict:
+    """ROC (fpr, tpr) and precision-recall curves, each thinned to about ``points`` points."""
+    from sklearn.metrics import roc_curve
+
+    s = np.asarray(score, dtype=np.float64).ravel()
+    t = np.asarray(truth).ravel() > 0
+    fpr, tpr, _ = roc_curve(t, s)
+    precision, recall, _ = precision_recall_curve(t, s)
+
+    def thin(*arrays: np.ndarray) -> list[list[float]]:
+        keep = np.unique(np.linspace(0, len(arrays[0]) - 1, points).round().astype(int))
+        return [np.round(a[keep], 5).tolist() for a in arrays]
+
+    fpr_t, tpr_t = thin(fpr, tpr)
+    rec_t, prec_t = thin(recall, precision)
+    return {"fpr": fpr_t, "tpr": tpr_t, "recall": rec_t, "precision": prec_t}
+
+
+def lesion_detection(
+    score: np.ndarray,
+    truth: np.ndarray,
+    groups: list[tuple[str, int]],
+    threshold: float,
+) -> dict:
+    """Per-lesion detection rate of ``score >= threshold`` on a stack of slices ``[N, H, W]``.
+
+    ``groups[i] = (case, slice number)``: slices of one case with consecutive numbers are
+    stacked, and a lesion is a 3-D connected component (26-connectivity) of ``truth``
+    there. A lesion is found when any of its pixels scores at or above ``threshold``.
+    """
+    from scipy import ndimage
+
+    truth = np.asarray(truth) > 0
+    hit = np.asarray(score) >= threshold
+    by_case: dict[str, list[int]] = {}
+    for i, (case, _) in enumerate(groups):
+        by_case.setdefault(case, []).append(i)
+    found, sizes = [], []
+    for rows in by_case.values():
+        rows = sorted(rows, key=lambda i: groups[i][1])
+        # runs of consecutive slice numbers form one volume
+        runs, current = [], [rows[0]]
+        for a, b in zip(rows, rows[1:], strict=False):
+            if groups[b][1] == groups[a][1] + 1:
+                current.append(b)
+            else:
+                runs.append(current)
+                current = [b]
+        runs.append(current)
+        for run in runs:
+            labels, n = ndimage.label(truth[run], structure=np.ones((3, 3, 3), bool))
+            if n == 0:
+                continue
+            ids = np.arange(1, n + 1)
+            sizes.extend(ndimage.sum(np.ones_like(labels), labels, ids).astype(int).tolist())
+            found.extend(
+                ndimage.maximum(hit[run].astype(np.uint8), labels, ids).astype(bool).tolist()
+            )
+    total = len(found)
+    return {
+        "lesions": total,
+        "found": int(sum(found)),
+        "rate": float(np.mean(found)) if total else None,
+        "lesion_pixels": sizes,
+        "found_each": [bool(f) for f in found],
+    }
+
+
+def slice_auroc(slice_scores: np.ndarray, abnormal: np.ndarray) -> float | None:
+    """AUROC of per-slice scores for abnormal (1) vs healthy (0) slices; None without both."""
+    labels = np.asarray(abnormal) > 0
+    if labels.all() or not labels.any():
+        return None
+    return float(roc_auc_score(labels, np.asarray(slice_scores, dtype=np.float64)))

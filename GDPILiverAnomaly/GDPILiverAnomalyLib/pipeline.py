@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -173,19 +173,8 @@ def detect(
     batches = [work[i : i + batch_size] for i in range(0, len(work), batch_size)]
     t_prepare = time.perf_counter() - start
 
-    diffusion = GaussianDiffusion.from_config(checkpoint.diffusion, params.steps)
     nfe_batch = params.nfe_per_batch()
     nfe_total = nfe_batch * len(batches)
-    model = checkpoint.model.to(device).eval()
-    use_bf16 = params.bf16 and device.type == "cuda"
-
-    def network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-        with ctx:
-            return model(x, t).float()
-
-    intensity = checkpoint.intensity
-    diff_grid = np.zeros_like(ct_grid)
     done = {"nfe": 0, "slices": len(liver_slices) - len(work)}
     t0 = time.perf_counter()
 
@@ -208,6 +197,7 @@ def detect(
 
     inside = case.liver > 0
     finished: list[int] = []
+    diff_grid = np.zeros_like(ct_grid)
 
     def partial_score() -> np.ndarray:
         grid = np.abs(diff_grid[finished]) if params.two_sided else diff_grid[finished]
@@ -219,33 +209,32 @@ def detect(
         return case.to_original(volume)
 
     last_partial = time.perf_counter()
-    report()
-    for number, batch in enumerate(batches, start=1):
-        hu = torch.from_numpy(ct_grid[batch][:, None]).to(device)
-        image = intensity.normalize(hu)
-        mask = torch.from_numpy(cand_grid[batch][:, None]).to(device)
-        noise = SliceNoise([params.seed * 1_000_003 + int(liver_slices[i]) for i in batch], device)
-        x0, nfe = repaint(
-            network,
-            diffusion,
-            image,
-            mask,
-            params.jump_length,
-            params.jump_n_sample,
-            noise,
-            progress=lambda n, _total: report(n),
-            should_cancel=should_cancel,
-        )
-        diff_grid[batch] = ((x0 - image)[:, 0] * intensity.hu_per_unit).cpu().numpy()
+
+    def after_batch(number: int, batch: list[int], nfe: int) -> None:
+        nonlocal last_partial
         done["nfe"] += nfe
         done["slices"] += len(batch)
         finished.extend(batch)
         report()
-        now = time.perf_counter()
         if on_partial is not None and number < len(batches):
-            if now - last_partial >= partial_interval_s:
+            if time.perf_counter() - last_partial >= partial_interval_s:
                 on_partial(partial_score())
                 last_partial = time.perf_counter()
+
+    report()
+    inpaint_grid(
+        ct_grid,
+        cand_grid,
+        checkpoint,
+        params,
+        device,
+        batches,
+        [params.seed * 1_000_003 + int(k) for k in liver_slices],
+        out=diff_grid,
+        on_progress=report,
+        on_batch=after_batch,
+        should_cancel=should_cancel,
+    )
     if should_cancel is not None and should_cancel():
         raise Cancelled()
     t_inpaint = time.perf_counter() - t0
@@ -269,7 +258,7 @@ def detect(
 
     stats = {
         "device": str(device),
-        "bf16": use_bf16,
+        "bf16": params.bf16 and device.type == "cuda",
         "slices_total": int(n_z),
         "slices_with_liver": len(liver_slices),
         "slices_inpainted": len(work),
@@ -295,6 +284,69 @@ def detect(
         lesions,
         stats,
     )
+
+
+def inpaint_grid(
+    ct_grid: np.ndarray,
+    inpaint_mask: np.ndarray,
+    checkpoint: Checkpoint,
+    params: DetectionParams,
+    device: torch.device,
+    batches: list[list[int]],
+    seeds: Sequence[int],
+    out: np.ndarray | None = None,
+    prompts: np.ndarray | None = None,
+    prompt_level: int | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    on_batch: Callable[[int, list[int], int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> np.ndarray:
+    """RePaint slices already on the model grid; return ``inpainted - input`` in HU.
+
+    ``ct_grid`` is ``[N, n, n]`` HU, ``inpaint_mask`` ``[N, n, n]`` (1 = re-paint).
+    Only the slices listed in ``batches`` are processed (the others keep 0 in the
+    result); slice ``i`` draws its noise from ``seeds[i]`` whatever its batch.
+    ``prompts`` (HU, like ``ct_grid``) with ``prompt_level`` start each slice from its
+    prompt noised to that respaced level (see :func:`repaint`). ``on_progress(nfe)``
+    is called during a batch, ``on_batch(number, batch, nfe)`` after it.
+    This is the one inpainting code path of ``gdpi detect`` and ``gdpi evaluate``.
+    """
+    diffusion = GaussianDiffusion.from_config(checkpoint.diffusion, params.steps)
+    model = checkpoint.model.to(device).eval()
+    use_bf16 = params.bf16 and device.type == "cuda"
+
+    def network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+        with ctx:
+            return model(x, t).float()
+
+    intensity = checkpoint.intensity
+    diff = np.zeros_like(ct_grid, dtype=np.float32) if out is None else out
+    for number, batch in enumerate(batches, start=1):
+        hu = torch.from_numpy(np.ascontiguousarray(ct_grid[batch], np.float32)[:, None])
+        image = intensity.normalize(hu.to(device))
+        mask = torch.from_numpy(np.ascontiguousarray(inpaint_mask[batch])[:, None]).to(device)
+        noise = SliceNoise([seeds[i] for i in batch], device)
+        start = None
+        if prompts is not None and prompt_level is not None:
+            prompt = torch.from_numpy(np.ascontiguousarray(prompts[batch], np.float32)[:, None])
+            start = (intensity.normalize(prompt.to(device)), prompt_level)
+        x0, nfe = repaint(
+            network,
+            diffusion,
+            image,
+            mask,
+            params.jump_length,
+            params.jump_n_sample,
+            noise,
+            progress=None if on_progress is None else (lambda n, _total: on_progress(n)),
+            should_cancel=should_cancel,
+            start=start,
+        )
+        diff[batch] = ((x0 - image)[:, 0] * intensity.hu_per_unit).cpu().numpy()
+        if on_batch is not None:
+            on_batch(number, batch, nfe)
+    return diff
 
 
 def _liver_outside_grid(mapping: PlaneMapping, liver: np.ndarray) -> int:

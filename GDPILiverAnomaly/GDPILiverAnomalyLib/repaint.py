@@ -85,6 +85,7 @@ def repaint(
     noise: SliceNoise | None = None,
     progress: ProgressFn | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    start: tuple[torch.Tensor, int] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Re-paint the masked region of ``image``; return ``(x0, network evaluations)``.
 
@@ -93,6 +94,11 @@ def repaint(
     known region of the returned image equals ``image`` exactly. The model is any
     callable ``model(x_t, t_original)`` returning C (fixed variance) or 2C (learned
     variance) channels.
+
+    ``start = (prompt, level)`` begins the walk at its first visit of respaced ``level``
+    from ``prompt`` (model units, shaped like ``image``) noised to that level, instead of
+    pure noise at the top (SDEdit-style; used by the memory-bank prompt). The known
+    region is handled as usual; network evaluations drop to those below ``level``.
     """
     if image.ndim != 4 or inpaint_mask.ndim != 4 or inpaint_mask.shape[0] != image.shape[0]:
         raise ParameterError("image must be [N, C, H, W] and the mask [N, 1 or C, H, W]")
@@ -100,8 +106,15 @@ def repaint(
     unknown = inpaint_mask.to(image.dtype).expand_as(image)
     known = 1.0 - unknown
     walk = get_schedule_jump(diffusion.num_timesteps, jump_length, jump_n_sample)
-    total, _ = schedule_counts(diffusion.num_timesteps, jump_length, jump_n_sample)
-    x = noise.like(image)
+    if start is None:
+        x = noise.like(image)
+    else:
+        prompt, level = start
+        if not 0 <= level < diffusion.num_timesteps or prompt.shape != image.shape:
+            raise ParameterError("start needs a prompt shaped like the image and a valid level")
+        walk = walk[walk.index(level) :]
+        x = diffusion.q_sample(prompt, level, noise.like(image))
+    total = sum(1 for a, b in pairwise(walk) if b < a)
     nfe = 0
     for t_last, t_cur in pairwise(walk):
         if should_cancel is not None and should_cancel():

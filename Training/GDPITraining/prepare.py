@@ -53,6 +53,7 @@ class CaseData:
     liver: np.ndarray  # uint8 on the CT grid
     tumour: np.ndarray  # uint8 on the CT grid
     sources: dict
+    ignore: np.ndarray | None = None  # uint8 on the CT grid: slices touching it are dropped
 
 
 def _labels_on_ct(path: Path, ct: sitk.Image, labels: tuple[int, ...] | None) -> np.ndarray:
@@ -70,14 +71,18 @@ def _label_map_case(
     liver_label: int | None = None,
     tumour_label: int | None = None,
     tumour_path: Path | None = None,
+    ignore_label: int | None = None,
 ) -> CaseData:
     ct = read_ct(ct_path)
+    ignore = _labels_on_ct(seg_path, ct, (ignore_label,)) if ignore_label is not None else None
     if tumour_path is not None:
         tumour = _labels_on_ct(tumour_path, ct, None if tumour_label is None else (tumour_label,))
     else:
         tumour = _labels_on_ct(seg_path, ct, (2 if tumour_label is None else tumour_label,))
     liver_labels = (1, 2) if liver_label is None else (liver_label,)
     liver = _labels_on_ct(seg_path, ct, liver_labels) | tumour
+    if ignore is not None:
+        liver |= ignore
     if not liver.any():
         raise InputError(f"{seg_path}: no liver voxels")
     return CaseData(
@@ -86,6 +91,7 @@ def _label_map_case(
         liver,
         tumour,
         {"ct": str(ct_path), "liver": str(seg_path), "tumour": str(tumour_path or seg_path)},
+        ignore,
     )
 
 
@@ -97,10 +103,15 @@ def iter_cases(
     synthetic_cases: int = 0,
     synthetic_lesions: bool = False,
     seed: int = 0,
+    ignore_label: int | None = None,
 ) -> Iterator[CaseData | tuple[str, Exception]]:
-    """Cases of a dataset layout; a case that cannot be read yields ``(name, error)``."""
+    """Cases of a dataset layout; a case that cannot be read yields ``(name, error)``.
+
+    ``ignore_label`` (label-map layouts): voxels with that label count as liver, and
+    every slice that holds one is left out (e.g. real tumours in a synthetic-tumour set).
+    """
     jobs = []  # (case name, loader)
-    labels = dict(liver_label=liver_label, tumour_label=tumour_label)
+    labels = dict(liver_label=liver_label, tumour_label=tumour_label, ignore_label=ignore_label)
     if layout == "synthetic":
         for i in range(seed, seed + synthetic_cases):
             jobs.append((f"synthetic-{i:04d}", partial(_synthetic, i, synthetic_lesions)))
@@ -232,7 +243,13 @@ def slices_of_case(
     sy, sx = oriented.spacing_yx
     sz = oriented.ct_lps.GetSpacing()[2]
     area = oriented.liver.sum(axis=(1, 2)) * sy * sx
-    keep = np.flatnonzero(area >= min_liver_mm2)
+    usable = area >= min_liver_mm2
+    if case.ignore is not None:
+        ignore = sitk.GetArrayFromImage(
+            to_lps(array_on_grid(case.ignore.astype(np.uint8), case.ct))
+        )
+        usable &= ~ignore.any(axis=(1, 2))
+    keep = np.flatnonzero(usable)
     if not len(keep):
         return None
     mapping = PlaneMapping.for_volume(grid, oriented.ct.shape[1:], (sy, sx), oriented.liver)
@@ -271,13 +288,23 @@ def prepare(
     seed: int = 0,
     synthetic_cases: int = 0,
     synthetic_lesions: bool = False,
+    ignore_label: int | None = None,
     log=print,
 ) -> dict:
-    """Make a slice store; return its summary (also in ``store.json``)."""
+    """Make a slice store; return its summary (also in ``store.json``).
+
+    ``test_cases`` holds case names, or ``*`` for every case."""
     writer = StoreWriter(out, grid.size)
     per_case, failed = [], []
     for item in iter_cases(
-        layout, source, liver_label, tumour_label, synthetic_cases, synthetic_lesions, seed
+        layout,
+        source,
+        liver_label,
+        tumour_label,
+        synthetic_cases,
+        synthetic_lesions,
+        seed,
+        ignore_label,
     ):
         if isinstance(item, tuple):
             failed.append({"case": item[0], "error": str(item[1])})
@@ -295,7 +322,9 @@ def prepare(
         )
     if not per_case:
         raise InputError("no usable case")
-    splits = assign_splits([c[0] for c in per_case], val_fraction, set(test_cases), seed)
+    names = [c[0] for c in per_case]
+    test = set(names) if "*" in test_cases else set(test_cases)
+    splits = assign_splits(names, val_fraction, test, seed)
     for name, images, liver, tumour, rows in per_case:
         for r in rows:
             r["split"] = splits[name]
@@ -316,6 +345,7 @@ def prepare(
         "seed": seed,
         "val_fraction": val_fraction,
         "min_liver_mm2": min_liver_mm2,
+        "ignore_label": ignore_label,
         "cases": {
             s: sorted(n for n, v in splits.items() if v == s) for s in ("train", "val", "test")
         },

@@ -36,6 +36,7 @@ from GDPILiverAnomalyLib.errors import ParameterError
 from GDPILiverAnomalyLib.grid import InputGrid
 from GDPILiverAnomalyLib.unet import MODEL_SIZES, UNet, UNetConfig
 
+from .baselines import KINDS as BASELINE_KINDS
 from .store import SliceStore
 
 STATE_VERSION = 1
@@ -45,7 +46,8 @@ STATE_VERSION = 1
 class TrainConfig:
     data: str
     out: str
-    size: str = "tiny"  # a MODEL_SIZES name
+    model: str = "ddpm"  # ddpm (the GDPI prior) or a baseline: ae, vae, dae
+    size: str = "tiny"  # a MODEL_SIZES name (ddpm)
     steps: int = 10_000
     batch_size: int = 16  # global, split across processes
     lr: float = 1e-4
@@ -68,6 +70,10 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
+        if self.model not in ("ddpm", *BASELINE_KINDS):
+            raise ParameterError(
+                f"unknown model {self.model!r} (ddpm, {', '.join(BASELINE_KINDS)})"
+            )
         if self.size not in MODEL_SIZES:
             raise ParameterError(f"unknown model size {self.size!r} ({', '.join(MODEL_SIZES)})")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or not 0 <= self.ema_decay < 1:
@@ -176,6 +182,10 @@ def train(config: TrainConfig) -> Path:
     """Train (or resume) and return the path of the EMA checkpoint."""
     config.validate()
     config.data = str(Path(config.data).resolve())
+    if config.model != "ddpm":
+        from .train_baseline import train_baseline
+
+        return train_baseline(config)
     rank, world, local_rank = _distributed()
     device = _device(config.device, local_rank)
     if device.type == "cuda":
@@ -214,6 +224,7 @@ def train(config: TrainConfig) -> Path:
         state = load_state(state_path)
         saved = TrainConfig(**state["config"])
         for key in (
+            "model",
             "size",
             "batch_size",
             "schedule",

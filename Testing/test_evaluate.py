@@ -1,0 +1,330 @@
+"""Evaluation: metrics with known answers, the baselines, the synthetic tumour generator,
+the memory bank and ``gdpi evaluate`` end to end on a tiny generated test set."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import shared
+from GDPILiverAnomalyLib.diffusion import DiffusionConfig, GaussianDiffusion
+from GDPILiverAnomalyLib.errors import ParameterError
+from GDPILiverAnomalyLib.grid import InputGrid
+from GDPILiverAnomalyLib.metrics import lesion_detection, pixel_metrics, slice_auroc
+from GDPILiverAnomalyLib.repaint import SliceNoise, repaint, schedule_counts
+from GDPILiverAnomalyLib.synthetic import synthetic_case
+from GDPITraining.baselines import load_baseline
+from GDPITraining.evaluate import EvaluateConfig, MethodSpec, evaluate, memory_bank_prompts
+from GDPITraining.prepare import prepare
+from GDPITraining.store import SliceStore
+from GDPITraining.train import TrainConfig, train
+from GDPITraining.tumours import add_tumours
+
+GDPI = [sys.executable, "-m", "GDPILiverAnomalyLib"]
+GRID = InputGrid(32, 7.0)
+
+
+# --- metrics ------------------------------------------------------------------------
+
+
+def _brute_force_best_f1(score, truth):
+    best = (-1.0, None)
+    for thr in np.unique(score):
+        pred = score >= thr
+        tp = np.sum(pred & truth)
+        f1 = 2 * tp / (pred.sum() + truth.sum())
+        if f1 > best[0]:
+            best = (f1, thr)
+    return best
+
+
+def test_perfect_and_inverted_maps_give_the_extreme_answers():
+    rng = np.random.default_rng(0)
+    truth = np.zeros((4, 16, 16), bool)
+    truth[1, 4:9, 5:10] = truth[3, 10:14, 2:6] = True
+    perfect = np.where(truth, 30.0, 0.0) + rng.uniform(0, 1, truth.shape)
+    m = pixel_metrics(perfect, truth)
+    assert m["auroc"] == 1.0 and m["ap"] == pytest.approx(1.0) and m["best_dice"] == 1.0
+    assert perfect[~truth].max() < m["threshold"] <= perfect[truth].min()
+    assert pixel_metrics(-perfect, truth)["auroc"] == 0.0
+
+
+def test_f1_optimal_threshold_is_exact():
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        truth = rng.uniform(size=500) < 0.2
+        score = rng.normal(size=500) + 1.2 * truth
+        m = pixel_metrics(score, truth)
+        f1, thr = _brute_force_best_f1(score, truth)
+        assert m["best_dice"] == pytest.approx(f1, abs=1e-12)
+        assert m["threshold"] == thr
+
+
+def test_region_restricts_the_pooled_pixels():
+    truth = np.zeros((8, 8), bool)
+    truth[2:4, 2:4] = True
+    score = truth * 10.0
+    score[6:, 6:] = 20.0  # a false alarm outside the region
+    region = np.zeros_like(truth)
+    region[:5, :5] = True
+    assert pixel_metrics(score, truth, region)["best_dice"] == 1.0
+    assert pixel_metrics(score, truth)["best_dice"] < 1.0
+    assert pixel_metrics(score, truth, region)["pixels"] == 25
+
+
+def test_lesion_detection_counts_3d_lesions_within_consecutive_slices():
+    truth = np.zeros((4, 10, 10), bool)
+    truth[0, 1:3, 1:3] = truth[1, 1:3, 1:3] = True  # one lesion on slices 5 and 6 of case a
+    truth[1, 7:9, 7:9] = True  # a second lesion of case a
+    truth[2, 1:3, 1:3] = True  # case a slice 9: not adjacent to 6, a third lesion
+    truth[3, 4:6, 4:6] = True  # case b
+    score = np.zeros(truth.shape)
+    score[1, 2, 2] = 5.0  # touches the first lesion (on its second slice)
+    score[3, 5, 5] = 5.0
+    groups = [("a", 5), ("a", 6), ("a", 9), ("b", 1)]
+    result = lesion_detection(score, truth, groups, threshold=5.0)
+    assert result["lesions"] == 4 and result["found"] == 2 and result["rate"] == 0.5
+    assert sorted(result["lesion_pixels"]) == [4, 4, 4, 8]
+    assert lesion_detection(score, truth, groups, threshold=5.1)["found"] == 0
+
+
+def test_slice_auroc():
+    assert slice_auroc(np.array([3, 4, 1, 2]), np.array([1, 1, 0, 0])) == 1.0
+    assert slice_auroc(np.array([1, 2, 3, 4]), np.array([1, 1, 0, 0])) == 0.0
+    assert slice_auroc(np.array([1, 2]), np.array([1, 1])) is None
+
+
+# --- repaint from a prompt (memory bank) ----------------------------------------------
+
+
+def test_repaint_from_a_prompt_starts_at_its_level_and_keeps_the_known_region():
+    torch.manual_seed(0)
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig(learn_sigma=False), 20)
+    calls = []
+
+    def model(x, t):
+        calls.append(int(t[0]))
+        return torch.zeros_like(x)
+
+    image = torch.rand(2, 1, 8, 8) * 2 - 1
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:5, 2:5] = 1
+    x0, nfe = repaint(
+        model, diffusion, image, mask, 5, 2, SliceNoise([1, 2]), start=(image.clone(), 9)
+    )
+    full, _ = schedule_counts(20, 5, 2)
+    assert nfe == len(calls) < full
+    level9 = int(diffusion.timestep_map[9])
+    assert calls[0] == level9  # the first denoising step is at the prompt's level
+    assert max(calls) <= int(diffusion.timestep_map[9 + 5])  # later jumps go up 5 at most
+    known = mask == 0
+    assert torch.equal(x0[known], image[known])
+    with pytest.raises(ParameterError):
+        repaint(model, diffusion, image, mask, 5, 2, start=(image[:1], 9))
+
+
+def test_memory_bank_picks_the_most_similar_healthy_slice_and_matches_its_level():
+    rng = np.random.default_rng(0)
+    bank = rng.normal(60, 30, (5, 16, 16)).astype(np.float32)
+    liver = np.zeros((5, 16, 16), np.uint8)
+    liver[:, 4:12, 4:12] = 1
+    test = bank[[3]] + 25.0  # slice 3 of the bank, 25 HU brighter
+    cand = np.zeros((1, 16, 16), np.uint8)
+    cand[0, 6:8, 6:8] = 1
+    prompts, chosen = memory_bank_prompts(test, liver[[0]], cand, bank)
+    assert chosen.tolist() == [3]
+    np.testing.assert_allclose(prompts[0], bank[3] + 25.0, atol=1e-3)
+
+
+# --- synthetic tumours ------------------------------------------------------------------
+
+
+def test_synthetic_tumours_are_deterministic_and_change_only_liver_voxels():
+    case = synthetic_case(3, n_slices=12, size=96, pixel_mm=2.0, slice_mm=3.0, n_lesions=0)
+    ct = case.ct.copy()
+    before = ct.copy()
+    a = add_tumours(ct, case.liver, (3.0, 2.0, 2.0), "hu2023", count=3, seed=5)
+    b = add_tumours(ct, case.liver, (3.0, 2.0, 2.0), "hu2023", count=3, seed=5)
+    c = add_tumours(ct, case.liver, (3.0, 2.0, 2.0), "hu2023", count=3, seed=6)
+    np.testing.assert_array_equal(ct, before)  # input untouched
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[1], c[1])
+    new, truth, tumours = a
+    changed = new != ct
+    assert changed.any() and not (changed & (case.liver == 0)).any()
+    assert truth.any() and not (truth.astype(bool) & (case.liver == 0)).any()
+    assert len(tumours) == 3
+    assert (ct - new)[truth > 0].mean() > 25  # darker (texture x edge x 65..145 HU)
+    bright, bt, _ = add_tumours(ct, case.liver, (3.0, 2.0, 2.0), "bright", count=2, seed=5)
+    assert (bright - ct)[bt > 0].mean() > 15
+    small_truth = add_tumours(ct, case.liver, (3.0, 2.0, 2.0), "small", count=2, seed=5)[1]
+    assert 0 < small_truth.sum() < truth.sum()
+
+
+def test_synth_tumours_cli_keeps_real_tumours_clear_and_labels_them(tmp_path):
+    ct_path = shared("hcc_0697", "ct.nii.gz")
+    seg_path = shared("hcc_0697", "seg.nii.gz")
+    out = tmp_path / "case"
+    cmd = [*GDPI, "synth-tumours", "--ct", str(ct_path), "--seg", str(seg_path)]
+    cmd += ["--out", str(out), "--variant", "subtle", "--count", "2", "--seed", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    src_ct = sitk.ReadImage(str(ct_path))
+    new_ct = sitk.ReadImage(str(out / "ct.nii.gz"))
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "seg.nii.gz")))
+    src_seg = sitk.GetArrayFromImage(sitk.ReadImage(str(seg_path)))
+    assert new_ct.GetSize() == src_ct.GetSize() and new_ct.GetOrigin() == src_ct.GetOrigin()
+    assert set(np.unique(seg)) == {0, 1, 2, 3}
+    np.testing.assert_array_equal(seg == 3, src_seg == 2)  # real tumour kept as label 3
+    diff = sitk.GetArrayFromImage(new_ct).astype(int) - sitk.GetArrayFromImage(src_ct)
+    assert not diff[src_seg == 0].any() and not diff[src_seg == 2].any()
+    info = json.loads((out / "tumours.json").read_text())
+    assert info["variant"] == "subtle" and len(info["tumours"]) == 2
+    # an existing, non-empty folder is refused and left alone
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "not empty" in proc.stderr
+
+
+def test_prepare_ignore_label_drops_the_slices_that_hold_it(tmp_path):
+    case = synthetic_case(2, n_slices=6, size=64, pixel_mm=5.0, slice_mm=5.0, n_lesions=0)
+    plain = case.liver.astype(np.uint8)
+    marked = plain.copy()
+    marked[3][marked[3] > 0] = 3  # slice 3: liver labelled "ignore"
+    for name, seg in (("plain", plain), ("marked", marked)):
+        folder = tmp_path / name / "c1"
+        folder.mkdir(parents=True)
+        sitk.WriteImage(case.image(case.ct.astype(np.int16)), str(folder / "ct.nii.gz"))
+        sitk.WriteImage(case.image(seg), str(folder / "seg.nii.gz"))
+        prepare(
+            "folders", tmp_path / name, tmp_path / f"{name}-store", GRID, ignore_label=3,
+            log=lambda m: None,
+        )  # fmt: skip
+    kept = {r["slice"] for r in SliceStore.open(tmp_path / "plain-store").slices}
+    left = {r["slice"] for r in SliceStore.open(tmp_path / "marked-store").slices}
+    assert left < kept and len(kept - left) == 1
+
+
+# --- baselines and gdpi evaluate end to end ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def eval_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    prepare(
+        "synthetic",
+        None,
+        root / "store",
+        GRID,
+        synthetic_cases=3,
+        synthetic_lesions=True,
+        test_cases={"synthetic-0002"},
+        val_fraction=0,
+        seed=0,
+        log=lambda m: None,
+    )
+    return root / "store"
+
+
+@pytest.fixture(scope="module")
+def baselines(eval_store, tmp_path_factory):
+    root = tmp_path_factory.mktemp("baselines")
+    paths = {}
+    for kind in ("ae", "vae", "dae"):
+        config = TrainConfig(
+            data=str(eval_store),
+            out=str(root / kind),
+            model=kind,
+            steps=24,
+            batch_size=8,
+            lr=1e-3,
+            log_every=8,
+            save_every=24,
+            progress=False,
+            augment=False,
+        )
+        paths[kind] = train(config)
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["ae", "vae", "dae"])
+def test_each_baseline_trains_and_lowers_its_loss(baselines, kind):
+    log = (baselines[kind].parent / "log.csv").read_text().splitlines()
+    losses = [float(line.split(",")[1]) for line in log[1:]]
+    assert len(losses) == 3 and losses[-1] < 0.7 * losses[0]
+    b = load_baseline(baselines[kind])
+    assert b.config.kind == kind and b.training["steps"] == 24
+    assert b.grid.size == GRID.size
+
+
+def test_gdpi_evaluate_end_to_end_writes_every_table_json_and_figure(
+    tmp_path, eval_store, baselines
+):
+    # a diffusion prior on the store's 32 px grid, trained for two steps (the evaluation
+    # plumbing is under test here, not the model's quality)
+    ckpt = train(
+        TrainConfig(
+            data=str(eval_store), out=str(tmp_path / "ddpm"), steps=2, batch_size=2,
+            progress=False,
+        )
+    )  # fmt: skip
+    out = tmp_path / "report"
+    cmd = [*GDPI, "evaluate", "--data", str(eval_store), "--out", str(out)]
+    cmd += ["--checkpoint", str(ckpt), "--method", "gdpi", "--method", f"ae={baselines['ae']}"]
+    cmd += ["--preset", "fast", "--steps", "6", "--jump-length", "2", "--jump-n-sample", "2"]
+    cmd += ["--max-slices", "3", "--panels", "2", "--device", "cpu", "--title", "tiny"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["methods"]) == {"gdpi", "ae"}
+    assert report["test_set"]["abnormal_slices"] == 3 and report["test_set"]["healthy_slices"] == 3
+    for r in report["methods"].values():
+        for pool in ("liver", "slice"):
+            assert 0 <= r[pool]["auroc"] <= 1 and 0 <= r[pool]["best_dice"] <= 1
+            assert r[pool]["lesions"]["lesions"] >= 1
+            assert 0 <= r[pool]["healthy_fp_fraction"] <= 1
+        assert r["slice_auroc"] is not None and r["normal_bias"] is not None
+    assert report["methods"]["gdpi"]["nfe"] > 0
+    assert report["config"]["steps"] == 6
+    md = (out / "results.md").read_text()
+    assert md.startswith("# tiny")
+    for heading in ("Pixels pooled: liver", "Pixels pooled: slice", "Table I/II", "Table III"):
+        assert heading in md
+    assert "| GDPI |" in md and "| AE |" in md
+    for png in ("roc_liver.png", "pr_liver.png", "roc_slice.png", "pr_slice.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    panels = sorted((out / "qualitative").glob("*.png"))
+    assert len(panels) == 2
+    scores = np.load(out / "scores" / "gdpi.npz")
+    assert scores["score"].shape == (6, GRID.size, GRID.size)
+    # the scores written are those the metrics came from
+    store = SliceStore.open(eval_store)
+    idx = scores["store_index"]
+    again = pixel_metrics(scores["score"], store.tumour[idx], store.liver[idx])
+    assert again["auroc"] == pytest.approx(report["methods"]["gdpi"]["liver"]["auroc"])
+
+
+def test_evaluate_refuses_bad_input_and_writes_nothing(tmp_path, eval_store):
+    with pytest.raises(ParameterError, match="unknown method"):
+        MethodSpec.parse("gdpi-xyz")
+    with pytest.raises(ParameterError, match="needs a checkpoint"):
+        MethodSpec.parse("ae")
+    out = tmp_path / "r"
+    with pytest.raises(ParameterError, match="needs --checkpoint"):
+        evaluate(EvaluateConfig(str(eval_store), str(out), ["gdpi"]), log=lambda m: None)
+    with pytest.raises(ParameterError, match="once"):
+        evaluate(
+            EvaluateConfig(str(eval_store), str(out), ["darkness", "darkness"]),
+            log=lambda m: None,
+        )
+    assert not out.exists()
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(ParameterError, match="not empty"):
+        evaluate(EvaluateConfig(str(eval_store), str(out), ["darkness"]), log=lambda m: None)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]

@@ -1,0 +1,487 @@
+"""``gdpi evaluate``: the paper's protocol on a prepared test set, for several methods.
+
+Test set: the abnormal slices (liver and tumour masks) of a slice store made by
+``gdpi prepare``, plus its healthy slices when asked, all on the store's model grid.
+
+Methods (``--method NAME[=CHECKPOINT]``; GDPI variants use ``--checkpoint`` unless given):
+
+- ``gdpi``: full GDPI (AME + RePaint + median filter), ``--preset`` (default paper);
+- ``gdpi-wrd`` (no AME: the whole liver is inpainted; no median filter),
+  ``gdpi-wr`` (no AME, filter), ``gdpi-wd`` (AME, no filter): the paper's Table IV;
+- ``gdpi-two-sided`` (AME also flags brighter voxels, score = |difference|),
+  ``gdpi-fast`` / ``gdpi-paper`` (that preset), ``gdpi-memory-bank`` (see below);
+- ``ae``, ``vae``, ``dae``: the baselines (``=CHECKPOINT`` from ``gdpi train --model``),
+  scored by squared reconstruction error;
+- ``darkness``: no model; the slice's liver median minus HU (a label-free reference).
+
+AME runs on the model grid here (``gdpi detect`` runs it on the CT grid, then maps the
+mask); the inpainting itself is ``pipeline.inpaint_grid``, shared with ``gdpi detect``.
+
+Memory bank (our interpretation of the paper's remark): for each test slice the most
+similar healthy training slice (mean squared HU difference over the test slice's
+known tissue: the liver and a 5-pixel ring around it, candidates excluded) is shifted
+to the test slice's liver median and used as a prompt: RePaint starts from it noised to
+half the respaced schedule (``--bank-level``) instead of from pure noise.
+
+Metrics (``GDPILiverAnomalyLib.metrics``), for two pixel pools, always both:
+``liver`` (liver pixels of every evaluated slice) and ``slice`` (every pixel of every
+evaluated slice, as MedIAnomaly pools whole images); pixel AUROC, AP, best Dice (pixel
+F1 at the exact F1-optimal threshold) and that threshold; per-lesion detection rate at
+that threshold; slice-level AUROC (slice score = maximum over its liver pixels);
+normal-image bias (Table III: mean score over the liver pixels of healthy slices) and
+the fraction of healthy liver pixels at or above the threshold.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from GDPILiverAnomalyLib.ame import adaptive_mask
+from GDPILiverAnomalyLib.errors import InputError, ParameterError
+from GDPILiverAnomalyLib.metrics import curves, lesion_detection, pixel_metrics, slice_auroc
+from GDPILiverAnomalyLib.pipeline import DetectionParams, inpaint_grid, resolve_device
+from GDPILiverAnomalyLib.scoring import median_filter_slices
+from scipy import ndimage
+
+from .store import SliceStore
+
+#: GDPI variants: overrides of the base preset. ``ame`` False = inpaint the whole liver.
+GDPI_VARIANTS: dict[str, dict] = {
+    "gdpi": {},
+    "gdpi-wrd": {"ame": False, "median_size": 0},
+    "gdpi-wr": {"ame": False},
+    "gdpi-wd": {"median_size": 0},
+    "gdpi-two-sided": {"two_sided": True},
+    "gdpi-fast": {"preset": "fast"},
+    "gdpi-paper": {"preset": "paper"},
+    "gdpi-memory-bank": {"memory_bank": True},
+}
+BASELINES = ("ae", "vae", "dae")
+REFERENCES = ("darkness",)
+METHODS = (*GDPI_VARIANTS, *BASELINES, *REFERENCES)
+DISPLAY = {
+    "gdpi": "GDPI",
+    "gdpi-wrd": "GDPI-WRD",
+    "gdpi-wr": "GDPI-WR",
+    "gdpi-wd": "GDPI-WD",
+    "gdpi-two-sided": "GDPI two-sided",
+    "gdpi-fast": "GDPI fast",
+    "gdpi-paper": "GDPI paper",
+    "gdpi-memory-bank": "GDPI memory bank",
+    "ae": "AE",
+    "vae": "VAE",
+    "dae": "DAE",
+    "darkness": "darkness (no model)",
+}
+POOLS = {
+    "liver": "liver pixels of every evaluated slice (abnormal and healthy)",
+    "slice": "every pixel of every evaluated slice (abnormal and healthy), as MedIAnomaly",
+}
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    checkpoint: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> MethodSpec:
+        name, _, path = text.partition("=")
+        name = name.strip().lower()
+        if name not in METHODS:
+            raise ParameterError(f"unknown method {name!r} (choose from {', '.join(METHODS)})")
+        if name in BASELINES and not path:
+            raise ParameterError(f"method {name} needs a checkpoint: --method {name}=PATH")
+        if name in REFERENCES and path:
+            raise ParameterError(f"method {name} takes no checkpoint")
+        return cls(name, path or None)
+
+
+@dataclass
+class MethodOutput:
+    score: np.ndarray  # [N, n, n] float32; HU for GDPI and darkness, model units^2 otherwise
+    reconstruction: np.ndarray | None  # [N, n, n] HU
+    units: str
+    seconds: float
+    nfe: int = 0  # network evaluations (whole batches)
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class TestSet:
+    store: SliceStore
+    index: np.ndarray  # store indices, abnormal first
+    abnormal: np.ndarray  # bool per evaluated slice
+    images: np.ndarray  # HU
+    liver: np.ndarray
+    tumour: np.ndarray
+    groups: list[tuple[str, int]]  # (case, slice number)
+
+    def describe(self) -> dict:
+        cases = sorted({g[0] for g in self.groups})
+        return {
+            "store": str(self.store.path),
+            "grid": self.store.info.get("grid"),
+            "abnormal_slices": int(self.abnormal.sum()),
+            "healthy_slices": int((~self.abnormal).sum()),
+            "cases": cases,
+            "tumour_pixels": int(self.tumour.sum()),
+            "liver_pixels": int((self.liver > 0).sum()),
+        }
+
+
+def _pick(indices: np.ndarray, limit: int | None) -> np.ndarray:
+    """At most ``limit`` indices, evenly spread (deterministic)."""
+    if limit is None or len(indices) <= limit:
+        return indices
+    return indices[np.unique(np.linspace(0, len(indices) - 1, limit).round().astype(int))]
+
+
+def load_test_set(
+    store_path: str | Path,
+    abnormal_split: str = "test",
+    healthy_split: str = "test",
+    max_slices: int | None = None,
+) -> TestSet:
+    """Abnormal slices of ``abnormal_split`` and healthy slices of ``healthy_split``
+    (``any`` = every split; healthy ``none`` = no healthy slices)."""
+    store = SliceStore.open(store_path)
+    abnormal = store.select("abnormal", None if abnormal_split == "any" else abnormal_split)
+    if healthy_split == "none":
+        healthy = np.zeros(0, np.int64)
+    else:
+        healthy = store.select("healthy", None if healthy_split == "any" else healthy_split)
+    abnormal, healthy = _pick(abnormal, max_slices), _pick(healthy, max_slices)
+    if not len(abnormal):
+        raise InputError(
+            f"{store_path} holds no abnormal slices in split {abnormal_split!r} "
+            "(slices with tumour are needed; see gdpi prepare --test-cases)"
+        )
+    index = np.concatenate([abnormal, healthy])
+    rows = {int(s["index"]): s for s in store.slices}
+    return TestSet(
+        store,
+        index,
+        np.arange(len(index)) < len(abnormal),
+        np.asarray(store.images[index], np.float32),
+        np.asarray(store.liver[index], np.uint8),
+        np.asarray(store.tumour[index], np.uint8),
+        [(rows[int(i)]["case"], int(rows[int(i)]["slice"])) for i in index],
+    )
+
+
+def memory_bank_prompts(
+    images: np.ndarray,
+    liver: np.ndarray,
+    candidates: np.ndarray,
+    bank_images: np.ndarray,
+    hu_window: tuple[float, float] = (-200.0, 300.0),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest healthy bank slice of each test slice, intensity-matched; ``(prompts, ids)``.
+
+    Distance: mean squared difference of window-clipped HU over the test slice's known
+    tissue (its liver dilated by 5 pixels, minus the candidates). The prompt is the bank
+    slice shifted by the difference of the two slices' medians over the test slice's
+    known liver pixels.
+    """
+    lo, hi = hu_window
+    bank = np.clip(bank_images, lo, hi).reshape(len(bank_images), -1)
+    prompts = np.empty_like(images)
+    chosen = np.zeros(len(images), np.int64)
+    ring = np.ones((1, 11, 11), bool)
+    region = ndimage.binary_dilation(liver > 0, ring) & ~(candidates > 0)
+    for i in range(len(images)):
+        keep = region[i].ravel()
+        if not keep.any():
+            keep = np.ones_like(keep)
+        test = np.clip(images[i], lo, hi).ravel()[keep]
+        distance = ((bank[:, keep] - test) ** 2).mean(axis=1)
+        j = int(np.argmin(distance))
+        chosen[i] = j
+        known = (liver[i] > 0) & ~(candidates[i] > 0)
+        if not known.any():
+            known = np.ones_like(known)
+        shift = np.median(images[i][known]) - np.median(bank_images[j][known])
+        prompts[i] = bank_images[j] + shift
+    return prompts, chosen
+
+
+def run_gdpi(
+    name: str,
+    test: TestSet,
+    checkpoint_path: str,
+    preset: str,
+    device: str,
+    seed: int,
+    batch_size: int | None,
+    offset_hu: float | None,
+    bank_store: str | None,
+    bank_level: float,
+    overrides: dict | None = None,
+) -> MethodOutput:
+    from GDPILiverAnomalyLib.checkpoint import load_checkpoint
+    from tqdm import tqdm
+
+    variant = dict(GDPI_VARIANTS[name])
+    use_ame = variant.pop("ame", True)
+    memory_bank = variant.pop("memory_bank", False)
+    params = DetectionParams.from_preset(
+        variant.pop("preset", preset),
+        device=device,
+        seed=seed,
+        batch_size=batch_size,
+        offset_hu=offset_hu,
+        **{**(overrides or {}), **variant},
+    )
+    checkpoint = load_checkpoint(checkpoint_path)
+    params.validate(checkpoint.diffusion.num_timesteps)
+    if checkpoint.grid.size != test.images.shape[-1]:
+        raise ParameterError(
+            f"{checkpoint_path} works on {checkpoint.grid.size} px slices, the test set has "
+            f"{test.images.shape[-1]} px"
+        )
+    dev = resolve_device(params.device)
+    start = time.perf_counter()
+    if use_ame:
+        cand = adaptive_mask(test.images, test.liver, params.offset_hu, params.two_sided)
+    else:
+        cand = (test.liver > 0).astype(np.uint8)
+    work = [i for i in range(len(cand)) if cand[i].any()]
+    size = params.batch_size or (8 if dev.type == "cuda" else 1)
+    batches = [work[i : i + size] for i in range(0, len(work), size)]
+    prompts = level = None
+    details: dict = {"params": params.to_dict(), "ame": use_ame, "slices_inpainted": len(work)}
+    if memory_bank:
+        bank = SliceStore.open(bank_store or test.store.path)
+        bank_idx = bank.select("healthy", "train")
+        if not len(bank_idx):
+            raise InputError(f"memory bank {bank.path} holds no healthy training slices")
+        bank_images = np.asarray(bank.images[bank_idx], np.float32)
+        prompts, chosen = memory_bank_prompts(
+            test.images,
+            test.liver,
+            cand,
+            bank_images,
+            (checkpoint.intensity.hu_min, checkpoint.intensity.hu_max),
+        )
+        level = min(params.steps - 1, max(0, int(round(bank_level * params.steps))))
+        details["memory_bank"] = {
+            "store": str(bank.path),
+            "slices": len(bank_idx),
+            "level": level,
+            "level_fraction": bank_level,
+            "neighbours": [int(bank_idx[j]) for j in chosen],
+        }
+    bar = tqdm(total=len(batches), desc=DISPLAY[name], unit="batch", file=sys.stderr, leave=False)
+    nfe = {"total": 0}
+
+    def after(_number: int, _batch: list[int], n: int) -> None:
+        nfe["total"] += n
+        bar.update(1)
+
+    diff = inpaint_grid(
+        test.images,
+        cand,
+        checkpoint,
+        params,
+        dev,
+        batches,
+        [seed * 1_000_003 + int(i) for i in test.index],
+        prompts=prompts,
+        prompt_level=level,
+        on_batch=after,
+    )
+    bar.close()
+    score = np.abs(diff) if params.two_sided else diff
+    score = median_filter_slices(score, params.median_size)
+    score = np.where(test.liver > 0, score, 0.0).astype(np.float32)
+    details["checkpoint"] = str(checkpoint_path)
+    details["checkpoint_sha256"] = checkpoint.sha256
+    return MethodOutput(
+        score,
+        (test.images + diff).astype(np.float32),
+        "HU",
+        time.perf_counter() - start,
+        nfe["total"],
+        details,
+    )
+
+
+def run_baseline(name: str, test: TestSet, path: str, device: str) -> MethodOutput:
+    from .baselines import load_baseline, reconstruct
+
+    baseline = load_baseline(path)
+    if baseline.config.kind != name:
+        raise ParameterError(f"{path} is a {baseline.config.kind} checkpoint, not {name}")
+    if baseline.config.image_size != test.images.shape[-1]:
+        raise ParameterError(
+            f"{path} works on {baseline.config.image_size} px slices, the test set has "
+            f"{test.images.shape[-1]} px"
+        )
+    dev = resolve_device(device)
+    start = time.perf_counter()
+    model = baseline.model.to(dev)
+    x = baseline.intensity.normalize(torch.from_numpy(test.images)[:, None].to(dev))
+    recon = reconstruct(model, x)
+    score = ((recon - x) ** 2)[:, 0].cpu().numpy().astype(np.float32)
+    recon_hu = baseline.intensity.to_hu(recon)[:, 0].cpu().numpy().astype(np.float32)
+    return MethodOutput(
+        score,
+        recon_hu,
+        "model units^2 (squared reconstruction error)",
+        time.perf_counter() - start,
+        len(test.images),
+        {"checkpoint": str(path), "training_steps": baseline.training.get("steps")},
+    )
+
+
+def run_darkness(test: TestSet) -> MethodOutput:
+    start = time.perf_counter()
+    score = np.zeros_like(test.images)
+    for i in range(len(test.images)):
+        inside = test.liver[i] > 0
+        if inside.any():
+            score[i][inside] = np.median(test.images[i][inside]) - test.images[i][inside]
+    return MethodOutput(score, None, "HU", time.perf_counter() - start)
+
+
+def method_metrics(out: MethodOutput, test: TestSet) -> dict:
+    """Every figure of one method (see the module docstring)."""
+    liver = test.liver > 0
+    truth = test.tumour > 0
+    result: dict = {"units": out.units, "seconds": round(out.seconds, 2), "nfe": out.nfe}
+    for pool in POOLS:
+        region = liver if pool == "liver" else None
+        pixel = pixel_metrics(out.score, truth, region)
+        s = out.score[liver] if region is not None else out.score
+        t = truth[liver] if region is not None else truth
+        pixel["curves"] = curves(s, t)
+        pixel["lesions"] = lesion_detection(out.score, truth, test.groups, pixel["threshold"])
+        healthy = ~test.abnormal
+        if healthy.any():
+            h_liver = liver[healthy]
+            values = out.score[healthy][h_liver]
+            pixel["healthy_fp_fraction"] = float((values >= pixel["threshold"]).mean())
+        result[pool] = pixel
+    slice_scores = np.array(
+        [out.score[i][liver[i]].max() if liver[i].any() else 0.0 for i in range(len(liver))]
+    )
+    result["slice_auroc"] = slice_auroc(slice_scores, test.abnormal)
+    healthy = ~test.abnormal
+    if healthy.any():
+        result["normal_bias"] = {
+            "mean_liver": float(out.score[healthy][liver[healthy]].mean()),
+            "mean_slice": float(out.score[healthy].mean()),
+        }
+    else:
+        result["normal_bias"] = None
+    result["details"] = out.details
+    return result
+
+
+@dataclass
+class EvaluateConfig:
+    store: str
+    out: str
+    methods: list[str]
+    checkpoint: str | None = None
+    preset: str = "paper"
+    abnormal_split: str = "test"
+    healthy_split: str = "test"
+    max_slices: int | None = None
+    device: str = "auto"
+    seed: int = 0
+    batch_size: int | None = None
+    offset_hu: float | None = None
+    steps: int | None = None  # override the preset's RePaint settings (all GDPI methods)
+    jump_length: int | None = None
+    jump_n_sample: int | None = None
+    bank: str | None = None
+    bank_level: float = 0.5
+    panels: int = 4
+    title: str = ""
+
+
+def evaluate(config: EvaluateConfig, log=print) -> dict:
+    """Run every method, write the report folder (all or nothing); return the results."""
+    from GDPILiverAnomalyLib.job import atomic_dir, check_output_dir, versions
+
+    from .report import write_report
+
+    specs = [MethodSpec.parse(m) for m in config.methods]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ParameterError("each method may be given once")
+    if not specs:
+        raise ParameterError("give at least one --method")
+    for s in specs:
+        if s.name in GDPI_VARIANTS and not (s.checkpoint or config.checkpoint):
+            raise ParameterError(f"method {s.name} needs --checkpoint (or {s.name}=PATH)")
+    if not 0.0 < config.bank_level < 1.0:
+        raise ParameterError("--bank-level must be between 0 and 1")
+    out = check_output_dir(config.out)
+    if out.exists() and any(out.iterdir()):
+        raise ParameterError(f"output folder {out} exists and is not empty")
+    test = load_test_set(
+        config.store, config.abnormal_split, config.healthy_split, config.max_slices
+    )
+    log(
+        f"test set: {int(test.abnormal.sum())} abnormal and {int((~test.abnormal).sum())} "
+        f"healthy slices from {len({g[0] for g in test.groups})} case(s)"
+    )
+    outputs: dict[str, MethodOutput] = {}
+    results: dict[str, dict] = {}
+    for spec in specs:
+        if spec.name in GDPI_VARIANTS:
+            output = run_gdpi(
+                spec.name,
+                test,
+                spec.checkpoint or config.checkpoint,
+                config.preset,
+                config.device,
+                config.seed,
+                config.batch_size,
+                config.offset_hu,
+                config.bank,
+                config.bank_level,
+                {
+                    "steps": config.steps,
+                    "jump_length": config.jump_length,
+                    "jump_n_sample": config.jump_n_sample,
+                },
+            )
+        elif spec.name in BASELINES:
+            output = run_baseline(spec.name, test, spec.checkpoint, config.device)
+        else:
+            output = run_darkness(test)
+        outputs[spec.name] = output
+        results[spec.name] = method_metrics(output, test)
+        r = results[spec.name]["liver"]
+        log(
+            f"{DISPLAY[spec.name]}: AUROC {r['auroc']:.4f} AP {r['ap']:.4f} "
+            f"Dice {r['best_dice']:.4f} ({output.seconds:.1f} s, {output.nfe} NFE)"
+        )
+    device = resolve_device(config.device)
+    report = {
+        "config": asdict(config),
+        "command": " ".join(sys.argv),
+        "test_set": test.describe(),
+        "pools": POOLS,
+        "methods": results,
+        "hardware": (
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+        ),
+        "versions": versions(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    with atomic_dir(out) as tmp:
+        write_report(tmp, report, test, outputs, config.panels, config.title)
+    return report

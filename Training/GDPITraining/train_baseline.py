@@ -1,0 +1,140 @@
+"""``gdpi train --model ae|vae|dae``: the reconstruction baselines on the same healthy slices.
+
+One process; the same slice store, data order, augmentation, logging and resume rules
+as the diffusion prior (``train.py``). Outputs in ``--out``: ``model.safetensors``
+(``gdpi-baseline`` format), ``state.pt`` (resume state) and ``log.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from GDPILiverAnomalyLib import __version__
+from GDPILiverAnomalyLib.checkpoint import Intensity
+from GDPILiverAnomalyLib.errors import ParameterError
+from GDPILiverAnomalyLib.grid import InputGrid
+
+from .baselines import Baseline, BaselineConfig, build_model, save_baseline, training_loss
+from .store import SliceStore
+from .train import STATE_VERSION, TrainConfig, _device, _hardware, augment, batch_indices
+
+
+def train_baseline(config: TrainConfig) -> Path:
+    """Train (or resume) an AE, VAE or DAE; return the checkpoint path."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ParameterError("the baselines train in one process (no torchrun)")
+    device = _device(config.device, 0)
+    store = SliceStore.open(config.data)
+    train_idx = store.select("healthy", "train")
+    if not len(train_idx):
+        raise ParameterError(f"{config.data} holds no healthy training slices")
+    grid = InputGrid.from_dict(store.info["grid"])
+    base = BaselineConfig(kind=config.model, image_size=grid.size)
+    base.validate()
+    intensity = Intensity(config.hu_min, config.hu_max)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    model = build_model(base).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    step = 0
+    state_path = out / "state.pt"
+    if state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        saved = state.get("config", {})
+        for key in ("model", "batch_size", "seed", "hu_min", "hu_max", "data"):
+            if saved.get(key) != getattr(config, key):
+                raise ParameterError(
+                    f"cannot resume {state_path}: {key} was {saved.get(key)!r}, "
+                    f"now {getattr(config, key)!r}"
+                )
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+    log_path = out / "log.csv"
+    started = time.perf_counter()
+    window: list[list[float]] = []
+    t_window = time.perf_counter()
+    bar = None
+    if config.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.steps, initial=step, unit="it", desc=config.model, file=sys.stderr)
+
+    def save() -> Path:
+        tmp = state_path.with_name(".state.pt.tmp")
+        torch.save(
+            {
+                "version": STATE_VERSION,
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "config": asdict(config),
+            },
+            tmp,
+        )
+        os.replace(tmp, state_path)
+        training = {
+            "steps": step,
+            "batch_size": config.batch_size,
+            "lr": config.lr,
+            "data": config.data,
+            "data_summary": store.info.get("counts"),
+            "cases": store.info.get("cases", {}).get("train"),
+            "config": asdict(config),
+            "device": str(device),
+            "hardware": _hardware(device),
+            "gdpi_version": __version__,
+            "seconds_this_run": round(time.perf_counter() - started, 1),
+        }
+        return save_baseline(
+            Baseline(model, base, intensity, grid, training), out / "model.safetensors"
+        )
+
+    model.train()
+    while step < config.steps:
+        idx = batch_indices(len(train_idx), config.batch_size, step, config.seed)
+        x = intensity.normalize(
+            torch.from_numpy(np.asarray(store.images[train_idx[idx]])).to(device)[:, None]
+        )
+        g = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([config.seed, step]).generate_state(1)[0])
+        )
+        if config.augment:
+            x = augment(x, torch.rand((len(x), 5), generator=g), intensity.hu_per_unit)
+        terms = training_loss(model, x, g)
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        opt.step()
+        step += 1
+        window.append(
+            [terms["loss"].item(), terms["mse"].item(), terms.get("kl", torch.zeros(())).item()]
+        )
+        if bar is not None:
+            bar.update(1)
+        if step % config.log_every == 0 or step == config.steps:
+            mean = np.mean(window, axis=0)
+            rate = len(window) / (time.perf_counter() - t_window)
+            new = not log_path.exists()
+            with open(log_path, "a", newline="") as f:
+                w = csv.writer(f)
+                if new:
+                    w.writerow(["step", "loss", "mse", "kl", "it_per_s"])
+                w.writerow(
+                    [step, f"{mean[0]:.6f}", f"{mean[1]:.6f}", f"{mean[2]:.6f}", f"{rate:.3f}"]
+                )
+            window, t_window = [], time.perf_counter()
+        if step % config.save_every == 0 or step == config.steps:
+            save()
+    if bar is not None:
+        bar.close()
+    if step == config.steps and not (out / "model.safetensors").exists():
+        save()
+    return out / "model.safetensors"
