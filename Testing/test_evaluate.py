@@ -3,6 +3,7 @@ the memory bank and ``gdpi evaluate`` end to end on a tiny generated test set.""
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import shared
+from conftest import REPO, shared
 from GDPILiverAnomalyLib.diffusion import DiffusionConfig, GaussianDiffusion
 from GDPILiverAnomalyLib.errors import ParameterError
 from GDPILiverAnomalyLib.grid import InputGrid
@@ -139,6 +140,12 @@ def test_memory_bank_picks_the_most_similar_healthy_slice_and_matches_its_level(
     prompts, chosen = memory_bank_prompts(test, liver[[0]], cand, bank)
     assert chosen.tolist() == [3]
     np.testing.assert_allclose(prompts[0], bank[3] + 25.0, atol=1e-3)
+    # never a neighbour from the test slice's own patient
+    cases = ["p1", "p1", "p2", "p3", "p3"]
+    _, chosen = memory_bank_prompts(
+        test, liver[[0]], cand, bank, test_cases=["p3"], bank_cases=cases
+    )
+    assert cases[int(chosen[0])] != "p3"
 
 
 # --- synthetic tumours ------------------------------------------------------------------
@@ -208,6 +215,36 @@ def test_prepare_ignore_label_drops_the_slices_that_hold_it(tmp_path):
     kept = {r["slice"] for r in SliceStore.open(tmp_path / "plain-store").slices}
     left = {r["slice"] for r in SliceStore.open(tmp_path / "marked-store").slices}
     assert left < kept and len(kept - left) == 1
+
+
+def test_store_ame_margins_apply_ame_as_detect_does(tmp_path):
+    """Thresholding the store's margins flags the grid pixels gdpi detect would inpaint."""
+    from GDPILiverAnomalyLib.ame import adaptive_mask
+    from GDPILiverAnomalyLib.grid import PlaneMapping
+    from GDPILiverAnomalyLib.volumes import OrientedCase
+
+    case = synthetic_case(4, n_slices=6, size=128, pixel_mm=2.0, slice_mm=5.0)
+    folder = tmp_path / "cases" / "c1"
+    folder.mkdir(parents=True)
+    seg = case.liver.astype(np.uint8)
+    seg[case.tumour > 0] = 2
+    ct_image = case.image(case.ct.astype(np.int16))
+    sitk.WriteImage(ct_image, str(folder / "ct.nii.gz"))
+    sitk.WriteImage(case.image(seg), str(folder / "seg.nii.gz"))
+    prepare("folders", tmp_path / "cases", tmp_path / "s", GRID, log=lambda m: None)
+    store = SliceStore.open(tmp_path / "s")
+    oriented = OrientedCase.from_arrays(ct_image, (seg > 0).astype(np.uint8))
+    keep = [int(r["slice"]) for r in store.slices]
+    mapping = PlaneMapping.for_volume(
+        GRID, oriented.ct.shape[1:], oriented.spacing_yx, oriented.liver
+    )
+    for offset in (10.0, 20.0, 40.0):
+        detect = (
+            mapping.to_grid(adaptive_mask(oriented.ct, oriented.liver, offset)[keep], "mask") > 0
+        )
+        margins = np.asarray(store.ame_dark) > offset
+        assert detect.any()
+        np.testing.assert_array_equal(margins, detect)
 
 
 # --- baselines and gdpi evaluate end to end ----------------------------------------------
@@ -307,6 +344,20 @@ def test_gdpi_evaluate_end_to_end_writes_every_table_json_and_figure(
     idx = scores["store_index"]
     again = pixel_metrics(scores["score"], store.tumour[idx], store.liver[idx])
     assert again["auroc"] == pytest.approx(report["methods"]["gdpi"]["liver"]["auroc"])
+    # metrics of a subset from the saved scores, without re-running any method
+    case = store.slices[int(idx[0])]["case"]
+    sub = evaluate(
+        EvaluateConfig(
+            str(eval_store), str(tmp_path / "sub"), ["gdpi", f"ae={baselines['ae']}"],
+            checkpoint=str(ckpt), max_slices=3, cases=[case], reuse=str(out), panels=0,
+        ),
+        log=lambda m: None,
+    )  # fmt: skip
+    assert sub["test_set"]["cases"] == [case]
+    assert sub["methods"]["gdpi"]["details"]["reused_from"] == str(out)
+    rows = [i for i, j in enumerate(idx) if store.slices[int(j)]["case"] == case]
+    expected = pixel_metrics(scores["score"][rows], store.tumour[idx[rows]], store.liver[idx[rows]])
+    assert sub["methods"]["gdpi"]["liver"]["auroc"] == pytest.approx(expected["auroc"])
 
 
 def test_evaluate_refuses_bad_input_and_writes_nothing(tmp_path, eval_store):
@@ -328,3 +379,22 @@ def test_evaluate_refuses_bad_input_and_writes_nothing(tmp_path, eval_store):
     with pytest.raises(ParameterError, match="not empty"):
         evaluate(EvaluateConfig(str(eval_store), str(out), ["darkness"]), log=lambda m: None)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_the_benchmark_case_list_points_at_shared_data():
+    """The real-CT model card and Training/run_benchmark.sh read this list in place."""
+    listing = REPO / "GDPILiverAnomaly" / "GDPILiverAnomalyLib" / "models" / "real_ct_cases.csv"
+    with open(listing, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["case"] for r in rows] == [
+        "hcc_0697",
+        "hcc_1211",
+        "hcc_1720",
+        "ts_full",
+        "dcmqi_3slice",
+    ]
+    for row in rows:
+        folder = shared(row["case"])
+        for key in ("ct", "liver"):
+            target = (listing.parent / row[key]).resolve()
+            assert target.exists() and target.parent == folder.resolve()

@@ -51,3 +51,21 @@ def adaptive_mask(
             cand = keep[labels]
         out[k] = cand
     return out
+
+
+def ame_margins(ct_hu: np.ndarray, liver: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-voxel AME margins of a stack ``[Z, H, W]``: ``(median - HU, HU - median)`` in HU,
+    the median being the slice's liver median; -10000 outside the liver.
+
+    ``adaptive_mask(ct, liver, offset)`` equals ``dark > offset`` (two-sided: ``dark >
+    offset or bright > offset``): slice stores keep these margins on the model grid so
+    ``gdpi evaluate`` applies AME as ``gdpi detect`` does, on the CT's own pixels.
+    """
+    inside = liver > 0
+    dark = np.full(ct_hu.shape, -10000.0, np.float32)
+    bright = np.full(ct_hu.shape, -10000.0, np.float32)
+    for k in np.flatnonzero(inside.any(axis=(1, 2))):
+        median = np.median(ct_hu[k][inside[k]])
+        dark[k][inside[k]] = median - ct_hu[k][inside[k]]
+        bright[k][inside[k]] = ct_hu[k][inside[k]] - median
+    return dark, bright

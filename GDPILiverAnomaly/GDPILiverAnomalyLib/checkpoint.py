@@ -97,12 +97,17 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
     """Write atomically (temporary file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in ckpt.model.state_dict().items()}
     header = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "meta": json.dumps(ckpt.metadata()),
     }
+    return save_weights(ckpt.model, header, path)
+
+
+def save_weights(model: nn.Module, header: dict[str, str], path: Path) -> Path:
+    """A module's weights as safetensors with ``header`` metadata, atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

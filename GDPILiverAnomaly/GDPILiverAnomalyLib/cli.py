@@ -260,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="memory bank: start level as a fraction of the respaced steps (default 0.5)",
     )
+    e.add_argument("--cases", help="comma-separated case names: evaluate only their slices")
+    e.add_argument(
+        "--reuse",
+        help="an earlier report folder: take each method's scores from its scores/ (no re-run)",
+    )
     e.add_argument("--panels", type=int, default=4, help="qualitative panels (default 4)")
     e.add_argument("--title", default="", help="report title")
     e.add_argument("--device", default="auto")
@@ -402,6 +407,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         bank_level=args.bank_level,
         panels=args.panels,
         title=args.title,
+        cases=[c for c in (args.cases or "").split(",") if c] or None,
+        reuse=args.reuse,
     )
     evaluate(config, log=lambda m: print(m, file=sys.stderr))
     print(Path(args.out, "results.md").read_text())

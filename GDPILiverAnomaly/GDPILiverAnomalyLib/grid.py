@@ -85,6 +85,9 @@ class PlaneMapping:
         ``kind="image"``: anti-aliased linear interpolation, outside = air (HU input).
         ``kind="mask"``: a grid pixel is set when any CT pixel it covers is set (AME).
         ``kind="label"``: linear interpolation above 0.5 (reference masks).
+        ``kind="max"``: the maximum over the CT pixels a grid pixel covers, sampled at
+        the nearest CT pixel (AME margins; outside = -10000): ``max > t`` then equals
+        ``kind="mask"`` of ``value > t``.
         """
         matrix, offset = self._affine()
         out_shape = (slices.shape[0], self.size, self.size)
@@ -98,6 +101,14 @@ class PlaneMapping:
             )
             return ndimage.affine_transform(
                 src, matrix, offset, out_shape, order=1, mode="constant", cval=AIR_HU
+            )
+        if kind == "max":
+            size = (1, int(np.ceil(fy)), int(np.ceil(fx)))
+            src = slices.astype(np.float32)
+            if max(size) > 1:
+                src = ndimage.maximum_filter(src, size=size)
+            return ndimage.affine_transform(
+                src, matrix, offset, out_shape, order=0, mode="constant", cval=-10000.0
             )
         if kind == "mask":
             size = (1, int(np.ceil(fy)), int(np.ceil(fx)))

@@ -22,18 +22,15 @@ Checkpoints are safetensors files with ``format`` = ``gdpi-baseline``.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from GDPILiverAnomalyLib.checkpoint import Intensity
+from GDPILiverAnomalyLib.checkpoint import Intensity, save_weights
 from GDPILiverAnomalyLib.errors import CheckpointError
-from GDPILiverAnomalyLib.files import give_default_permissions
 from GDPILiverAnomalyLib.grid import InputGrid
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 FORMAT = "gdpi-baseline"
@@ -217,23 +214,13 @@ def save_baseline(b: Baseline, path: str | Path) -> Path:
     """Write atomically (temporary file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in b.model.state_dict().items()}
     meta = {
         "config": asdict(b.config),
         "intensity": {"hu_min": b.intensity.hu_min, "hu_max": b.intensity.hu_max},
         "input_grid": b.grid.to_dict(),
         "training": b.training,
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": FORMAT, "meta": json.dumps(meta)})
-        give_default_permissions(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return save_weights(b.model, {"format": FORMAT, "meta": json.dumps(meta)}, path)
 
 
 def is_baseline(path: str | Path) -> bool:

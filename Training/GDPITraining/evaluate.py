@@ -14,11 +14,14 @@ Methods (``--method NAME[=CHECKPOINT]``; GDPI variants use ``--checkpoint`` unle
   scored by squared reconstruction error;
 - ``darkness``: no model; the slice's liver median minus HU (a label-free reference).
 
-AME runs on the model grid here (``gdpi detect`` runs it on the CT grid, then maps the
-mask); the inpainting itself is ``pipeline.inpaint_grid``, shared with ``gdpi detect``.
+AME is applied as ``gdpi detect`` applies it, on the CT's own pixels: the store keeps
+each grid pixel's largest AME margin over the CT pixels it covers (``ame_dark.npy``,
+``ame_bright.npy``); stores without them fall back to AME on the model-grid image,
+which is smoothed (3.5 mm pixels average ~20 CT pixels) and so flags far fewer
+tumour pixels. The inpainting is ``pipeline.inpaint_grid``, shared with ``gdpi detect``.
 
 Memory bank (our interpretation of the paper's remark): for each test slice the most
-similar healthy training slice (mean squared HU difference over the test slice's
+similar healthy training slice of another patient (mean squared HU difference over the test slice's
 known tissue: the liver and a 5-pixel ring around it, candidates excluded) is shifted
 to the test slice's liver median and used as a prompt: RePaint starts from it noised to
 half the respaced schedule (``--bank-level``) instead of from pure noise.
@@ -34,6 +37,7 @@ the fraction of healthy liver pixels at or above the threshold.
 
 from __future__ import annotations
 
+import json
 import platform
 import sys
 import time
@@ -122,6 +126,8 @@ class TestSet:
     liver: np.ndarray
     tumour: np.ndarray
     groups: list[tuple[str, int]]  # (case, slice number)
+    ame_dark: np.ndarray | None = None  # AME margins from the CT's pixels (store), HU
+    ame_bright: np.ndarray | None = None
 
     def describe(self) -> dict:
         cases = sorted({g[0] for g in self.groups})
@@ -148,15 +154,23 @@ def load_test_set(
     abnormal_split: str = "test",
     healthy_split: str = "test",
     max_slices: int | None = None,
+    cases: list[str] | None = None,
 ) -> TestSet:
     """Abnormal slices of ``abnormal_split`` and healthy slices of ``healthy_split``
-    (``any`` = every split; healthy ``none`` = no healthy slices)."""
+    (``any`` = every split; healthy ``none`` = no healthy slices), of ``cases`` only
+    when given."""
     store = SliceStore.open(store_path)
     abnormal = store.select("abnormal", None if abnormal_split == "any" else abnormal_split)
     if healthy_split == "none":
         healthy = np.zeros(0, np.int64)
     else:
         healthy = store.select("healthy", None if healthy_split == "any" else healthy_split)
+    if cases:
+        unknown = set(cases) - {s["case"] for s in store.slices}
+        if unknown:
+            raise InputError(f"{store_path} has no case(s) {', '.join(sorted(unknown))}")
+        of_cases = np.array([s["case"] in cases for s in store.slices])
+        abnormal, healthy = abnormal[of_cases[abnormal]], healthy[of_cases[healthy]]
     abnormal, healthy = _pick(abnormal, max_slices), _pick(healthy, max_slices)
     if not len(abnormal):
         raise InputError(
@@ -173,6 +187,8 @@ def load_test_set(
         np.asarray(store.liver[index], np.uint8),
         np.asarray(store.tumour[index], np.uint8),
         [(rows[int(i)]["case"], int(rows[int(i)]["slice"])) for i in index],
+        None if store.ame_dark is None else np.asarray(store.ame_dark[index], np.float32),
+        None if store.ame_bright is None else np.asarray(store.ame_bright[index], np.float32),
     )
 
 
@@ -182,13 +198,16 @@ def memory_bank_prompts(
     candidates: np.ndarray,
     bank_images: np.ndarray,
     hu_window: tuple[float, float] = (-200.0, 300.0),
+    test_cases: list[str] | None = None,
+    bank_cases: list[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Nearest healthy bank slice of each test slice, intensity-matched; ``(prompts, ids)``.
 
     Distance: mean squared difference of window-clipped HU over the test slice's known
     tissue (its liver dilated by 5 pixels, minus the candidates). The prompt is the bank
     slice shifted by the difference of the two slices' medians over the test slice's
-    known liver pixels.
+    known liver pixels. With ``test_cases`` and ``bank_cases``, a slice never gets a
+    neighbour from its own patient.
     """
     lo, hi = hu_window
     bank = np.clip(bank_images, lo, hi).reshape(len(bank_images), -1)
@@ -202,6 +221,10 @@ def memory_bank_prompts(
             keep = np.ones_like(keep)
         test = np.clip(images[i], lo, hi).ravel()[keep]
         distance = ((bank[:, keep] - test) ** 2).mean(axis=1)
+        if test_cases is not None and bank_cases is not None:
+            distance[np.asarray(bank_cases) == test_cases[i]] = np.inf
+            if not np.isfinite(distance).any():
+                raise InputError(f"the memory bank holds only slices of {test_cases[i]}")
         j = int(np.argmin(distance))
         chosen[i] = j
         known = (liver[i] > 0) & ~(candidates[i] > 0)
@@ -248,15 +271,29 @@ def run_gdpi(
         )
     dev = resolve_device(params.device)
     start = time.perf_counter()
-    if use_ame:
+    ame_source = None
+    if use_ame and test.ame_dark is not None:
+        # as gdpi detect: AME on the CT's pixels, any covered pixel flags a grid pixel
+        cand = test.ame_dark > params.offset_hu
+        if params.two_sided:
+            cand |= test.ame_bright > params.offset_hu
+        cand = cand.astype(np.uint8)
+        ame_source = "CT pixels (store margins), as gdpi detect"
+    elif use_ame:
         cand = adaptive_mask(test.images, test.liver, params.offset_hu, params.two_sided)
+        ame_source = "model-grid pixels (the store has no AME margins: re-run gdpi prepare)"
     else:
         cand = (test.liver > 0).astype(np.uint8)
     work = [i for i in range(len(cand)) if cand[i].any()]
     size = params.batch_size or (8 if dev.type == "cuda" else 1)
     batches = [work[i : i + size] for i in range(0, len(work), size)]
     prompts = level = None
-    details: dict = {"params": params.to_dict(), "ame": use_ame, "slices_inpainted": len(work)}
+    details: dict = {
+        "params": params.to_dict(),
+        "ame": use_ame,
+        "ame_on": ame_source,
+        "slices_inpainted": len(work),
+    }
     if memory_bank:
         bank = SliceStore.open(bank_store or test.store.path)
         bank_idx = bank.select("healthy", "train")
@@ -269,6 +306,8 @@ def run_gdpi(
             cand,
             bank_images,
             (checkpoint.intensity.hu_min, checkpoint.intensity.hu_max),
+            [g[0] for g in test.groups],
+            [bank.slices[int(j)]["case"] for j in bank_idx],
         )
         level = min(params.steps - 1, max(0, int(round(bank_level * params.steps))))
         details["memory_bank"] = {
@@ -351,6 +390,23 @@ def run_darkness(test: TestSet) -> MethodOutput:
     return MethodOutput(score, None, "HU", time.perf_counter() - start)
 
 
+def reuse_scores(report: Path, name: str, test: TestSet) -> MethodOutput:
+    """A method's scores from an earlier report folder, for the slices of ``test``
+    (metrics on a subset without re-running; seconds and NFE are the earlier run's)."""
+    saved = np.load(report / "scores" / f"{name}.npz")
+    earlier = json.loads((report / "results.json").read_text())["methods"][name]
+    position = {int(i): k for k, i in enumerate(saved["store_index"])}
+    missing = [int(i) for i in test.index if int(i) not in position]
+    if missing:
+        raise InputError(f"{report} has no {name} scores for store slice(s) {missing[:5]}")
+    rows = [position[int(i)] for i in test.index]
+    recon = saved["reconstruction"][rows] if "reconstruction" in saved else None
+    details = {**earlier.get("details", {}), "reused_from": str(report)}
+    return MethodOutput(
+        saved["score"][rows], recon, earlier["units"], earlier["seconds"], earlier["nfe"], details
+    )
+
+
 def method_metrics(out: MethodOutput, test: TestSet) -> dict:
     """Every figure of one method (see the module docstring)."""
     liver = test.liver > 0
@@ -365,8 +421,9 @@ def method_metrics(out: MethodOutput, test: TestSet) -> dict:
         pixel["lesions"] = lesion_detection(out.score, truth, test.groups, pixel["threshold"])
         healthy = ~test.abnormal
         if healthy.any():
-            h_liver = liver[healthy]
-            values = out.score[healthy][h_liver]
+            values = (
+                out.score[healthy][liver[healthy]] if region is not None else out.score[healthy]
+            )
             pixel["healthy_fp_fraction"] = float((values >= pixel["threshold"]).mean())
         result[pool] = pixel
     slice_scores = np.array(
@@ -406,6 +463,8 @@ class EvaluateConfig:
     bank_level: float = 0.5
     panels: int = 4
     title: str = ""
+    cases: list[str] | None = None  # only the slices of these cases
+    reuse: str | None = None  # an earlier report folder: reuse its scores/ where present
 
 
 def evaluate(config: EvaluateConfig, log=print) -> dict:
@@ -429,7 +488,7 @@ def evaluate(config: EvaluateConfig, log=print) -> dict:
     if out.exists() and any(out.iterdir()):
         raise ParameterError(f"output folder {out} exists and is not empty")
     test = load_test_set(
-        config.store, config.abnormal_split, config.healthy_split, config.max_slices
+        config.store, config.abnormal_split, config.healthy_split, config.max_slices, config.cases
     )
     log(
         f"test set: {int(test.abnormal.sum())} abnormal and {int((~test.abnormal).sum())} "
@@ -438,7 +497,10 @@ def evaluate(config: EvaluateConfig, log=print) -> dict:
     outputs: dict[str, MethodOutput] = {}
     results: dict[str, dict] = {}
     for spec in specs:
-        if spec.name in GDPI_VARIANTS:
+        reused = config.reuse and Path(config.reuse, "scores", f"{spec.name}.npz").is_file()
+        if reused:
+            output = reuse_scores(Path(config.reuse), spec.name, test)
+        elif spec.name in GDPI_VARIANTS:
             output = run_gdpi(
                 spec.name,
                 test,

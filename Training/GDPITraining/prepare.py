@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from GDPILiverAnomalyLib.ame import ame_margins
 from GDPILiverAnomalyLib.errors import InputError
 from GDPILiverAnomalyLib.grid import InputGrid, PlaneMapping
 from GDPILiverAnomalyLib.synthetic import synthetic_case
@@ -256,6 +257,11 @@ def slices_of_case(
     images = mapping.to_grid(oriented.ct[keep], "image")
     liver = mapping.to_grid(oriented.liver[keep], "label")
     tum = mapping.to_grid(tumour[keep], "label")
+    dark, bright = ame_margins(oriented.ct[keep], oriented.liver[keep])
+    margins = {
+        "ame_dark": mapping.to_grid(dark, "max"),
+        "ame_bright": mapping.to_grid(bright, "max"),
+    }
     tumour_any = tumour[keep].any(axis=(1, 2))
     rows = [
         {
@@ -271,7 +277,7 @@ def slices_of_case(
         }
         for i, k in enumerate(keep)
     ]
-    return images, liver, tum, rows
+    return images, liver, tum, rows, margins
 
 
 def prepare(
@@ -314,8 +320,8 @@ def prepare(
         if result is None:
             failed.append({"case": item.name, "error": "no slice with enough liver"})
             continue
-        images, liver, tumour, rows = result
-        per_case.append((item.name, images, liver, tumour, rows))
+        images, liver, tumour, rows, margins = result
+        per_case.append((item.name, images, liver, tumour, rows, margins))
         log(
             f"{item.name}: {sum(r['kind'] == 'healthy' for r in rows)} healthy, "
             f"{sum(r['kind'] == 'abnormal' for r in rows)} abnormal slices"
@@ -325,10 +331,10 @@ def prepare(
     names = [c[0] for c in per_case]
     test = set(names) if "*" in test_cases else set(test_cases)
     splits = assign_splits(names, val_fraction, test, seed)
-    for name, images, liver, tumour, rows in per_case:
+    for name, images, liver, tumour, rows, margins in per_case:
         for r in rows:
             r["split"] = splits[name]
-        writer.add(images, liver, tumour, rows)
+        writer.add(images, liver, tumour, rows, margins)
     rows = writer.rows
     all_images = np.concatenate(writer.images)
     all_liver = np.concatenate(writer.liver).astype(bool)

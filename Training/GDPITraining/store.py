@@ -4,6 +4,10 @@ Folder layout (all arrays share the slice index):
 - ``images.npy``  float32 ``[N, n, n]`` HU on the model grid
 - ``liver.npy``   uint8 ``[N, n, n]``   1 = liver
 - ``tumour.npy``  uint8 ``[N, n, n]``   1 = tumour
+- ``ame_dark.npy``, ``ame_bright.npy``  float32 ``[N, n, n]``: AME margins (slice liver
+  median - HU, HU - median) taken on the CT's pixels, maximum over each grid pixel's
+  footprint (``ame.ame_margins``); ``gdpi evaluate`` thresholds them as ``gdpi detect``
+  applies AME. Stores made before they existed lack them.
 - ``slices.csv``  per slice: case, slice index (LPS, inferior to superior), kind
   (``healthy`` or ``abnormal``), split (``train``/``val``/``test``), in-plane and slice
   spacing (mm), liver and tumour pixels, source files
@@ -49,6 +53,8 @@ class SliceStore:
     tumour: np.ndarray
     slices: list[dict]
     info: dict
+    ame_dark: np.ndarray | None = None
+    ame_bright: np.ndarray | None = None
 
     @classmethod
     def open(cls, path: str | Path) -> SliceStore:
@@ -59,6 +65,12 @@ class SliceStore:
             )
         with open(path / "slices.csv", newline="") as f:
             slices = list(csv.DictReader(f))
+        margins = [
+            np.load(path / f"{name}.npy", mmap_mode="r")
+            if (path / f"{name}.npy").is_file()
+            else None
+            for name in ("ame_dark", "ame_bright")
+        ]
         return cls(
             path,
             np.load(path / "images.npy", mmap_mode="r"),
@@ -66,6 +78,7 @@ class SliceStore:
             np.load(path / "tumour.npy", mmap_mode="r"),
             slices,
             json.loads((path / "store.json").read_text()),
+            *margins,
         )
 
     def select(self, kind: str | None = None, split: str | None = None) -> np.ndarray:
@@ -90,10 +103,19 @@ class StoreWriter:
         self.liver: list[np.ndarray] = []
         self.tumour: list[np.ndarray] = []
         self.rows: list[dict] = []
+        self.extras: dict[str, list[np.ndarray]] = {}
 
     def add(
-        self, images: np.ndarray, liver: np.ndarray, tumour: np.ndarray, rows: list[dict]
+        self,
+        images: np.ndarray,
+        liver: np.ndarray,
+        tumour: np.ndarray,
+        rows: list[dict],
+        extras: dict[str, np.ndarray] | None = None,
     ) -> None:
+        """Slices of one case; ``extras``: further float32 ``[n_slices, n, n]`` arrays by name."""
+        for name, values in (extras or {}).items():
+            self.extras.setdefault(name, []).append(values.astype(np.float32))
         self.images.append(images.astype(np.float32))
         self.liver.append(liver.astype(np.uint8))
         self.tumour.append(tumour.astype(np.uint8))
@@ -109,6 +131,8 @@ class StoreWriter:
             np.save(tmp / "images.npy", np.concatenate(self.images or [empty]).astype(np.float32))
             np.save(tmp / "liver.npy", np.concatenate(self.liver or [empty]).astype(np.uint8))
             np.save(tmp / "tumour.npy", np.concatenate(self.tumour or [empty]).astype(np.uint8))
+            for name, parts in self.extras.items():
+                np.save(tmp / f"{name}.npy", np.concatenate(parts).astype(np.float32))
             with open(tmp / "slices.csv", "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=SLICE_FIELDS)
                 writer.writeheader()

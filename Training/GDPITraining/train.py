@@ -131,6 +131,16 @@ def augment(x: torch.Tensor, u: torch.Tensor, hu_per_unit: float) -> torch.Tenso
     return (moved + (shift_hu / hu_per_unit).view(b, 1, 1, 1)).clamp(-1, 1)
 
 
+def append_log(path: Path, names: list[str], step: int, mean, rate: float) -> None:
+    """One row of ``log.csv`` (step, the mean of each named term, it/s); header when new."""
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["step", *names, "it_per_s"])
+        w.writerow([step, *(f"{v:.6f}" for v in mean), f"{rate:.3f}"])
+
+
 def _distributed() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -345,14 +355,7 @@ def train(config: TrainConfig) -> Path:
             if step % config.log_every == 0 or step == config.steps:
                 mean = np.mean(window_losses, axis=0)
                 rate = len(window_losses) / (time.perf_counter() - t_window)
-                new = not log_path.exists()
-                with open(log_path, "a", newline="") as f:
-                    w = csv.writer(f)
-                    if new:
-                        w.writerow(["step", "loss", "mse", "vb", "it_per_s"])
-                    w.writerow(
-                        [step, f"{mean[0]:.6f}", f"{mean[1]:.6f}", f"{mean[2]:.6f}", f"{rate:.3f}"]
-                    )
+                append_log(log_path, ["loss", "mse", "vb"], step, mean, rate)
                 if writer is not None:
                     for name, value in zip(("loss", "mse", "vb"), mean, strict=True):
                         writer.add_scalar(f"train/{name}", value, step)

@@ -7,7 +7,6 @@ as the diffusion prior (``train.py``). Outputs in ``--out``: ``model.safetensors
 
 from __future__ import annotations
 
-import csv
 import os
 import sys
 import time
@@ -23,7 +22,15 @@ from GDPILiverAnomalyLib.grid import InputGrid
 
 from .baselines import Baseline, BaselineConfig, build_model, save_baseline, training_loss
 from .store import SliceStore
-from .train import STATE_VERSION, TrainConfig, _device, _hardware, augment, batch_indices
+from .train import (
+    STATE_VERSION,
+    TrainConfig,
+    _device,
+    _hardware,
+    append_log,
+    augment,
+    batch_indices,
+)
 
 
 def train_baseline(config: TrainConfig) -> Path:
@@ -122,14 +129,7 @@ def train_baseline(config: TrainConfig) -> Path:
         if step % config.log_every == 0 or step == config.steps:
             mean = np.mean(window, axis=0)
             rate = len(window) / (time.perf_counter() - t_window)
-            new = not log_path.exists()
-            with open(log_path, "a", newline="") as f:
-                w = csv.writer(f)
-                if new:
-                    w.writerow(["step", "loss", "mse", "kl", "it_per_s"])
-                w.writerow(
-                    [step, f"{mean[0]:.6f}", f"{mean[1]:.6f}", f"{mean[2]:.6f}", f"{rate:.3f}"]
-                )
+            append_log(log_path, ["loss", "mse", "kl"], step, mean, rate)
             window, t_window = [], time.perf_counter()
         if step % config.save_every == 0 or step == config.steps:
             save()
