@@ -202,7 +202,7 @@ def _panel_png(path: Path, i: int, test, outputs: dict, report: dict) -> None:
         ax.set_axis_off()
     case, number = test.groups[i]
     fig.suptitle(f"{case}, slice {number} (store index {int(test.index[i])})", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (2.5 * rows)))  # room for the title
     fig.savefig(path)
     plt.close(fig)
 
