@@ -170,6 +170,8 @@ def test_synthetic_tumours_are_deterministic_and_change_only_liver_voxels():
     assert (ct - new)[truth > 0].mean() > 25  # darker (texture x edge x 65..145 HU)
     bright, bt, _ = add_tumours(ct, case.liver, (3.0, 2.0, 2.0), "bright", count=2, seed=5)
     assert (bright - ct)[bt > 0].mean() > 15
+    with pytest.raises(ParameterError, match="unknown variant"):
+        add_tumours(ct, case.liver, (3.0, 2.0, 2.0), "huge", count=1, seed=5)
     small_truth = add_tumours(ct, case.liver, (3.0, 2.0, 2.0), "small", count=2, seed=5)[1]
     assert 0 < small_truth.sum() < truth.sum()
 

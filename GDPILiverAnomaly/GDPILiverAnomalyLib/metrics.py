@@ -10,8 +10,17 @@ import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 
-def pixel_metrics(score: np.ndarray, truth: np.ndarray, region: np.ndarray | None = None) -> dict:
-    """AUROC, AP and best Dice of ``score`` against binary ``truth`` over ``region`` (default: all)."""
+def pixel_metrics(
+    score: np.ndarray,
+    truth: np.ndarray,
+    region: np.ndarray | None = None,
+    curve_points: int = 0,
+) -> dict:
+    """AUROC, AP and best Dice of ``score`` against binary ``truth`` over ``region`` (default: all).
+
+    ``curve_points > 0`` adds ``curves``: ROC (fpr, tpr) and precision-recall, each thinned
+    to about that many points, from the same pooled pixels.
+    """
     s = np.asarray(score, dtype=np.float64)
     t = np.asarray(truth) > 0
     if region is not None:
@@ -25,7 +34,7 @@ def pixel_metrics(score: np.ndarray, truth: np.ndarray, region: np.ndarray | Non
         precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0
     )
     best = int(np.argmax(f1[:-1])) if len(thresholds) else 0
-    return {
+    result = {
         "auroc": float(roc_auc_score(t, s)),
         "ap": float(average_precision_score(t, s)),
         "best_dice": float(f1[best]),
@@ -33,24 +42,19 @@ def pixel_metrics(score: np.ndarray, truth: np.ndarray, region: np.ndarray | Non
         "pixels": int(t.size),
         "positives": int(t.sum()),
     }
+    if curve_points > 0:
+        from sklearn.metrics import roc_curve
 
+        fpr, tpr, _ = roc_curve(t, s)
 
-def curves(score: np.ndarray, truth: np.ndarray, points: int = 200) -> dict:
-    """ROC (fpr, tpr) and precision-recall curves, each thinned to about ``points`` points."""
-    from sklearn.metrics import roc_curve
+        def thin(*arrays: np.ndarray) -> list[list[float]]:
+            keep = np.unique(np.linspace(0, len(arrays[0]) - 1, curve_points).round().astype(int))
+            return [np.round(a[keep], 5).tolist() for a in arrays]
 
-    s = np.asarray(score, dtype=np.float64).ravel()
-    t = np.asarray(truth).ravel() > 0
-    fpr, tpr, _ = roc_curve(t, s)
-    precision, recall, _ = precision_recall_curve(t, s)
-
-    def thin(*arrays: np.ndarray) -> list[list[float]]:
-        keep = np.unique(np.linspace(0, len(arrays[0]) - 1, points).round().astype(int))
-        return [np.round(a[keep], 5).tolist() for a in arrays]
-
-    fpr_t, tpr_t = thin(fpr, tpr)
-    rec_t, prec_t = thin(recall, precision)
-    return {"fpr": fpr_t, "tpr": tpr_t, "recall": rec_t, "precision": prec_t}
+        fpr_t, tpr_t = thin(fpr, tpr)
+        rec_t, prec_t = thin(recall, precision)
+        result["curves"] = {"fpr": fpr_t, "tpr": tpr_t, "recall": rec_t, "precision": prec_t}
+    return result
 
 
 def lesion_detection(

@@ -223,12 +223,6 @@ def save_baseline(b: Baseline, path: str | Path) -> Path:
     return save_weights(b.model, {"format": FORMAT, "meta": json.dumps(meta)}, path)
 
 
-def is_baseline(path: str | Path) -> bool:
-    from GDPILiverAnomalyLib.checkpoint import _read_header
-
-    return _read_header(Path(path)).get("format") == FORMAT
-
-
 def load_baseline(path: str | Path) -> Baseline:
     from GDPILiverAnomalyLib.checkpoint import _read_header
 

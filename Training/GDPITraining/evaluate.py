@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from GDPILiverAnomalyLib.ame import adaptive_mask
 from GDPILiverAnomalyLib.errors import InputError, ParameterError
-from GDPILiverAnomalyLib.metrics import curves, lesion_detection, pixel_metrics, slice_auroc
+from GDPILiverAnomalyLib.metrics import lesion_detection, pixel_metrics, slice_auroc
 from GDPILiverAnomalyLib.pipeline import DetectionParams, inpaint_grid, resolve_device
 from GDPILiverAnomalyLib.scoring import median_filter_slices
 from scipy import ndimage
@@ -414,10 +414,7 @@ def method_metrics(out: MethodOutput, test: TestSet) -> dict:
     result: dict = {"units": out.units, "seconds": round(out.seconds, 2), "nfe": out.nfe}
     for pool in POOLS:
         region = liver if pool == "liver" else None
-        pixel = pixel_metrics(out.score, truth, region)
-        s = out.score[liver] if region is not None else out.score
-        t = truth[liver] if region is not None else truth
-        pixel["curves"] = curves(s, t)
+        pixel = pixel_metrics(out.score, truth, region, curve_points=200)
         pixel["lesions"] = lesion_detection(out.score, truth, test.groups, pixel["threshold"])
         healthy = ~test.abnormal
         if healthy.any():

@@ -289,19 +289,9 @@ def train(config: TrainConfig) -> Path:
             grid,
             ema=True,
             training={
-                "steps": step,
-                "batch_size": config.batch_size,
+                **training_summary(config, store, device, step, started),
                 "processes": world,
-                "lr": config.lr,
                 "ema_decay": config.ema_decay,
-                "data": str(config.data),
-                "data_summary": store.info.get("counts"),
-                "cases": store.info.get("cases", {}).get("train"),
-                "config": asdict(config),
-                "device": str(device),
-                "hardware": _hardware(device),
-                "gdpi_version": __version__,
-                "seconds_this_run": round(time.perf_counter() - started, 1),
             },
         )
         save_state(state_path, model, ema, opt, step, config)
@@ -390,6 +380,25 @@ def train(config: TrainConfig) -> Path:
         dist.barrier()
         dist.destroy_process_group()
     return out / "model.safetensors"
+
+
+def training_summary(
+    config: TrainConfig, store: SliceStore, device: torch.device, step: int, started: float
+) -> dict:
+    """What a checkpoint records about the run that made it (``started``: perf_counter)."""
+    return {
+        "steps": step,
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "data": str(config.data),
+        "data_summary": store.info.get("counts"),
+        "cases": store.info.get("cases", {}).get("train"),
+        "config": asdict(config),
+        "device": str(device),
+        "hardware": _hardware(device),
+        "gdpi_version": __version__,
+        "seconds_this_run": round(time.perf_counter() - started, 1),
+    }
 
 
 def _hardware(device: torch.device) -> str:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from GDPILiverAnomalyLib import __version__
 from GDPILiverAnomalyLib.checkpoint import Intensity
 from GDPILiverAnomalyLib.errors import ParameterError
 from GDPILiverAnomalyLib.grid import InputGrid
@@ -26,10 +25,10 @@ from .train import (
     STATE_VERSION,
     TrainConfig,
     _device,
-    _hardware,
     append_log,
     augment,
     batch_indices,
+    training_summary,
 )
 
 
@@ -88,19 +87,7 @@ def train_baseline(config: TrainConfig) -> Path:
             tmp,
         )
         os.replace(tmp, state_path)
-        training = {
-            "steps": step,
-            "batch_size": config.batch_size,
-            "lr": config.lr,
-            "data": config.data,
-            "data_summary": store.info.get("counts"),
-            "cases": store.info.get("cases", {}).get("train"),
-            "config": asdict(config),
-            "device": str(device),
-            "hardware": _hardware(device),
-            "gdpi_version": __version__,
-            "seconds_this_run": round(time.perf_counter() - started, 1),
-        }
+        training = training_summary(config, store, device, step, started)
         return save_baseline(
             Baseline(model, base, intensity, grid, training), out / "model.safetensors"
         )

@@ -87,9 +87,9 @@ def add_tumours(
     liver; ``avoid`` (optional) marks voxels the tumours must keep clear of (e.g. real
     tumours). Inputs are not modified; voxels outside the liver are returned unchanged.
     """
-    spec = VARIANTS[variant] if isinstance(variant, str) else variant
     if isinstance(variant, str) and variant not in VARIANTS:
         raise ParameterError(f"unknown variant {variant!r} ({', '.join(VARIANTS)})")
+    spec = VARIANTS[variant] if isinstance(variant, str) else variant
     if ct_hu.shape != liver.shape:
         raise InputError(f"CT shape {ct_hu.shape} and liver shape {liver.shape} differ")
     if count < 1:
