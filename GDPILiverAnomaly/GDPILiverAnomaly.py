@@ -16,8 +16,9 @@ import slicer
 import vtk
 from GDPILiverAnomalyLib import dependencies
 from GDPILiverAnomalyLib.errors import GDPIError
-from GDPILiverAnomalyLib.presets import PRESETS
-from GDPILiverAnomalyLib.slicer_logic import DetectionLogic, DetectionSettings
+from GDPILiverAnomalyLib.parameters import PRESETS, default, value_range
+from GDPILiverAnomalyLib.slicer_logic import DetectionLogic
+from GDPILiverAnomalyLib.slicer_settings import PANEL_PRESETS, DetectionSettings
 from slicer import (
     vtkMRMLLabelMapVolumeNode,
     vtkMRMLScalarVolumeNode,
@@ -62,8 +63,10 @@ class GDPILiverAnomaly(ScriptedLoadableModule):
 
 @parameterNodeWrapper
 class GDPILiverAnomalyParameterNode:
-    """Panel settings; saved with the scene. HU for intensities, model-grid pixels for
-    the median filter, 0 batch size = automatic (8 on CUDA, 1 on CPU)."""
+    """Panel settings; saved with the scene. The detection parameters carry the names,
+    ranges and defaults of ``GDPILiverAnomalyLib.parameters`` (HU for intensities,
+    model-grid pixels for the median filter); the schedule fields are the ``custom``
+    preset's (they start at the paper preset's values); batch size 0 = automatic."""
 
     inputVolume: vtkMRMLScalarVolumeNode
     liverSource: Annotated[str, Choice(["Segmentation", "Labelmap"])] = "Segmentation"
@@ -72,16 +75,24 @@ class GDPILiverAnomalyParameterNode:
     liverLabelmap: vtkMRMLLabelMapVolumeNode
     liverLabelValue: Annotated[int, WithinRange(0, 65535)] = 0
     checkpointPath: str = ""
-    preset: Annotated[str, Choice(["fast", "paper", "custom"])] = "fast"
-    steps: Annotated[int, WithinRange(1, 1000)] = 250
-    jumpLength: Annotated[int, WithinRange(1, 1000)] = 10
-    resamplings: Annotated[int, WithinRange(1, 100)] = 10
-    batchSize: Annotated[int, WithinRange(0, 512)] = 0
-    offsetHu: Annotated[float, WithinRange(0.0, 500.0)] = 20.0
-    twoSided: bool = False
-    medianSize: Annotated[int, WithinRange(0, 31)] = 5
-    device: str = "auto"
-    threshold: Annotated[float, WithinRange(0.0, 200.0)] = 20.0
+    preset: Annotated[str, Choice(list(PANEL_PRESETS))] = "fast"
+    steps: Annotated[int, WithinRange(*value_range("steps"))] = PRESETS["paper"]["steps"]
+    jump_length: Annotated[int, WithinRange(*value_range("jump_length"))] = PRESETS["paper"][
+        "jump_length"
+    ]
+    jump_n_sample: Annotated[int, WithinRange(*value_range("jump_n_sample"))] = PRESETS["paper"][
+        "jump_n_sample"
+    ]
+    batch_size: Annotated[int, WithinRange(0, value_range("batch_size")[1])] = 0
+    offset_hu: Annotated[float, WithinRange(*value_range("offset_hu"))] = default("offset_hu")
+    two_sided: bool = default("two_sided")
+    median_size: Annotated[int, WithinRange(*value_range("median_size"))] = PRESETS["fast"][
+        "median_size"
+    ]
+    device: str = default("device")
+    threshold_hu: Annotated[float, WithinRange(*value_range("threshold_hu"))] = default(
+        "threshold_hu"
+    )
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     perLesionSegments: bool = True
     scoreVolume: vtkMRMLScalarVolumeNode
@@ -267,20 +278,14 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return self._problem
 
     def _settings(self) -> DetectionSettings:
+        """The panel's settings: the schedule only for ``custom``, batch size 0 = automatic."""
         p = self._parameterNode
-        return DetectionSettings(
-            checkpoint=p.checkpointPath,
-            preset=p.preset,
-            steps=p.steps,
-            jumpLength=p.jumpLength,
-            resamplings=p.resamplings,
-            batchSize=p.batchSize,
-            offsetHu=p.offsetHu,
-            twoSided=p.twoSided,
-            medianSize=p.medianSize,
-            threshold=p.threshold,
-            device=p.device,
-        )
+        names = ["offset_hu", "two_sided", "median_size", "threshold_hu", "device"]
+        if p.preset == "custom":
+            names += ["steps", "jump_length", "jump_n_sample"]
+        parameters = {name: getattr(p, name) for name in names}
+        parameters["batch_size"] = p.batch_size or None
+        return DetectionSettings(checkpoint=p.checkpointPath, preset=p.preset, **parameters)
 
     # ---- actions --------------------------------------------------------------------
 
@@ -409,10 +414,10 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is None or p.scoreVolume is None or p.lesionTable is None:
             return
         with slicer.util.WaitCursor():
-            lesions = self.logic.lesionsAt(p.scoreVolume, p.threshold)
+            lesions = self.logic.lesionsAt(p.scoreVolume, p.threshold_hu)
             self.logic.updateLesionTable(p.lesionTable, lesions)
         self.ui.statusLabel.text = _("{n} lesion(s) above {t:g} HU").format(
-            n=len(lesions), t=p.threshold
+            n=len(lesions), t=p.threshold_hu
         )
 
     def onOpacityChanged(self, value) -> None:
@@ -422,14 +427,14 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None or node is None or p.inputVolume is None:
             return
-        self.logic.setupScoreDisplay(node, p.threshold)
+        self.logic.setupScoreDisplay(node, p.threshold_hu)
         self.logic.showInSliceViews(p.inputVolume, node, p.opacity)
 
     def onCreateSegmentation(self) -> None:
         p = self._parameterNode
         with slicer.util.WaitCursor():
             segmentation = self.logic.createSegmentation(
-                p.scoreVolume, p.threshold, p.perLesionSegments
+                p.scoreVolume, p.threshold_hu, p.perLesionSegments
             )
         self.ui.statusLabel.text = _("Created {name}").format(name=segmentation.GetName())
 
@@ -501,8 +506,9 @@ class GDPILiverAnomalyTest(ScriptedLoadableModuleTest):
         heavy = os.environ.get("GDPI_SELFTEST_HEAVY") == "1"
         settings = DetectionSettings(checkpoint=str(DEMO_MODEL), preset="fast", device="auto")
         if not heavy:
-            settings.preset, settings.steps, settings.jumpLength, settings.resamplings = (
-                "custom", 10, 5, 1,
+            settings = DetectionSettings(
+                checkpoint=str(DEMO_MODEL), preset="custom", steps=10, jump_length=5,
+                jump_n_sample=1, device="auto",
             )  # fmt: skip
         outputs = logic.process(ct, liver, labelValue=1, settings=settings)
         score = slicer.util.arrayFromVolume(outputs.scoreVolume)

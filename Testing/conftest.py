@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from GDPILiverAnomalyLib.checkpoint import init_checkpoint, save_checkpoint
-from GDPILiverAnomalyLib.pipeline import DetectionParams
+from GDPILiverAnomalyLib.parameters import DetectionParams
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -6,8 +6,9 @@ import SimpleITK as sitk
 import torch
 from conftest import shared
 from GDPILiverAnomalyLib.checkpoint import load_checkpoint
-from GDPILiverAnomalyLib.job import run_case
-from GDPILiverAnomalyLib.pipeline import DetectionParams, resolve_device
+from GDPILiverAnomalyLib.devices import resolve_device
+from GDPILiverAnomalyLib.parameters import DetectionParams
+from GDPILiverAnomalyLib.runner import run_case
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 

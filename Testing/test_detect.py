@@ -14,8 +14,8 @@ import SimpleITK as sitk
 from conftest import shared
 from GDPILiverAnomalyLib.cases import pair_cases
 from GDPILiverAnomalyLib.checkpoint import file_sha256, load_checkpoint
-from GDPILiverAnomalyLib.job import OUTPUT_FILES, run_case
-from GDPILiverAnomalyLib.pipeline import DetectionParams
+from GDPILiverAnomalyLib.parameters import DetectionParams
+from GDPILiverAnomalyLib.runner import OUTPUT_FILES, run_case
 from GDPILiverAnomalyLib.volumes import read_ct, read_liver_mask
 from scipy import ndimage
 

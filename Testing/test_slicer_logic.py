@@ -22,15 +22,12 @@ vtk = pytest.importorskip("vtk")
 
 from conftest import shared  # noqa: E402
 from GDPILiverAnomalyLib.errors import GDPIError  # noqa: E402
-from GDPILiverAnomalyLib.slicer_logic import (  # noqa: E402
-    LESION_COLUMNS,
-    SCORE_WINDOW_HU,
-    DetectionLogic,
-    DetectionSettings,
-)
+from GDPILiverAnomalyLib.slicer_display import LESION_COLUMNS, SCORE_WINDOW_HU  # noqa: E402
+from GDPILiverAnomalyLib.slicer_logic import DetectionLogic  # noqa: E402
+from GDPILiverAnomalyLib.slicer_settings import DetectionSettings  # noqa: E402
 from GDPILiverAnomalyLib.worker import group_members  # noqa: E402
 
-QUICK = dict(preset="custom", steps=10, jumpLength=2, resamplings=2, device="cpu")
+QUICK = dict(preset="custom", steps=10, jump_length=2, jump_n_sample=2, device="cpu")
 
 
 def _read(scene, path: Path, class_name: str):
@@ -98,7 +95,7 @@ def labelmap_run(hcc_scene, tiny_checkpoint, tmp_path_factory):
     before = (_digest(ct), _matrix(ct), _digest(labelmap))
     logic = DetectionLogic(scene, tempRoot=str(temp_root))
     events: list[dict] = []
-    settings = DetectionSettings(checkpoint=str(tiny_checkpoint), threshold=5.0, **QUICK)
+    settings = DetectionSettings(checkpoint=str(tiny_checkpoint), threshold_hu=5.0, **QUICK)
     outputs = logic.process(ct, labelmap, labelValue=0, settings=settings, onEvent=events.append)
     return logic, outputs, events, before, temp_root
 

@@ -9,9 +9,9 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import pytest
-from GDPILiverAnomalyLib import dependencies
-from GDPILiverAnomalyLib.presets import PRESETS
+from GDPILiverAnomalyLib import dependencies, parameters
+from GDPILiverAnomalyLib.parameters import PRESETS
+from GDPILiverAnomalyLib.slicer_settings import PANEL_PRESETS, DetectionSettings
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE = REPO / "GDPILiverAnomaly"
@@ -33,7 +33,8 @@ def _ui_parameter_names() -> dict[str, str]:
 
 
 def _parameter_node_fields() -> dict[str, object]:
-    """Annotated fields of the parameter node class and their defaults (None if none)."""
+    """Annotated fields of the parameter node class and their defaults (None if none),
+    evaluated with what the module imports from ``GDPILiverAnomalyLib.parameters``."""
     tree = ast.parse(MODULE_PY.read_text())
     cls = next(
         n
@@ -43,7 +44,10 @@ def _parameter_node_fields() -> dict[str, object]:
     fields = {}
     for node in cls.body:
         if isinstance(node, ast.AnnAssign):
-            value = ast.literal_eval(node.value) if node.value is not None else None
+            value = None
+            if node.value is not None:
+                expression = ast.Expression(node.value)
+                value = eval(compile(expression, str(MODULE_PY), "eval"), vars(parameters))
             fields[node.target.id] = value
     return fields
 
@@ -66,28 +70,24 @@ def test_every_ui_parameter_name_exists_in_the_parameter_node():
 
 
 def test_parameter_defaults_match_the_logic_defaults():
-    """The panel and the console (DetectionSettings) start from the same settings."""
-    pytest.importorskip("slicer")
-    from GDPILiverAnomalyLib.slicer_logic import DetectionSettings
-
+    """The panel and the console (DetectionSettings) start from the same settings, and the
+    parameter node's detection fields are the engine's parameters by name and range."""
     fields = _parameter_node_fields()
     defaults = DetectionSettings()
-    shared = {
-        "preset": "preset",
-        "steps": "steps",
-        "jumpLength": "jumpLength",
-        "resamplings": "resamplings",
-        "batchSize": "batchSize",
-        "offsetHu": "offsetHu",
-        "twoSided": "twoSided",
-        "medianSize": "medianSize",
-        "threshold": "threshold",
-        "device": "device",
-        "checkpointPath": "checkpoint",
-    }
-    for field, attribute in shared.items():
-        assert fields[field] == getattr(defaults, attribute), field
-    assert fields["medianSize"] == PRESETS[fields["preset"]]["median_size"]
+    params = defaults.params()
+    assert fields["preset"] == defaults.preset
+    assert fields["checkpointPath"] == defaults.checkpoint
+    for name in ("offset_hu", "two_sided", "median_size", "threshold_hu", "device"):
+        assert fields[name] == getattr(params, name), name
+    assert fields["batch_size"] == 0 and params.batch_size is None  # 0 = automatic
+    # the schedule fields are the custom preset's: they start at the paper preset
+    for name in ("steps", "jump_length", "jump_n_sample"):
+        assert fields[name] == PRESETS["paper"][name], name
+    assert fields["median_size"] == PRESETS[fields["preset"]]["median_size"]
+    source = MODULE_PY.read_text()
+    for name in ("steps", "jump_length", "jump_n_sample", "offset_hu", "median_size"):
+        assert f'WithinRange(*value_range("{name}"))' in source, name
+    assert set(fields) >= set(parameters.PARAMETER_NAMES) - {"min_candidate_mm2", "seed", "bf16"}
 
 
 def test_ui_combo_boxes_offer_the_parameter_choices():
@@ -97,11 +97,11 @@ def test_ui_combo_boxes_offer_the_parameter_choices():
         widget = next(w for w in root.iter("widget") if w.get("name") == name)
         return [i.find("property/string").text for i in widget.findall("item")]
 
-    assert items("presetComboBox") == ["fast", "paper", "custom"]
+    assert items("presetComboBox") == ["fast", "paper", "custom"] == list(PANEL_PRESETS)
     assert set(PRESETS) <= set(items("presetComboBox"))
     assert items("liverSourceComboBox") == ["Segmentation", "Labelmap"]
     source = MODULE_PY.read_text()
-    assert 'Choice(["fast", "paper", "custom"])' in source
+    assert "Choice(list(PANEL_PRESETS))" in source
     assert 'Choice(["Segmentation", "Labelmap"])' in source
 
 
@@ -143,7 +143,8 @@ def test_logic_modules_import_without_qt_or_torch():
 
     code = (
         "import sys; import GDPILiverAnomalyLib.dependencies, GDPILiverAnomalyLib.worker, "
-        "GDPILiverAnomalyLib.presets\n"
+        "GDPILiverAnomalyLib.parameters, GDPILiverAnomalyLib.schedule, "
+        "GDPILiverAnomalyLib.slicer_settings\n"
         "try:\n    import GDPILiverAnomalyLib.slicer_logic\nexcept ModuleNotFoundError as e:\n"
         "    assert e.name in ('slicer', 'vtk'), e\n"
         "bad = [m for m in ('torch', 'qt', 'PythonQt') if m in sys.modules]\n"
@@ -163,40 +164,6 @@ def test_dependency_plan_never_touches_slicers_numpy_or_simpleitk():
     assert dependencies.pinnedConstraints(versions.__getitem__) == (
         "numpy==1.26.4\nSimpleITK==2.3.1\n"
     )
-
-
-def test_failure_hints_retry_and_status_line():
-    pytest.importorskip("slicer")
-    from GDPILiverAnomalyLib.slicer_logic import (
-        DetectionSettings,
-        failureHint,
-        formatProgress,
-        retryBatchSize,
-    )
-
-    oom = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
-    assert "smaller batch" in failureHint(oom)
-    assert retryBatchSize(oom, DetectionSettings(device="auto")) == 4  # CUDA default 8 -> 4
-    assert retryBatchSize(oom, DetectionSettings(device="cuda:0", batchSize=3)) == 1
-    assert retryBatchSize(oom, DetectionSettings(device="cuda:0", batchSize=1)) is None
-    assert retryBatchSize(oom, DetectionSettings(device="cpu")) is None
-    assert retryBatchSize("gdpi: error: bad checkpoint", DetectionSettings()) is None
-    assert "install" in failureHint("ModuleNotFoundError: No module named 'safetensors'")
-    event = dict(slices_done=3, slices_total=40, nfe_done=420, nfe_total=5600, eta_s=125.4)
-    assert formatProgress(event) == (
-        "Slices 3/40, network evaluations 420/5600, about 2 min 05 s left"
-    )
-    assert formatProgress({**event, "eta_s": None}).endswith("5600")
-    args = DetectionSettings(
-        preset="custom", steps=30, jumpLength=3, resamplings=2
-    ).workerArguments()
-    assert args[args.index("--steps") + 1] == "30" and "--two-sided" not in args
-    assert "--batch-size" not in args  # 0 = automatic
-    assert DetectionSettings(twoSided=True, batchSize=2).workerArguments()[-3:] == [
-        "--two-sided",
-        "--batch-size",
-        "2",
-    ]
 
 
 def test_module_self_test_exists_and_heavy_inference_is_opt_in():

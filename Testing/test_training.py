@@ -18,12 +18,13 @@ from GDPILiverAnomalyLib.diffusion import DiffusionConfig, GaussianDiffusion, tr
 from GDPILiverAnomalyLib.errors import ParameterError
 from GDPILiverAnomalyLib.grid import InputGrid
 from GDPILiverAnomalyLib.synthetic import synthetic_case
+from GDPITraining.loop import TrainConfig, load_state
 from GDPITraining.prepare import prepare
 from GDPITraining.store import SliceStore
-from GDPITraining.train import TrainConfig, batch_indices, load_state, train
+from GDPITraining.train import train
 
 GRID = InputGrid(32, 7.0)
-GDPI = [sys.executable, "-m", "GDPILiverAnomalyLib"]
+GDPI = [sys.executable, "-m", "GDPITraining"]
 
 
 def _small_case(seed, lesions=True):
@@ -183,7 +184,7 @@ def test_prepare_case_folders_layout(tmp_path, cases):
 
 
 def test_gdpi_prepare_cli_refuses_bad_input(tmp_path):
-    from GDPILiverAnomalyLib.cli import main
+    from GDPITraining.cli import main
 
     assert (
         main(
@@ -307,13 +308,6 @@ def test_training_lowers_the_loss(tmp_path, store):
     assert (tmp_path / "det" / "score.nrrd").exists()
 
 
-def test_batch_order_is_a_seeded_permutation_per_epoch():
-    steps = [batch_indices(10, 4, s, 0) for s in range(5)]  # 20 draws = two epochs
-    flat = np.concatenate(steps)
-    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
-    assert np.array_equal(batch_indices(10, 4, 3, 0), steps[3])
-
-
 def _weights(path):
     state = load_state(path)
     return state["step"], state["model"], state["ema"]
@@ -380,7 +374,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, store):
         "--nproc_per_node",
         "2",
         "-m",
-        "GDPILiverAnomalyLib",
+        "GDPITraining",
         "train",
         "--data",
         str(store),

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 from GDPILiverAnomalyLib.checkpoint import load_checkpoint
-from GDPILiverAnomalyLib.job import run_case
 from GDPILiverAnomalyLib.metrics import pixel_metrics
-from GDPILiverAnomalyLib.pipeline import DetectionParams
+from GDPILiverAnomalyLib.parameters import DetectionParams
+from GDPILiverAnomalyLib.runner import run_case
 
 
 def main() -> int:

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 from GDPILiverAnomalyLib.checkpoint import init_checkpoint, save_checkpoint
-from GDPILiverAnomalyLib.job import run_case
-from GDPILiverAnomalyLib.pipeline import PRESETS, DetectionParams
+from GDPILiverAnomalyLib.parameters import PRESETS, DetectionParams
+from GDPILiverAnomalyLib.runner import run_case
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CASES = {  # name: (CT, liver mask, liver label)

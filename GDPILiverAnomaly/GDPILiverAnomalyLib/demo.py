@@ -12,9 +12,9 @@ import SimpleITK as sitk
 
 from .checkpoint import load_checkpoint
 from .errors import CheckpointError
-from .job import run_case
 from .metrics import pixel_metrics
-from .pipeline import DetectionParams
+from .parameters import DetectionParams
+from .runner import run_case
 from .synthetic import synthetic_case
 
 DEMO_MODEL = Path(__file__).parent / "models" / "demo.safetensors"

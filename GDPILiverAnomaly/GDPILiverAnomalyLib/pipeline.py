@@ -12,7 +12,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
@@ -20,110 +20,15 @@ import torch
 
 from .ame import adaptive_mask
 from .checkpoint import Checkpoint
+from .devices import resolve_device
 from .diffusion import GaussianDiffusion
-from .errors import Cancelled, ParameterError
+from .errors import Cancelled
 from .grid import PlaneMapping
-from .presets import PRESETS
-from .repaint import SliceNoise, repaint, schedule_counts
-from .scoring import Lesion, anomaly_mask, find_lesions, median_filter_slices
+from .parameters import DetectionParams, default_batch_size
+from .progress import Progress
+from .repaint import SliceNoise, repaint, slice_seeds
+from .scoring import Lesion, anomaly_mask, find_lesions, finish_score
 from .volumes import OrientedCase
-
-
-@dataclass
-class DetectionParams:
-    """Detection settings. HU for intensities, model-grid pixels for ``median_size``."""
-
-    steps: int = 250  # respaced diffusion steps
-    jump_length: int = 10  # RePaint jump length
-    jump_n_sample: int = 10  # RePaint resamplings (1 = none)
-    offset_hu: float = 20.0  # AME: candidate when HU < slice liver median - offset
-    two_sided: bool = False  # AME: also HU > median + offset; score becomes |difference|
-    min_candidate_mm2: float = 0.0  # AME: drop smaller in-slice candidate components
-    median_size: int = 5  # median filter of the score (pixels of the model grid; <= 1 = off)
-    threshold_hu: float = 20.0  # anomaly mask: score > threshold
-    batch_size: int | None = None  # slices inpainted together; None: 8 on CUDA, 1 on CPU
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
-    seed: int = 0
-    bf16: bool = False  # bfloat16 autocast (CUDA only)
-    preset: str | None = None
-
-    @classmethod
-    def from_preset(cls, preset: str = "paper", **overrides) -> DetectionParams:
-        """A preset with non-None ``overrides`` applied."""
-        if preset not in PRESETS:
-            raise ParameterError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
-        values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ParameterError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
-        return cls(preset=preset, **values)
-
-    def validate(self, num_timesteps: int = 1000) -> None:
-        checks = [
-            (1 <= self.steps <= num_timesteps, f"steps must be in 1..{num_timesteps}"),
-            (
-                1 <= self.jump_length <= self.steps,
-                f"jump length must be in 1..steps ({self.steps})",
-            ),
-            (1 <= self.jump_n_sample <= 100, "resamplings (jump_n_sample) must be in 1..100"),
-            (0 <= self.offset_hu <= 500, "offset must be in 0..500 HU"),
-            (self.min_candidate_mm2 >= 0, "minimum candidate area must be >= 0 mm^2"),
-            (0 <= self.median_size <= 31, "median filter size must be in 0..31 pixels"),
-            (math.isfinite(self.threshold_hu), "threshold must be a finite number of HU"),
-            (
-                self.batch_size is None or 1 <= self.batch_size <= 512,
-                "batch size must be in 1..512",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ParameterError(message)
-
-    def nfe_per_batch(self) -> int:
-        return schedule_counts(self.steps, self.jump_length, self.jump_n_sample)[0]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ParameterError(f"unknown device {name!r} (auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ParameterError(f"device {name!r} requested but CUDA is not available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ParameterError(
-                f"device {name!r} requested but only {torch.cuda.device_count()} "
-                "CUDA device(s) exist"
-            )
-    elif device.type != "cpu":
-        raise ParameterError(f"unsupported device {name!r} (auto, cpu, cuda or cuda:N)")
-    return device
-
-
-@dataclass
-class Progress:
-    """One progress report. ``nfe`` counts network evaluations of whole batches."""
-
-    slices_done: int
-    slices_total: int
-    nfe_done: int
-    nfe_total: int
-    elapsed_s: float
-    eta_s: float | None
-
-    @property
-    def fraction(self) -> float:
-        return 1.0 if self.nfe_total == 0 else self.nfe_done / self.nfe_total
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "fraction": round(self.fraction, 4)}
 
 
 @dataclass
@@ -167,10 +72,9 @@ def detect(
     mapping = PlaneMapping.for_volume(checkpoint.grid, (height, width), (sy, sx), case.liver)
     ct_grid = mapping.to_grid(case.ct[liver_slices], "image")
     cand_grid = mapping.to_grid(candidates[liver_slices], "mask")
-    work = [i for i in range(len(liver_slices)) if cand_grid[i].any()]
-    # Batching pays on a GPU; on CPU one slice at a time is faster (bench/bench_detect.py)
-    batch_size = params.batch_size or (8 if device.type == "cuda" else 1)
-    batches = [work[i : i + batch_size] for i in range(0, len(work), batch_size)]
+    batch_size = params.batch_size or default_batch_size(device.type)
+    batches = plan_batches(cand_grid, batch_size)
+    work = [i for batch in batches for i in batch]
     t_prepare = time.perf_counter() - start
 
     nfe_batch = params.nfe_per_batch()
@@ -200,11 +104,9 @@ def detect(
     diff_grid = np.zeros_like(ct_grid)
 
     def partial_score() -> np.ndarray:
-        grid = np.abs(diff_grid[finished]) if params.two_sided else diff_grid[finished]
+        grid = finish_score(diff_grid[finished], params.two_sided, params.median_size)
         volume = np.zeros(case.ct.shape, np.float32)
-        volume[liver_slices[finished]] = mapping.to_slices(
-            median_filter_slices(grid, params.median_size), (height, width)
-        )
+        volume[liver_slices[finished]] = mapping.to_slices(grid, (height, width))
         volume[~inside] = 0.0
         return case.to_original(volume)
 
@@ -229,7 +131,7 @@ def detect(
         params,
         device,
         batches,
-        [params.seed * 1_000_003 + int(k) for k in liver_slices],
+        slice_seeds(params.seed, liver_slices),
         out=diff_grid,
         on_progress=report,
         on_batch=after_batch,
@@ -240,8 +142,7 @@ def detect(
     t_inpaint = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    score_grid = np.abs(diff_grid) if params.two_sided else diff_grid
-    score_grid = median_filter_slices(score_grid, params.median_size)
+    score_grid = finish_score(diff_grid, params.two_sided, params.median_size)
     score_lps = np.zeros(case.ct.shape, np.float32)
     diff_lps = np.zeros(case.ct.shape, np.float32)
     if len(liver_slices):
@@ -284,6 +185,13 @@ def detect(
         lesions,
         stats,
     )
+
+
+def plan_batches(inpaint_mask: np.ndarray, batch_size: int) -> list[list[int]]:
+    """Batches of the slice indices whose ``inpaint_mask`` (``[N, n, n]``) is not empty;
+    slices with nothing to re-paint need no network work."""
+    work = [i for i in range(len(inpaint_mask)) if inpaint_mask[i].any()]
+    return [work[i : i + batch_size] for i in range(0, len(work), batch_size)]
 
 
 def inpaint_grid(

@@ -8,45 +8,12 @@ Mask convention: ``inpaint_mask`` is 1 where the image is unknown and gets re-pa
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from itertools import pairwise
 
 import torch
 
 from .diffusion import GaussianDiffusion, NoiseModel
 from .errors import Cancelled, ParameterError
-
-
-def get_schedule_jump(num_steps: int, jump_length: int, jump_n_sample: int) -> list[int]:
-    """RePaint's time walk (``get_schedule_jump`` with ``n_sample = 1``).
-
-    Starts at ``num_steps - 1`` and ends at ``-1``; consecutive entries differ by one.
-    A decrease ``t -> t - 1`` is a denoising step (one network evaluation) at level
-    ``t``; an increase ``t -> t + 1`` is an undo step (one forward noising step). At
-    every multiple of ``jump_length`` below ``num_steps - jump_length`` the walk jumps
-    back up ``jump_length`` levels, ``jump_n_sample - 1`` times.
-    """
-    if num_steps < 1 or jump_length < 1 or jump_n_sample < 1:
-        raise ParameterError("steps, jump length and resamplings must all be >= 1")
-    jumps = {j: jump_n_sample - 1 for j in range(0, num_steps - jump_length, jump_length)}
-    t = num_steps
-    walk = []
-    while t >= 1:
-        t -= 1
-        walk.append(t)
-        if jumps.get(t, 0) > 0:
-            jumps[t] -= 1
-            for _ in range(jump_length):
-                t += 1
-                walk.append(t)
-    walk.append(-1)
-    return walk
-
-
-def schedule_counts(num_steps: int, jump_length: int, jump_n_sample: int) -> tuple[int, int]:
-    """(network evaluations, undo steps) of one RePaint run of a batch."""
-    walk = get_schedule_jump(num_steps, jump_length, jump_n_sample)
-    down = sum(1 for a, b in pairwise(walk) if b < a)
-    return down, len(walk) - 1 - down
+from .schedule import get_schedule_jump, transitions
 
 
 class SliceNoise:
@@ -69,6 +36,12 @@ class SliceNoise:
                 for g in self.generators
             ]
         ).to(x.dtype)
+
+
+def slice_seeds(seed: int, slice_ids: Sequence[int]) -> list[int]:
+    """Noise seed of each slice from the run's ``seed`` and the slice's own id (its k
+    index in a CT, its store index in an evaluation), so batching never changes it."""
+    return [seed * 1_000_003 + int(i) for i in slice_ids]
 
 
 ProgressFn = Callable[[int, int], None]  # (network evaluations done, total)
@@ -114,9 +87,9 @@ def repaint(
             raise ParameterError("start needs a prompt shaped like the image and a valid level")
         walk = walk[walk.index(level) :]
         x = diffusion.q_sample(prompt, level, noise.like(image))
-    total = sum(1 for a, b in pairwise(walk) if b < a)
+    total = sum(1 for a, b in transitions(walk) if b < a)
     nfe = 0
-    for t_last, t_cur in pairwise(walk):
+    for t_last, t_cur in transitions(walk):
         if should_cancel is not None and should_cancel():
             raise Cancelled()
         if t_cur < t_last:

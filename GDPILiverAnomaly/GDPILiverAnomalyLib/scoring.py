@@ -20,6 +20,13 @@ def median_filter_slices(values: np.ndarray, size: int) -> np.ndarray:
     return ndimage.median_filter(values, size=(1, size, size), mode="constant", cval=0.0)
 
 
+def finish_score(difference: np.ndarray, two_sided: bool, median_size: int) -> np.ndarray:
+    """Score slices ``[Z, H, W]`` from ``inpainted - test`` (HU): its absolute value when
+    AME was two-sided, then the median filter (``median_size`` pixels, <= 1 = off)."""
+    score = np.abs(difference) if two_sided else difference
+    return median_filter_slices(score, median_size)
+
+
 def anomaly_mask(score: np.ndarray, threshold_hu: float) -> np.ndarray:
     """uint8 mask, 1 where ``score > threshold_hu``."""
     return (score > threshold_hu).astype(np.uint8)

@@ -110,10 +110,6 @@ class WorkerProcess:
             self._reader.join(timeout=5)
         return code
 
-    def wait(self, timeout: float | None = None) -> int:
-        self.process.wait(timeout)
-        return self.poll()  # type: ignore[return-value]
-
     def stderr_tail(self, lines: int = 15) -> str:
         """The last lines of the worker's standard error."""
         try:

@@ -47,64 +47,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from GDPILiverAnomalyLib.ame import adaptive_mask
+from GDPILiverAnomalyLib.devices import resolve_device
 from GDPILiverAnomalyLib.errors import InputError, ParameterError
 from GDPILiverAnomalyLib.metrics import lesion_detection, pixel_metrics, slice_auroc
-from GDPILiverAnomalyLib.pipeline import DetectionParams, inpaint_grid, resolve_device
-from GDPILiverAnomalyLib.scoring import median_filter_slices
+from GDPILiverAnomalyLib.parameters import DetectionParams, default_batch_size
+from GDPILiverAnomalyLib.pipeline import inpaint_grid, plan_batches
+from GDPILiverAnomalyLib.repaint import slice_seeds
+from GDPILiverAnomalyLib.scoring import finish_score
 from scipy import ndimage
 
+from .methods import BASELINES, DISPLAY, GDPI_VARIANTS, POOLS, MethodSpec
 from .store import SliceStore
-
-#: GDPI variants: overrides of the base preset. ``ame`` False = inpaint the whole liver.
-GDPI_VARIANTS: dict[str, dict] = {
-    "gdpi": {},
-    "gdpi-wrd": {"ame": False, "median_size": 0},
-    "gdpi-wr": {"ame": False},
-    "gdpi-wd": {"median_size": 0},
-    "gdpi-two-sided": {"two_sided": True},
-    "gdpi-fast": {"preset": "fast"},
-    "gdpi-paper": {"preset": "paper"},
-    "gdpi-memory-bank": {"memory_bank": True},
-}
-BASELINES = ("ae", "vae", "dae")
-REFERENCES = ("darkness",)
-METHODS = (*GDPI_VARIANTS, *BASELINES, *REFERENCES)
-DISPLAY = {
-    "gdpi": "GDPI",
-    "gdpi-wrd": "GDPI-WRD",
-    "gdpi-wr": "GDPI-WR",
-    "gdpi-wd": "GDPI-WD",
-    "gdpi-two-sided": "GDPI two-sided",
-    "gdpi-fast": "GDPI fast",
-    "gdpi-paper": "GDPI paper",
-    "gdpi-memory-bank": "GDPI memory bank",
-    "ae": "AE",
-    "vae": "VAE",
-    "dae": "DAE",
-    "darkness": "darkness (no model)",
-}
-POOLS = {
-    "liver": "liver pixels of every evaluated slice (abnormal and healthy)",
-    "slice": "every pixel of every evaluated slice (abnormal and healthy), as MedIAnomaly",
-}
-
-
-@dataclass
-class MethodSpec:
-    name: str
-    checkpoint: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> MethodSpec:
-        name, _, path = text.partition("=")
-        name = name.strip().lower()
-        if name not in METHODS:
-            raise ParameterError(f"unknown method {name!r} (choose from {', '.join(METHODS)})")
-        if name in BASELINES and not path:
-            raise ParameterError(f"method {name} needs a checkpoint: --method {name}=PATH")
-        if name in REFERENCES and path:
-            raise ParameterError(f"method {name} takes no checkpoint")
-        return cls(name, path or None)
 
 
 @dataclass
@@ -235,6 +188,60 @@ def memory_bank_prompts(
     return prompts, chosen
 
 
+def gdpi_candidates(
+    test: TestSet, params: DetectionParams, use_ame: bool
+) -> tuple[np.ndarray, str | None]:
+    """The inpainting mask of each test slice (1 = re-paint) and where AME ran.
+
+    As ``gdpi detect``: AME on the CT's pixels, from the store's margins (any covered CT
+    pixel flags a grid pixel); stores without margins fall back to the model grid.
+    Without AME the whole liver is re-painted.
+    """
+    if not use_ame:
+        return (test.liver > 0).astype(np.uint8), None
+    if test.ame_dark is not None:
+        cand = test.ame_dark > params.offset_hu
+        if params.two_sided:
+            cand |= test.ame_bright > params.offset_hu
+        return cand.astype(np.uint8), "CT pixels (store margins), as gdpi detect"
+    cand = adaptive_mask(test.images, test.liver, params.offset_hu, params.two_sided)
+    return cand, "model-grid pixels (the store has no AME margins: re-run gdpi prepare)"
+
+
+def memory_bank_start(
+    test: TestSet,
+    cand: np.ndarray,
+    bank_store: str | None,
+    bank_level: float,
+    steps: int,
+    intensity,
+) -> tuple[np.ndarray, int, dict]:
+    """Memory-bank prompts of the test slices, their respaced start level, and details."""
+    bank = SliceStore.open(bank_store or test.store.path)
+    bank_idx = bank.select("healthy", "train")
+    if not len(bank_idx):
+        raise InputError(f"memory bank {bank.path} holds no healthy training slices")
+    bank_images = np.asarray(bank.images[bank_idx], np.float32)
+    prompts, chosen = memory_bank_prompts(
+        test.images,
+        test.liver,
+        cand,
+        bank_images,
+        (intensity.hu_min, intensity.hu_max),
+        [g[0] for g in test.groups],
+        [bank.slices[int(j)]["case"] for j in bank_idx],
+    )
+    level = min(steps - 1, max(0, int(round(bank_level * steps))))
+    details = {
+        "store": str(bank.path),
+        "slices": len(bank_idx),
+        "level": level,
+        "level_fraction": bank_level,
+        "neighbours": [int(bank_idx[j]) for j in chosen],
+    }
+    return prompts, level, details
+
+
 def run_gdpi(
     name: str,
     test: TestSet,
@@ -271,22 +278,9 @@ def run_gdpi(
         )
     dev = resolve_device(params.device)
     start = time.perf_counter()
-    ame_source = None
-    if use_ame and test.ame_dark is not None:
-        # as gdpi detect: AME on the CT's pixels, any covered pixel flags a grid pixel
-        cand = test.ame_dark > params.offset_hu
-        if params.two_sided:
-            cand |= test.ame_bright > params.offset_hu
-        cand = cand.astype(np.uint8)
-        ame_source = "CT pixels (store margins), as gdpi detect"
-    elif use_ame:
-        cand = adaptive_mask(test.images, test.liver, params.offset_hu, params.two_sided)
-        ame_source = "model-grid pixels (the store has no AME margins: re-run gdpi prepare)"
-    else:
-        cand = (test.liver > 0).astype(np.uint8)
-    work = [i for i in range(len(cand)) if cand[i].any()]
-    size = params.batch_size or (8 if dev.type == "cuda" else 1)
-    batches = [work[i : i + size] for i in range(0, len(work), size)]
+    cand, ame_source = gdpi_candidates(test, params, use_ame)
+    batches = plan_batches(cand, params.batch_size or default_batch_size(dev.type))
+    work = [i for batch in batches for i in batch]
     prompts = level = None
     details: dict = {
         "params": params.to_dict(),
@@ -295,28 +289,9 @@ def run_gdpi(
         "slices_inpainted": len(work),
     }
     if memory_bank:
-        bank = SliceStore.open(bank_store or test.store.path)
-        bank_idx = bank.select("healthy", "train")
-        if not len(bank_idx):
-            raise InputError(f"memory bank {bank.path} holds no healthy training slices")
-        bank_images = np.asarray(bank.images[bank_idx], np.float32)
-        prompts, chosen = memory_bank_prompts(
-            test.images,
-            test.liver,
-            cand,
-            bank_images,
-            (checkpoint.intensity.hu_min, checkpoint.intensity.hu_max),
-            [g[0] for g in test.groups],
-            [bank.slices[int(j)]["case"] for j in bank_idx],
+        prompts, level, details["memory_bank"] = memory_bank_start(
+            test, cand, bank_store, bank_level, params.steps, checkpoint.intensity
         )
-        level = min(params.steps - 1, max(0, int(round(bank_level * params.steps))))
-        details["memory_bank"] = {
-            "store": str(bank.path),
-            "slices": len(bank_idx),
-            "level": level,
-            "level_fraction": bank_level,
-            "neighbours": [int(bank_idx[j]) for j in chosen],
-        }
     bar = tqdm(total=len(batches), desc=DISPLAY[name], unit="batch", file=sys.stderr, leave=False)
     nfe = {"total": 0}
 
@@ -331,14 +306,13 @@ def run_gdpi(
         params,
         dev,
         batches,
-        [seed * 1_000_003 + int(i) for i in test.index],
+        slice_seeds(params.seed, test.index),
         prompts=prompts,
         prompt_level=level,
         on_batch=after,
     )
     bar.close()
-    score = np.abs(diff) if params.two_sided else diff
-    score = median_filter_slices(score, params.median_size)
+    score = finish_score(diff, params.two_sided, params.median_size)
     score = np.where(test.liver > 0, score, 0.0).astype(np.float32)
     details["checkpoint"] = str(checkpoint_path)
     details["checkpoint_sha256"] = checkpoint.sha256
@@ -466,7 +440,8 @@ class EvaluateConfig:
 
 def evaluate(config: EvaluateConfig, log=print) -> dict:
     """Run every method, write the report folder (all or nothing); return the results."""
-    from GDPILiverAnomalyLib.job import atomic_dir, check_output_dir, versions
+    from GDPILiverAnomalyLib.files import atomic_dir, check_output_dir
+    from GDPILiverAnomalyLib.runner import versions
 
     from .report import write_report
 

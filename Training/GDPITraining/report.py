@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .methods import BASELINES, DISPLAY, POOLS
+
 HU_DISPLAY = (-125.0, 225.0)  # the paper's display window
 SCORE_DISPLAY_HU = (0.0, 50.0)
 
@@ -27,7 +29,6 @@ def _pct(value: float | None) -> str:
 
 
 def _markdown(report: dict, title: str) -> str:
-    from .evaluate import BASELINES, DISPLAY, POOLS
 
     methods = report["methods"]
     test = report["test_set"]
@@ -121,8 +122,6 @@ def _curves_png(path: Path, report: dict, pool: str, kind: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .evaluate import DISPLAY
-
     fig, ax = plt.subplots(figsize=(5, 4.6), dpi=110)
     for name, r in report["methods"].items():
         c = r[pool]["curves"]
@@ -159,8 +158,6 @@ def _panel_png(path: Path, i: int, test, outputs: dict, report: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .evaluate import DISPLAY
 
     names = list(outputs)
     rows = 1 + len(names)

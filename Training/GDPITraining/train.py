@@ -16,68 +16,36 @@ optimizer, step), ``log.csv`` (step, loss, mse, vb, it/s), TensorBoard events wh
 from __future__ import annotations
 
 import copy
-import csv
-import math
 import os
-import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from GDPILiverAnomalyLib import __version__
 from GDPILiverAnomalyLib.checkpoint import Checkpoint, Intensity, save_checkpoint
+from GDPILiverAnomalyLib.devices import resolve_device
 from GDPILiverAnomalyLib.diffusion import DiffusionConfig, GaussianDiffusion, training_losses
 from GDPILiverAnomalyLib.errors import ParameterError
-from GDPILiverAnomalyLib.grid import InputGrid
 from GDPILiverAnomalyLib.unet import MODEL_SIZES, UNet, UNetConfig
 
-from .baselines import KINDS as BASELINE_KINDS
-from .store import SliceStore
+from .loop import (
+    TrainConfig,
+    append_log,
+    augment,
+    batch_indices,
+    check_resume,
+    load_state,
+    save_state,
+    slice_batch,
+    training_data,
+    training_summary,
+)
 
-STATE_VERSION = 1
-
-
-@dataclass
-class TrainConfig:
-    data: str
-    out: str
-    model: str = "ddpm"  # ddpm (the GDPI prior) or a baseline: ae, vae, dae
-    size: str = "tiny"  # a MODEL_SIZES name (ddpm)
-    steps: int = 10_000
-    batch_size: int = 16  # global, split across processes
-    lr: float = 1e-4
-    ema_decay: float = 0.999
-    ema_warmup: bool = True  # decay min(ema_decay, (1 + s) / (10 + s)): useful for short runs
-    schedule: str = "linear"
-    learn_sigma: bool = True
-    vlb_weight: float = 0.001
-    dropout: float = 0.0
-    hu_min: float = -200.0
-    hu_max: float = 300.0
-    augment: bool = True  # HU shift +-10, rotation +-5 deg, scale +-5 %, shift +-3 px
-    save_every: int = 500
-    log_every: int = 25
-    preview_every: int = 0  # 0 = only at the end
-    seed: int = 0
-    device: str = "auto"
-    bf16: bool = False
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
-
-    def validate(self) -> None:
-        if self.model not in ("ddpm", *BASELINE_KINDS):
-            raise ParameterError(
-                f"unknown model {self.model!r} (ddpm, {', '.join(BASELINE_KINDS)})"
-            )
-        if self.size not in MODEL_SIZES:
-            raise ParameterError(f"unknown model size {self.size!r} ({', '.join(MODEL_SIZES)})")
-        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or not 0 <= self.ema_decay < 1:
-            raise ParameterError("steps and batch size must be >= 1, lr > 0, 0 <= EMA decay < 1")
+#: Settings that must match to resume a run from its state.
+RESUME_KEYS = ("model", "size", "batch_size", "schedule", "learn_sigma", "seed", "hu_min",
+               "hu_max", "data")  # fmt: skip
 
 
 def sample_randomness(
@@ -99,48 +67,6 @@ def sample_randomness(
     return torch.cat(ts), torch.stack(noises), torch.stack(augs)
 
 
-def batch_indices(n: int, batch: int, step: int, seed: int) -> np.ndarray:
-    """Global batch of ``step``: consecutive positions in per-epoch seeded permutations."""
-    start = step * batch
-    out = []
-    while len(out) < batch:
-        epoch, pos = divmod(start + len(out), n)
-        perm = np.random.default_rng([seed, epoch]).permutation(n)
-        out.extend(perm[pos : pos + batch - len(out)].tolist())
-    return np.array(out, dtype=np.int64)
-
-
-def augment(x: torch.Tensor, u: torch.Tensor, hu_per_unit: float) -> torch.Tensor:
-    """CT-safe augmentation of normalised slices ``[B, 1, n, n]`` (no flips: anatomy has sides).
-
-    ``u`` holds 5 uniform [0, 1) draws per slice: HU shift +-10, rotation +-5 degrees,
-    scale +-5 %, shift +-3 pixels in each direction.
-    """
-    b, _, n, _ = x.shape
-    v = u.to(x.device) * 2 - 1
-    shift_hu, angle, scale = v[:, 0] * 10.0, v[:, 1] * math.radians(5), 1 + v[:, 2] * 0.05
-    trans = v[:, 3:5] * (3 * 2 / n)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack(
-        [torch.stack([cos, -sin, trans[:, 0]], 1), torch.stack([sin, cos, trans[:, 1]], 1)], 1
-    )
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    moved = (
-        F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
-    )
-    return (moved + (shift_hu / hu_per_unit).view(b, 1, 1, 1)).clamp(-1, 1)
-
-
-def append_log(path: Path, names: list[str], step: int, mean, rate: float) -> None:
-    """One row of ``log.csv`` (step, the mean of each named term, it/s); header when new."""
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(["step", *names, "it_per_s"])
-        w.writerow([step, *(f"{v:.6f}" for v in mean), f"{rate:.3f}"])
-
-
 def _distributed() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -148,44 +74,6 @@ def _distributed() -> tuple[int, int, int]:
     if world > 1:
         return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
     return 0, 1, 0
-
-
-def _device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def save_state(
-    path: Path,
-    model: torch.nn.Module,
-    ema: torch.nn.Module,
-    opt: torch.optim.Optimizer,
-    step: int,
-    config: TrainConfig,
-) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(
-        {
-            "version": STATE_VERSION,
-            "step": step,
-            "model": model.state_dict(),
-            "ema": ema.state_dict(),
-            "optimizer": opt.state_dict(),
-            "config": asdict(config),
-        },
-        tmp,
-    )
-    os.replace(tmp, path)
-
-
-def load_state(path: Path) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("version") != STATE_VERSION:
-        raise ParameterError(
-            f"{path}: resume state version {state.get('version')} is not {STATE_VERSION}"
-        )
-    return state
 
 
 def train(config: TrainConfig) -> Path:
@@ -197,18 +85,14 @@ def train(config: TrainConfig) -> Path:
 
         return train_baseline(config)
     rank, world, local_rank = _distributed()
-    device = _device(config.device, local_rank)
+    device = resolve_device(config.device, local_rank if world > 1 else None)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if config.batch_size % world:
         raise ParameterError(
             f"batch size {config.batch_size} is not divisible by {world} processes"
         )
-    store = SliceStore.open(config.data)
-    train_idx = store.select("healthy", "train")
-    if not len(train_idx):
-        raise ParameterError(f"{config.data} holds no healthy training slices")
-    grid = InputGrid.from_dict(store.info["grid"])
+    store, train_idx, grid = training_data(config)
     model_cfg = UNetConfig(
         **{
             **MODEL_SIZES[config.size],
@@ -232,30 +116,13 @@ def train(config: TrainConfig) -> Path:
     state_path = out / "state.pt"
     if state_path.exists():
         state = load_state(state_path)
-        saved = TrainConfig(**state["config"])
-        for key in (
-            "model",
-            "size",
-            "batch_size",
-            "schedule",
-            "learn_sigma",
-            "seed",
-            "hu_min",
-            "hu_max",
-            "data",
-        ):
-            if getattr(saved, key) != getattr(config, key):
-                raise ParameterError(
-                    f"cannot resume {state_path}: {key} was {getattr(saved, key)!r}, "
-                    f"now {getattr(config, key)!r}"
-                )
+        check_resume(state_path, state["config"], config, RESUME_KEYS)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     local = config.batch_size // world
-    images = store.images
 
     writer = None
     if rank == 0:
@@ -294,15 +161,13 @@ def train(config: TrainConfig) -> Path:
                 "ema_decay": config.ema_decay,
             },
         )
-        save_state(state_path, model, ema, opt, step, config)
+        save_state(state_path, step, config, model=model, ema=ema, optimizer=opt)
         return save_checkpoint(trained, out / "model.safetensors")
 
     while step < config.steps:
         positions = np.arange(rank * local, (rank + 1) * local)
         idx = batch_indices(len(train_idx), config.batch_size, step, config.seed)[positions]
-        x0 = intensity.normalize(
-            torch.from_numpy(np.asarray(images[train_idx[idx]])).to(device)[:, None]
-        )
+        x0 = slice_batch(store, train_idx[idx], intensity, device)
         t, noise, aug = sample_randomness(
             config.seed, step, positions, tuple(x0.shape[1:]), diffusion.num_timesteps
         )
@@ -380,28 +245,3 @@ def train(config: TrainConfig) -> Path:
         dist.barrier()
         dist.destroy_process_group()
     return out / "model.safetensors"
-
-
-def training_summary(
-    config: TrainConfig, store: SliceStore, device: torch.device, step: int, started: float
-) -> dict:
-    """What a checkpoint records about the run that made it (``started``: perf_counter)."""
-    return {
-        "steps": step,
-        "batch_size": config.batch_size,
-        "lr": config.lr,
-        "data": str(config.data),
-        "data_summary": store.info.get("counts"),
-        "cases": store.info.get("cases", {}).get("train"),
-        "config": asdict(config),
-        "device": str(device),
-        "hardware": _hardware(device),
-        "gdpi_version": __version__,
-        "seconds_this_run": round(time.perf_counter() - started, 1),
-    }
-
-
-def _hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"

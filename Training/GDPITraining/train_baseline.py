@@ -10,38 +10,38 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from GDPILiverAnomalyLib.checkpoint import Intensity
+from GDPILiverAnomalyLib.devices import resolve_device
 from GDPILiverAnomalyLib.errors import ParameterError
-from GDPILiverAnomalyLib.grid import InputGrid
 
 from .baselines import Baseline, BaselineConfig, build_model, save_baseline, training_loss
-from .store import SliceStore
-from .train import (
-    STATE_VERSION,
+from .loop import (
     TrainConfig,
-    _device,
     append_log,
     augment,
     batch_indices,
+    check_resume,
+    load_state,
+    save_state,
+    slice_batch,
+    training_data,
     training_summary,
 )
+
+#: Settings that must match to resume a baseline run from its state.
+RESUME_KEYS = ("model", "batch_size", "seed", "hu_min", "hu_max", "data")
 
 
 def train_baseline(config: TrainConfig) -> Path:
     """Train (or resume) an AE, VAE or DAE; return the checkpoint path."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ParameterError("the baselines train in one process (no torchrun)")
-    device = _device(config.device, 0)
-    store = SliceStore.open(config.data)
-    train_idx = store.select("healthy", "train")
-    if not len(train_idx):
-        raise ParameterError(f"{config.data} holds no healthy training slices")
-    grid = InputGrid.from_dict(store.info["grid"])
+    device = resolve_device(config.device)
+    store, train_idx, grid = training_data(config)
     base = BaselineConfig(kind=config.model, image_size=grid.size)
     base.validate()
     intensity = Intensity(config.hu_min, config.hu_max)
@@ -53,14 +53,8 @@ def train_baseline(config: TrainConfig) -> Path:
     step = 0
     state_path = out / "state.pt"
     if state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        saved = state.get("config", {})
-        for key in ("model", "batch_size", "seed", "hu_min", "hu_max", "data"):
-            if saved.get(key) != getattr(config, key):
-                raise ParameterError(
-                    f"cannot resume {state_path}: {key} was {saved.get(key)!r}, "
-                    f"now {getattr(config, key)!r}"
-                )
+        state = load_state(state_path)
+        check_resume(state_path, state["config"], config, RESUME_KEYS)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
@@ -75,18 +69,7 @@ def train_baseline(config: TrainConfig) -> Path:
         bar = tqdm(total=config.steps, initial=step, unit="it", desc=config.model, file=sys.stderr)
 
     def save() -> Path:
-        tmp = state_path.with_name(".state.pt.tmp")
-        torch.save(
-            {
-                "version": STATE_VERSION,
-                "step": step,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "config": asdict(config),
-            },
-            tmp,
-        )
-        os.replace(tmp, state_path)
+        save_state(state_path, step, config, model=model, optimizer=opt)
         training = training_summary(config, store, device, step, started)
         return save_baseline(
             Baseline(model, base, intensity, grid, training), out / "model.safetensors"
@@ -95,9 +78,7 @@ def train_baseline(config: TrainConfig) -> Path:
     model.train()
     while step < config.steps:
         idx = batch_indices(len(train_idx), config.batch_size, step, config.seed)
-        x = intensity.normalize(
-            torch.from_numpy(np.asarray(store.images[train_idx[idx]])).to(device)[:, None]
-        )
+        x = slice_batch(store, train_idx[idx], intensity, device)
         g = torch.Generator().manual_seed(
             int(np.random.SeedSequence([config.seed, step]).generate_state(1)[0])
         )

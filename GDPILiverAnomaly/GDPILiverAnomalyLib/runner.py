@@ -1,4 +1,4 @@
-"""Detection jobs from files to files: one case, or every case of a folder.
+"""Detection from files to files: one case, or every case of a folder.
 
 This is the single code path behind ``gdpi detect``, the Slicer module's worker,
 console batch processing and evaluation. Outputs are written into a hidden temporary
@@ -10,13 +10,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import platform
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,9 +24,11 @@ import torch
 from . import __version__
 from .cases import pair_cases
 from .checkpoint import Checkpoint
-from .errors import Cancelled, GDPIError, OutputError
-from .files import give_default_permissions
-from .pipeline import DetectionParams, DetectionResult, Progress, detect
+from .errors import Cancelled, GDPIError
+from .files import atomic_dir, check_output_dir, write_text_atomic
+from .parameters import DetectionParams
+from .pipeline import DetectionResult, detect
+from .progress import Progress
 from .scoring import LESION_FIELDS
 from .volumes import array_on_grid, check_hu, read_ct, read_liver_mask
 
@@ -55,41 +53,6 @@ SUMMARY_FIELDS = [
     "liver",
     "out",
 ]
-
-
-def check_output_dir(out: str | Path) -> Path:
-    """Fail early, writing nothing, when ``out`` cannot be created or written."""
-    out = Path(out).absolute()
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output path exists and is not a folder: {out}")
-    parent = out if out.exists() else next((p for p in out.parents if p.exists()), None)
-    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"output folder is not writable: {out}")
-    return out
-
-
-@contextmanager
-def atomic_dir(out: Path):
-    """Yield a temporary folder; on success its files replace those in ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    give_default_permissions(tmp)
-    try:
-        yield tmp
-        if not out.exists():
-            os.rename(tmp, out)
-        else:
-            for f in tmp.iterdir():
-                os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def versions() -> dict:

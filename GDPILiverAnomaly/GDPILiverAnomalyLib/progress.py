@@ -1,0 +1,116 @@
+"""Progress of a detection, and how the ``gdpi`` command shows it.
+
+:class:`Progress` is what the pipeline reports; :class:`Reporter` turns it into a tqdm
+bar on stderr (``--progress text``) or JSON lines on stdout (``--progress json``, the
+Slicer worker protocol); :class:`PartialWriter` streams the score so far as ``.npy``
+files (``--stream-dir``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Progress:
+    """One progress report. ``nfe`` counts network evaluations of whole batches."""
+
+    slices_done: int
+    slices_total: int
+    nfe_done: int
+    nfe_total: int
+    elapsed_s: float
+    eta_s: float | None
+
+    @property
+    def fraction(self) -> float:
+        return 1.0 if self.nfe_total == 0 else self.nfe_done / self.nfe_total
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "fraction": round(self.fraction, 4)}
+
+
+class Reporter:
+    """Turns progress into a tqdm bar (``text``), throttled JSON lines (``json``) or nothing."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.bar = None
+        self.last = 0.0
+        self.case: str | None = None
+
+    def emit(self, event: str, **fields) -> None:
+        """One JSON event line on stdout (``json`` mode only)."""
+        if self.mode == "json":
+            print(json.dumps({"event": event, **fields}), flush=True)
+
+    def start_case(self, name: str | None) -> None:
+        self.close()
+        self.case = name
+
+    def __call__(self, p: Progress) -> None:
+        if self.mode == "json":
+            now = time.monotonic()
+            final = p.nfe_done == p.nfe_total
+            if final or now - self.last >= 0.25 or p.nfe_done == 0:
+                self.last = now
+                self.emit("progress", case=self.case, **p.to_dict())
+        elif self.mode == "text":
+            from tqdm import tqdm
+
+            if self.bar is None:
+                self.bar = tqdm(
+                    total=p.nfe_total,
+                    unit="NFE",
+                    desc=self.case or "inpainting",
+                    file=sys.stderr,
+                    dynamic_ncols=True,
+                )
+            self.bar.n = p.nfe_done
+            self.bar.set_postfix_str(f"slices {p.slices_done}/{p.slices_total}", refresh=False)
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class PartialWriter:
+    """Writes streamed partial scores as numbered ``.npy`` files and announces them.
+
+    Each file holds the score cropped to its nonzero box (CT index order ``[k, j, i]``);
+    the ``partial`` event gives its path and the box's ``[k, j, i]`` offset. Only the
+    newest file is kept.
+    """
+
+    def __init__(self, folder: Path, reporter: Reporter):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.reporter = reporter
+        self.count = 0
+        self.previous: Path | None = None
+
+    def __call__(self, score: np.ndarray) -> None:
+        nonzero = [np.flatnonzero(score.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1))]
+        if any(len(n) == 0 for n in nonzero):
+            return
+        lo = [int(n[0]) for n in nonzero]
+        hi = [int(n[-1]) + 1 for n in nonzero]
+        self.count += 1
+        path = self.folder / f"partial-{self.count:04d}.npy"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, score[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]])
+        os.replace(tmp, path)
+        if self.previous is not None:
+            self.previous.unlink(missing_ok=True)
+        self.previous = path
+        self.reporter.emit("partial", path=str(path), offset=lo)

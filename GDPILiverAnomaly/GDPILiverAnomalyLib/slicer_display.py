@@ -1,0 +1,222 @@
+"""Showing detection results in a Slicer scene: score colours and window, slice-view
+layers, the lesion table (RAS mm), segmentations at a threshold.
+
+Imports ``slicer`` (MRML) and ``vtk``, never ``qt`` or torch. Works on an explicit scene
+(:attr:`ResultDisplay.scene`). Lesion centroids in tables are RAS millimetres (Slicer's
+convention); the worker's ``lesions.csv`` uses LPS.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import slicer
+import vtk
+
+#: Score display window (HU).
+SCORE_WINDOW_HU = (0.0, 50.0)
+SCORE_COLOR_NAME = "Inferno"
+#: Inferno (matplotlib, CC0) at 0, 1/8, ..., 1; used where Slicer's own table is absent.
+_INFERNO = [
+    (0.0015, 0.0005, 0.0139),
+    (0.1293, 0.0473, 0.2908),
+    (0.3415, 0.0623, 0.4294),
+    (0.5409, 0.1347, 0.4151),
+    (0.7357, 0.2159, 0.3302),
+    (0.8943, 0.3534, 0.1936),
+    (0.9784, 0.5579, 0.0349),
+    (0.9746, 0.7977, 0.2063),
+    (0.9884, 0.9984, 0.6449),
+]
+LESION_COLUMNS = ("id", "volume_ml", "max_score_hu", "mean_score_hu", "r_mm", "a_mm", "s_mm")
+
+
+class ResultDisplay:
+    """Display of score volumes and lesions in :attr:`scene` (a ``vtkMRMLScene``)."""
+
+    scene = None
+
+    # ---- display ------------------------------------------------------------------
+
+    def scoreColorNode(self):
+        """Slicer's perceptual ``Inferno`` table, or an equivalent made once per scene."""
+        node = self.scene.GetFirstNodeByName(SCORE_COLOR_NAME)
+        if node is not None and node.IsA("vtkMRMLColorNode"):
+            return node
+        name = "GDPI Inferno"
+        node = self.scene.GetFirstNodeByName(name)
+        if node is not None:
+            return node
+        node = slicer.vtkMRMLColorTableNode()
+        node.SetName(name)
+        node.SetTypeToUser()
+        node.SetNumberOfColors(256)
+        points = np.asarray(_INFERNO)
+        positions = np.linspace(0, 1, len(points))
+        for index in range(256):
+            rgb = [np.interp(index / 255, positions, points[:, c]) for c in range(3)]
+            node.SetColor(index, f"{index}", *rgb, 1.0)
+        node.SetAttribute("Category", "GDPILiverAnomaly")
+        self.scene.AddNode(node)
+        return node
+
+    def setupScoreDisplay(self, scoreNode, threshold: float) -> None:
+        """Inferno colours, window 0-50 HU, voxels at or below ``threshold`` transparent."""
+        if scoreNode.GetDisplayNode() is None:
+            scoreNode.CreateDefaultDisplayNodes()
+        display = scoreNode.GetDisplayNode()
+        with slicer.util.NodeModify(display):
+            display.SetAndObserveColorNodeID(self.scoreColorNode().GetID())
+            display.AutoWindowLevelOff()
+            display.SetWindowLevelMinMax(*SCORE_WINDOW_HU)
+            display.ApplyThresholdOn()
+            display.SetThreshold(threshold, 1e6)
+            display.SetInterpolate(False)
+
+    def setDisplayThreshold(self, scoreNode, threshold: float) -> None:
+        """Hide score voxels <= ``threshold`` HU (display only; nothing is recomputed)."""
+        scoreNode.GetDisplayNode().SetLowerThreshold(threshold)
+
+    def showInSliceViews(self, ctNode, scoreNode, opacity: float = 0.5) -> None:
+        """CT as background, score as foreground in every slice view."""
+        for composite in sliceCompositeNodes(self.scene):
+            with slicer.util.NodeModify(composite):
+                composite.SetBackgroundVolumeID(ctNode.GetID())
+                composite.SetForegroundVolumeID(scoreNode.GetID())
+                composite.SetForegroundOpacity(opacity)
+
+    def setOpacity(self, opacity: float) -> None:
+        for composite in sliceCompositeNodes(self.scene):
+            composite.SetForegroundOpacity(opacity)
+
+    # ---- lesions and segmentation -------------------------------------------------
+
+    def lesionsAt(self, scoreNode, threshold: float) -> list[dict]:
+        """Lesions (26-connected score > ``threshold``), largest first, centroids in RAS mm."""
+        from .scoring import anomaly_mask, find_lesions
+
+        score = slicer.util.arrayFromVolume(scoreNode)
+        lesions = find_lesions(anomaly_mask(score, threshold), score, _sitkReference(scoreNode))
+        return [lesionRow(lesion.to_dict()) for lesion in lesions]
+
+    def updateLesionTable(self, tableNode, lesions: list[dict]) -> None:
+        """Fill a table node with one row per lesion (columns: :data:`LESION_COLUMNS`)."""
+        table = vtk.vtkTable()
+        for name in LESION_COLUMNS:
+            column = vtk.vtkIntArray() if name == "id" else vtk.vtkDoubleArray()
+            column.SetName(name)
+            column.SetNumberOfValues(len(lesions))
+            for row, lesion in enumerate(lesions):
+                column.SetValue(row, lesion[name])
+            table.AddColumn(column)
+        with slicer.util.NodeModify(tableNode):
+            tableNode.SetAndObserveTable(table)
+            tableNode.SetUseColumnTitleAsColumnHeader(True)
+            titles = {"id": "Lesion", "volume_ml": "Volume (mL)", "max_score_hu": "Max score (HU)",
+                      "mean_score_hu": "Mean score (HU)", "r_mm": "R (mm)", "a_mm": "A (mm)",
+                      "s_mm": "S (mm)"}  # fmt: skip
+            for name, title in titles.items():
+                tableNode.SetColumnTitle(name, title)
+            tableNode.SetLocked(True)
+
+    def lesionCentroid(self, tableNode, row: int) -> tuple[float, float, float]:
+        """RAS centroid (mm) of the lesion in ``row`` of a lesion table."""
+        table = tableNode.GetTable()
+        if not 0 <= row < table.GetNumberOfRows():
+            raise IndexError(f"no lesion in row {row}")
+        return tuple(
+            float(table.GetColumnByName(c).GetValue(row)) for c in ("r_mm", "a_mm", "s_mm")
+        )
+
+    def jumpToLesion(self, tableNode, row: int) -> tuple[float, float, float]:
+        """Centre every slice view on the lesion in ``row``; returns its RAS centroid."""
+        ras = self.lesionCentroid(tableNode, row)
+        slicer.vtkMRMLSliceNode.JumpAllSlices(
+            self.scene, *ras, slicer.vtkMRMLSliceNode.CenteredJumpSlice
+        )
+        return ras
+
+    def createSegmentation(
+        self, scoreNode, threshold: float, perLesion: bool = True, name: str | None = None
+    ):
+        """A segmentation of the anomalies (score > ``threshold`` HU): one segment per
+        lesion (``Lesion N`` = row N of the lesion table) or one segment ``Anomaly``."""
+        from .scoring import anomaly_mask, lesion_labels
+
+        score = slicer.util.arrayFromVolume(scoreNode)
+        mask = anomaly_mask(score, threshold)
+        labels, count = lesion_labels(mask, score) if perLesion else (mask, int(mask.any()))
+        segmentation = self.scene.AddNewNodeByClass(
+            "vtkMRMLSegmentationNode", name or f"{scoreNode.GetName()} > {threshold:g} HU"
+        )
+        segmentation.CreateDefaultDisplayNodes()
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(scoreNode)
+        if count == 0:
+            return segmentation
+        labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__gdpi_temp__")
+        try:
+            labelmap.CopyOrientation(scoreNode)
+            slicer.util.updateVolumeFromArray(labelmap, labels.astype(np.int16))
+            slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+                labelmap, segmentation
+            )
+        finally:
+            removeNodeAndDisplay(self.scene, labelmap)
+        seg = segmentation.GetSegmentation()
+        for index in range(seg.GetNumberOfSegments()):
+            segment = seg.GetNthSegment(index)
+            segment.SetName(f"Lesion {segment.GetLabelValue()}" if perLesion else "Anomaly")
+        segmentation.SetAttribute("GDPI.threshold_hu", f"{threshold:g}")
+        return segmentation
+
+
+def removeNodeAndDisplay(scene, node) -> None:
+    for index in range(node.GetNumberOfDisplayNodes()):
+        display = node.GetNthDisplayNode(index)
+        if display is not None:
+            scene.RemoveNode(display)
+    storage = node.GetStorageNode() if hasattr(node, "GetStorageNode") else None
+    if storage is not None:
+        scene.RemoveNode(storage)
+    scene.RemoveNode(node)
+
+
+def sliceCompositeNodes(scene) -> list:
+    return [
+        scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))
+    ]
+
+
+def _sitkReference(volumeNode):
+    """A SimpleITK image with the node's geometry (LPS), for physical coordinates."""
+    import SimpleITK as sitk
+
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    m = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    spacing = np.linalg.norm(m[:3, :3], axis=0)
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0])
+    image = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(v) for v in ras_to_lps @ m[:3, 3]])
+    image.SetDirection([float(v) for v in (ras_to_lps @ (m[:3, :3] / spacing)).ravel()])
+    return image
+
+
+def lesionRow(lesion: dict) -> dict:
+    """A worker lesion (LPS centroid) as a table row (RAS centroid)."""
+    x, y, z = (float(lesion[f"centroid_{a}_mm"]) for a in "xyz")
+    row = {
+        "id": int(lesion["id"]),
+        "volume_ml": float(lesion["volume_ml"]),
+        "max_score_hu": float(lesion["max_score_hu"]),
+        "mean_score_hu": float(lesion["mean_score_hu"]),
+        "r_mm": -x if x else 0.0,
+        "a_mm": -y if y else 0.0,
+        "s_mm": z,
+    }
+    return {
+        k: (round(v, 3) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()
+    }

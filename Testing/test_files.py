@@ -1,0 +1,43 @@
+"""Output folders are written all or nothing."""
+
+import os
+
+import pytest
+from GDPILiverAnomalyLib.errors import OutputError
+from GDPILiverAnomalyLib.files import atomic_dir, check_output_dir, write_text_atomic
+
+
+def test_atomic_dir_creates_the_folder_only_on_success(tmp_path):
+    out = tmp_path / "result"
+    with pytest.raises(RuntimeError), atomic_dir(out) as tmp:
+        (tmp / "half.txt").write_text("half")
+        raise RuntimeError("interrupted")
+    assert not out.exists() and os.listdir(tmp_path) == []
+    with atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("a")
+    assert (out / "a.txt").read_text() == "a" and os.listdir(tmp_path) == ["result"]
+
+
+def test_atomic_dir_replaces_files_of_an_existing_folder(tmp_path):
+    out = tmp_path / "result"
+    out.mkdir()
+    (out / "a.txt").write_text("old")
+    with atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert (out / "a.txt").read_text() == "new"
+    assert os.listdir(tmp_path) == ["result"]
+
+
+def test_check_output_dir_refuses_a_file_and_an_unwritable_parent(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="not a folder"):
+        check_output_dir(tmp_path / "file")
+    assert check_output_dir(tmp_path / "new" / "deeper") == (tmp_path / "new" / "deeper")
+    assert not (tmp_path / "new").exists()  # checking writes nothing
+
+
+def test_write_text_atomic_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "summary.csv"
+    write_text_atomic(path, "a,b\n")
+    write_text_atomic(path, "c,d\n")
+    assert path.read_text() == "c,d\n" and os.listdir(tmp_path) == ["summary.csv"]

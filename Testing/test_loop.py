@@ -1,0 +1,53 @@
+"""The shared training loop pieces: data order, augmentation, resume state."""
+
+import numpy as np
+import pytest
+import torch
+from GDPILiverAnomalyLib.errors import ParameterError
+from GDPITraining.loop import (
+    STATE_VERSION,
+    TrainConfig,
+    augment,
+    batch_indices,
+    check_resume,
+    load_state,
+    save_state,
+)
+
+
+def test_batch_order_is_a_seeded_permutation_per_epoch():
+    steps = [batch_indices(10, 4, s, 0) for s in range(5)]  # 20 draws = two epochs
+    flat = np.concatenate(steps)
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    assert np.array_equal(batch_indices(10, 4, 3, 0), steps[3])
+
+
+def test_augment_keeps_shape_range_and_is_the_identity_at_zero_draws():
+    x = torch.linspace(-1, 1, 2 * 16 * 16).reshape(2, 1, 16, 16)
+    middle = torch.full((2, 5), 0.5)  # u = 0.5 -> no shift, rotation, scale or translation
+    assert torch.allclose(augment(x, middle, 250.0), x, atol=1e-5)
+    moved = augment(x, torch.rand(2, 5, generator=torch.Generator().manual_seed(0)), 250.0)
+    assert moved.shape == x.shape and moved.min() >= -1 and moved.max() <= 1
+    assert not torch.allclose(moved, x)
+
+
+def test_state_round_trip_and_version_check(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    config = TrainConfig(data="store", out=str(tmp_path))
+    path = tmp_path / "state.pt"
+    save_state(path, 7, config, model=model, optimizer=opt)
+    state = load_state(path)
+    assert state["step"] == 7 and state["version"] == STATE_VERSION
+    assert torch.equal(state["model"]["weight"], model.weight.detach())
+    assert not list(tmp_path.glob(".*tmp"))  # written through a temporary file
+    torch.save({**state, "version": STATE_VERSION + 1}, path)
+    with pytest.raises(ParameterError, match="resume state version"):
+        load_state(path)
+
+
+def test_resume_check_names_the_changed_setting(tmp_path):
+    config = TrainConfig(data="store", out=str(tmp_path), batch_size=8)
+    check_resume(tmp_path, {"batch_size": 8, "seed": 0}, config, ("batch_size", "seed"))
+    with pytest.raises(ParameterError, match="batch_size was 4, now 8"):
+        check_resume(tmp_path, {"batch_size": 4, "seed": 0}, config, ("batch_size", "seed"))

@@ -1,0 +1,34 @@
+"""The running job's pure helpers: failure hints, the out-of-memory retry, the status line,
+and the worker command line built from the settings."""
+
+import pytest
+
+
+def test_failure_hints_retry_and_status_line():
+    pytest.importorskip("slicer")
+    from GDPILiverAnomalyLib.slicer_job import failureHint, formatProgress, retryBatchSize
+    from GDPILiverAnomalyLib.slicer_settings import DetectionSettings
+
+    oom = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert "smaller batch" in failureHint(oom)
+    assert retryBatchSize(oom, DetectionSettings(device="auto")) == 4  # CUDA default 8 -> 4
+    assert retryBatchSize(oom, DetectionSettings(device="cuda:0", batch_size=3)) == 1
+    assert retryBatchSize(oom, DetectionSettings(device="cuda:0", batch_size=1)) is None
+    assert retryBatchSize(oom, DetectionSettings(device="cpu")) is None
+    assert retryBatchSize("gdpi: error: bad checkpoint", DetectionSettings()) is None
+    assert "install" in failureHint("ModuleNotFoundError: No module named 'safetensors'")
+    event = dict(slices_done=3, slices_total=40, nfe_done=420, nfe_total=5600, eta_s=125.4)
+    assert formatProgress(event) == (
+        "Slices 3/40, network evaluations 420/5600, about 2 min 05 s left"
+    )
+    assert formatProgress({**event, "eta_s": None}).endswith("5600")
+    args = DetectionSettings(
+        preset="custom", steps=30, jump_length=3, jump_n_sample=2
+    ).workerArguments()
+    assert args[args.index("--steps") + 1] == "30" and "--two-sided" not in args
+    assert "--batch-size" not in args  # 0 = automatic
+    assert DetectionSettings(two_sided=True, batch_size=2).workerArguments()[-3:] == [
+        "--two-sided",
+        "--batch-size",
+        "2",
+    ]

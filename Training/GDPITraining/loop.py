@@ -1,0 +1,178 @@
+"""What training the diffusion prior and the baselines share: the run configuration, the
+seeded data order, CT augmentation, the CSV log, the resume state (one format, one
+version check) and the training summary a checkpoint records."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from GDPILiverAnomalyLib import __version__
+from GDPILiverAnomalyLib.checkpoint import Intensity
+from GDPILiverAnomalyLib.errors import ParameterError
+from GDPILiverAnomalyLib.grid import InputGrid
+from GDPILiverAnomalyLib.unet import MODEL_SIZES
+
+from .baselines import KINDS as BASELINE_KINDS
+from .store import SliceStore
+
+STATE_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    model: str = "ddpm"  # ddpm (the GDPI prior) or a baseline: ae, vae, dae
+    size: str = "tiny"  # a MODEL_SIZES name (ddpm)
+    steps: int = 10_000
+    batch_size: int = 16  # global, split across processes
+    lr: float = 1e-4
+    ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + s) / (10 + s)): useful for short runs
+    schedule: str = "linear"
+    learn_sigma: bool = True
+    vlb_weight: float = 0.001
+    dropout: float = 0.0
+    hu_min: float = -200.0
+    hu_max: float = 300.0
+    augment: bool = True  # HU shift +-10, rotation +-5 deg, scale +-5 %, shift +-3 px
+    save_every: int = 500
+    log_every: int = 25
+    preview_every: int = 0  # 0 = only at the end
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.model not in ("ddpm", *BASELINE_KINDS):
+            raise ParameterError(
+                f"unknown model {self.model!r} (ddpm, {', '.join(BASELINE_KINDS)})"
+            )
+        if self.size not in MODEL_SIZES:
+            raise ParameterError(f"unknown model size {self.size!r} ({', '.join(MODEL_SIZES)})")
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or not 0 <= self.ema_decay < 1:
+            raise ParameterError("steps and batch size must be >= 1, lr > 0, 0 <= EMA decay < 1")
+
+
+def batch_indices(n: int, batch: int, step: int, seed: int) -> np.ndarray:
+    """Global batch of ``step``: consecutive positions in per-epoch seeded permutations."""
+    start = step * batch
+    out = []
+    while len(out) < batch:
+        epoch, pos = divmod(start + len(out), n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        out.extend(perm[pos : pos + batch - len(out)].tolist())
+    return np.array(out, dtype=np.int64)
+
+
+def augment(x: torch.Tensor, u: torch.Tensor, hu_per_unit: float) -> torch.Tensor:
+    """CT-safe augmentation of normalised slices ``[B, 1, n, n]`` (no flips: anatomy has sides).
+
+    ``u`` holds 5 uniform [0, 1) draws per slice: HU shift +-10, rotation +-5 degrees,
+    scale +-5 %, shift +-3 pixels in each direction.
+    """
+    b, _, n, _ = x.shape
+    v = u.to(x.device) * 2 - 1
+    shift_hu, angle, scale = v[:, 0] * 10.0, v[:, 1] * math.radians(5), 1 + v[:, 2] * 0.05
+    trans = v[:, 3:5] * (3 * 2 / n)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack(
+        [torch.stack([cos, -sin, trans[:, 0]], 1), torch.stack([sin, cos, trans[:, 1]], 1)], 1
+    )
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    moved = (
+        F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
+    )
+    return (moved + (shift_hu / hu_per_unit).view(b, 1, 1, 1)).clamp(-1, 1)
+
+
+def append_log(path: Path, names: list[str], step: int, mean, rate: float) -> None:
+    """One row of ``log.csv`` (step, the mean of each named term, it/s); header when new."""
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["step", *names, "it_per_s"])
+        w.writerow([step, *(f"{v:.6f}" for v in mean), f"{rate:.3f}"])
+
+
+def training_data(config: TrainConfig) -> tuple[SliceStore, np.ndarray, InputGrid]:
+    """The store, its healthy training slice indices and its model grid."""
+    store = SliceStore.open(config.data)
+    train_idx = store.select("healthy", "train")
+    if not len(train_idx):
+        raise ParameterError(f"{config.data} holds no healthy training slices")
+    return store, train_idx, InputGrid.from_dict(store.info["grid"])
+
+
+def slice_batch(
+    store: SliceStore, indices: np.ndarray, intensity: Intensity, device: torch.device
+) -> torch.Tensor:
+    """Store slices ``indices`` as a normalised ``[B, 1, n, n]`` batch on ``device``."""
+    hu = torch.from_numpy(np.asarray(store.images[indices], np.float32))
+    return intensity.normalize(hu.to(device)[:, None])
+
+
+def save_state(path: Path, step: int, config: TrainConfig, **parts) -> None:
+    """Write the resume state atomically: ``step``, ``config`` and the ``state_dict()``
+    of each named part (model, EMA, optimizer)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    state = {"version": STATE_VERSION, "step": step, "config": asdict(config)}
+    state.update({name: part.state_dict() for name, part in parts.items()})
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path) -> dict:
+    """A resume state written by :func:`save_state` (never executes code from the file)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("version") != STATE_VERSION:
+        raise ParameterError(
+            f"{path}: resume state version {state.get('version')} is not {STATE_VERSION}"
+        )
+    return state
+
+
+def check_resume(path: Path, saved: dict, config: TrainConfig, keys: tuple[str, ...]) -> None:
+    """Refuse to resume when a setting that shapes the run differs from the saved one."""
+    for key in keys:
+        if saved.get(key) != getattr(config, key):
+            raise ParameterError(
+                f"cannot resume {path}: {key} was {saved.get(key)!r}, now {getattr(config, key)!r}"
+            )
+
+
+def training_summary(
+    config: TrainConfig, store: SliceStore, device: torch.device, step: int, started: float
+) -> dict:
+    """What a checkpoint records about the run that made it (``started``: perf_counter)."""
+    return {
+        "steps": step,
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "data": str(config.data),
+        "data_summary": store.info.get("counts"),
+        "cases": store.info.get("cases", {}).get("train"),
+        "config": asdict(config),
+        "device": str(device),
+        "hardware": _hardware(device),
+        "gdpi_version": __version__,
+        "seconds_this_run": round(time.perf_counter() - started, 1),
+    }
+
+
+def _hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
