@@ -1,5 +1,8 @@
 """Shared fixtures. ``../shared/data`` (real CTs) sits beside the repository; tests that
-need it skip when it is missing, except under CI (``CI`` set), where they fail."""
+need it skip when it is missing, except under CI (``CI`` set), where they fail.
+
+Imports nothing that needs torch at module level: the torch-free tests also run under
+Python 3.9 without torch (``test_python39.py``)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ import os
 from pathlib import Path
 
 import pytest
-from GDPILiverAnomalyLib.checkpoint import init_checkpoint, save_checkpoint
 from GDPILiverAnomalyLib.parameters import DetectionParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,6 +29,8 @@ def shared(*parts: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A randomly initialised tiny checkpoint (64 px grid at 5 mm, learned sigma)."""
+    from GDPILiverAnomalyLib.checkpoint import init_checkpoint, save_checkpoint  # torch
+
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     return save_checkpoint(init_checkpoint("tiny", seed=0), path)
 

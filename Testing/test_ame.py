@@ -16,9 +16,9 @@ def test_darker_than_median_by_more_than_offset():
     ct[0, 0] = -500.0  # outside the liver: never a candidate
     cand = adaptive_mask(ct, liver, offset_hu=20)
     assert cand.dtype == np.uint8
-    assert set(zip(*np.nonzero(cand), strict=True)) == {(1, 1)}
+    assert {tuple(p) for p in np.argwhere(cand)} == {(1, 1)}
     two = adaptive_mask(ct, liver, offset_hu=20, two_sided=True)
-    assert set(zip(*np.nonzero(two), strict=True)) == {(1, 1), (2, 2)}
+    assert {tuple(p) for p in np.argwhere(two)} == {(1, 1), (2, 2)}
 
 
 def test_threshold_is_per_slice_median():

@@ -17,7 +17,7 @@ def test_schedule_small_case_by_hand():
 def test_paper_schedule_counts():
     walk = get_schedule_jump(250, 10, 10)
     assert walk[0] == 249 and walk[-1] == -1
-    assert all(abs(a - b) == 1 for a, b in zip(walk[:-1], walk[1:], strict=True))
+    assert all(abs(a - b) == 1 for a, b in transitions(walk))
     assert schedule_counts(250, 10, 10) == (2410, 2160)
 
 

@@ -180,3 +180,25 @@ def test_module_self_test_exists_and_heavy_inference_is_opt_in():
         ("GDPILiverAnomalyLogic", "ScriptedLoadableModuleLogic"),
     ):
         assert base in [b.id for b in classes[name].bases]
+
+
+def test_self_test_skips_inference_without_dependencies_and_needs_no_scikit_learn():
+    """In a Slicer before its first Detect the self-test checks the panel only; with
+    torch it imports the demo model path, which must not pull scikit-learn (Slicer does
+    not bundle it)."""
+    import subprocess
+    import sys
+
+    tree = ast.parse(MODULE_PY.read_text())
+    test = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name.endswith("Test"))
+    run = next(f for f in test.body if isinstance(f, ast.FunctionDef) and f.name == "runTest")
+    source = ast.unparse(run)
+    assert "dependencies.missingModules()" in source
+    assert source.index("missingModules") < source.index("test_detect_synthetic_case")
+    panel = next(f for f in test.body if getattr(f, "name", "") == "test_panel_state")
+    assert "_syntheticNodes" not in ast.unparse(panel)  # numpy only: nothing to install
+    code = (
+        "import sys, GDPILiverAnomalyLib.demo\n"
+        "assert 'sklearn' not in sys.modules, 'the demo module imports scikit-learn'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

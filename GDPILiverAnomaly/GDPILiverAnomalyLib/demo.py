@@ -12,7 +12,6 @@ import SimpleITK as sitk
 
 from .checkpoint import load_checkpoint
 from .errors import CheckpointError
-from .metrics import pixel_metrics
 from .parameters import DetectionParams
 from .runner import run_case
 from .synthetic import synthetic_case
@@ -32,6 +31,8 @@ def run_demo(
     should_cancel=None,
 ) -> dict:
     """Generate, detect, score and draw; return the metrics (also in ``out/metrics.json``)."""
+    from .metrics import pixel_metrics  # scikit-learn: not needed by detection or Slicer
+
     out = Path(out)
     path = Path(checkpoint) if checkpoint else DEMO_MODEL
     if not path.is_file():

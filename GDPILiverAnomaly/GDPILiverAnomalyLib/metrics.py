@@ -81,7 +81,7 @@ def lesion_detection(
         rows = sorted(rows, key=lambda i: groups[i][1])
         # runs of consecutive slice numbers form one volume
         runs, current = [], [rows[0]]
-        for a, b in zip(rows, rows[1:], strict=False):
+        for a, b in zip(rows, rows[1:]):
             if groups[b][1] == groups[a][1] + 1:
                 current.append(b)
             else:

@@ -157,7 +157,7 @@ def synthetic_case(
         path_x = p0[1] + length * t * np.cos(heading + bend * t)
         radius = rng.uniform(2.0, 4.5) * (1 - 0.5 * t)
         z0, z1 = sorted(rng.integers(0, n_slices, 2))
-        for py, px, r in zip(path_y[::2], path_x[::2], radius[::2], strict=True):
+        for py, px, r in zip(path_y[::2], path_x[::2], radius[::2]):  # equal lengths
             disk = ((yy[0] - py) ** 2 + (xx[0] - px) ** 2) <= r**2
             vessels[z0 : z1 + 1] |= disk
     vessels &= liver
