@@ -143,6 +143,7 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "currentPathChanged(QString)", self.onCheckpointChanged
         )
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.ui.refreshDevicesButton.connect("clicked(bool)", self.onRefreshDevices)
         self.ui.thresholdSliderWidget.connect("valueChanged(double)", self.onThresholdChanged)
         self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.createSegmentationButton.connect("clicked(bool)", self.onCreateSegmentation)
@@ -196,23 +197,36 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---- GUI state ----------------------------------------------------------------
 
-    def _fillDevices(self) -> None:
-        """Auto, CPU and each CUDA GPU by name (torch may not be installed yet)."""
+    def _fillDevices(self, devices=None) -> None:
+        """Auto, CPU, and the GPUs a worker found (``logic.listDevices``); the panel never
+        imports torch itself. A saved device that is not offered falls back to Auto."""
         combo = self.ui.deviceComboBox
         combo.blockSignals(True)
         combo.clear()
         combo.addItem(_("Auto (GPU if available)"), "auto")
         combo.addItem(_("CPU"), "cpu")
-        try:
-            import torch
-
-            for index in range(torch.cuda.device_count()):
-                combo.addItem(
-                    f"cuda:{index} - {torch.cuda.get_device_name(index)}", f"cuda:{index}"
-                )
-        except Exception:  # torch missing or broken: only auto and CPU
-            pass
+        for device in devices or []:
+            if device["id"] != "cpu":
+                combo.addItem(f"{device['id']} - {device['name']}", device["id"])
         combo.blockSignals(False)
+        p = self._parameterNode
+        if p is not None and devices is not None and combo.findData(p.device) < 0:
+            p.device = "auto"
+
+    def onRefreshDevices(self) -> None:
+        """Ask a worker which GPUs its PyTorch sees (needs the dependencies)."""
+        if not self.ensureDependencies():
+            return
+        try:
+            with slicer.util.WaitCursor():
+                devices = self.logic.listDevices()
+        except GDPIError as exc:
+            slicer.util.errorDisplay(str(exc).splitlines()[0], detailedText=str(exc))
+            return
+        self._fillDevices(devices)
+        self.ui.statusLabel.text = _("Devices: {names}").format(
+            names=", ".join(d["id"] for d in devices)
+        )
 
     def _liverInputs(self):
         p = self._parameterNode
@@ -396,7 +410,6 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     slicer.util.pip_install(["-c", f.name, *requirements])
                 finally:
                     os.unlink(f.name)
-        self._fillDevices()
         still = dependencies.missingModules()
         if still:
             slicer.util.errorDisplay(_("Still missing: {}").format(", ".join(still)))

@@ -9,7 +9,7 @@ import pytest
 from GDPILiverAnomalyLib import cli as engine_cli
 from GDPITraining import cli as training_cli
 
-ENGINE = {"detect", "demo", "init-model"}
+ENGINE = {"detect", "demo", "init-model", "devices"}
 TRAINING = {"prepare", "train", "evaluate", "synth-tumours"}
 
 

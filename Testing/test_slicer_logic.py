@@ -351,3 +351,10 @@ def test_process_folder_continues_past_a_broken_case(tiny_checkpoint, tmp_path):
     assert [e["case"] for e in events if e["event"] == "case"] == ["a_good", "b_broken"]
     with pytest.raises(GDPIError, match="no cases found"):
         logic.processFolder(tmp_path / "out" / "a_good", tmp_path / "out2", settings=settings)
+
+
+def test_devices_are_listed_by_a_worker_not_in_slicers_process(tmp_path):
+    logic = DetectionLogic(slicer.vtkMRMLScene(), python=sys.executable, tempRoot=str(tmp_path))
+    devices = logic.listDevices()
+    assert devices[0]["id"] == "cpu" and all({"id", "name"} <= set(d) for d in devices)
+    assert list(tmp_path.iterdir()) == []  # the worker's temporary folder is gone

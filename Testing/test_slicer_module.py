@@ -202,3 +202,16 @@ def test_self_test_skips_inference_without_dependencies_and_needs_no_scikit_lear
         "assert 'sklearn' not in sys.modules, 'the demo module imports scikit-learn'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_panel_never_imports_torch():
+    """Device lists come from a worker (``logic.listDevices``): importing torch in
+    Slicer's process would initialise CUDA in the GUI and lock torch's files."""
+    tree = ast.parse(MODULE_PY.read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                for a in n.names}  # fmt: skip
+    imported |= {
+        n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+    }
+    assert "torch" not in imported
+    assert "refreshDevicesButton" in _ui_widgets()

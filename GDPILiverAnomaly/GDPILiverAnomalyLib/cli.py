@@ -1,4 +1,4 @@
-"""``gdpi`` engine commands: detect, demo, init-model (``python -m GDPILiverAnomalyLib``).
+"""``gdpi`` engine commands: detect, demo, init-model, devices (``python -m GDPILiverAnomalyLib``).
 
 The ``gdpi`` console script adds the training commands (``GDPITraining.cli``) to these.
 Exit codes: 0 success; 2 bad input, parameter, checkpoint or output folder (one-line
@@ -111,7 +111,19 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     dm.add_argument("--seed", type=int, default=7, help="synthetic case seed (default 7)")
     dm.add_argument("--device", default="auto")
     dm.add_argument("--progress", choices=("text", "json", "none"), default="text")
-    return {"detect": (_detect, True), "demo": (_demo, True), "init-model": (_init_model, False)}
+    dv = sub.add_parser(
+        "devices",
+        help="list the devices PyTorch can use here (CPU, CUDA GPUs, Apple MPS)",
+        description="One line per device: the --device value and its name; with --json one "
+        'JSON object {"event": "devices", "devices": [{"id", "name", ...}], "torch"}.',
+    )
+    dv.add_argument("--json", action="store_true", help="one JSON line on stdout")
+    return {
+        "detect": (_detect, True),
+        "demo": (_demo, True),
+        "init-model": (_init_model, False),
+        "devices": (_devices, False),
+    }
 
 
 def build_parser(*command_sets: CommandSet) -> tuple[argparse.ArgumentParser, dict]:
@@ -250,6 +262,20 @@ def _is_dicom_folder(folder: Path) -> bool:
     import SimpleITK as sitk
 
     return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+
+def _devices(args: argparse.Namespace, cancelled: dict) -> int:
+    import torch
+
+    from .devices import available_devices
+
+    devices = available_devices()
+    if args.json:
+        print(json.dumps({"event": "devices", "devices": devices, "torch": torch.__version__}))
+    else:
+        for device in devices:
+            print(f"{device['id']:8s} {device['name']}")
+    return 0
 
 
 def _init_model(args: argparse.Namespace, cancelled: dict) -> int:

@@ -138,6 +138,27 @@ class DetectionLogic(ResultDisplay):
             return job.wait()
         return job
 
+    # ---- devices ------------------------------------------------------------------
+
+    def listDevices(self, timeout: float = 120.0) -> list[dict]:
+        """The devices the worker's PyTorch can use (CPU, each CUDA GPU, Apple MPS), as
+        ``{"id", "name"}`` dicts (``id`` is a ``device`` setting). Asked from a worker
+        process (``gdpi devices --json``): Slicer's own process never imports torch, so
+        CUDA is not initialised in the GUI and torch's files stay unlocked. Blocks for
+        the worker's start-up (seconds)."""
+        with tempfile.TemporaryDirectory(prefix="GDPILiverAnomaly-", dir=self.tempRoot) as tmp:
+            worker = WorkerProcess(["devices", "--json"], Path(tmp) / "stderr.txt", self.python)
+            deadline = time.monotonic() + timeout
+            while worker.poll() is None:
+                if time.monotonic() > deadline:
+                    worker.cancel()
+                    raise GDPIError(f"listing the devices took more than {timeout:g} s")
+                time.sleep(0.05)
+            found = [e for e in worker.events() if e.get("event") == "devices"]
+            if worker.poll() != 0 or not found:
+                raise GDPIError(f"could not list the devices:\n{worker.stderr_tail()}")
+        return found[-1]["devices"]
+
     # ---- folders ------------------------------------------------------------------
 
     def processFolder(

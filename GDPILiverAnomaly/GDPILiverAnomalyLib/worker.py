@@ -21,6 +21,31 @@ from pathlib import Path
 
 #: Folder that holds the ``GDPILiverAnomalyLib`` package (put on the worker's PYTHONPATH).
 LIB_PARENT = str(Path(__file__).resolve().parent.parent)
+#: Win32 process-creation flags (their values, so the options can be checked anywhere).
+CREATE_NEW_PROCESS_GROUP = 0x00000200
+CREATE_NO_WINDOW = 0x08000000
+
+
+def process_options(os_name: str = os.name) -> dict:
+    """``Popen`` options of a worker: its own process group (so cancel reaches the whole
+    tree) and, on Windows, no console window (as ``slicer.util.launchConsoleProcess``:
+    ``CREATE_NO_WINDOW`` and a hidden window in ``STARTUPINFO``), so that no window
+    appears and closing one cannot kill the detection."""
+    if os_name != "nt":
+        return {"start_new_session": True}
+    options: dict = {"creationflags": CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW}
+    startupinfo = getattr(subprocess, "STARTUPINFO", None)  # exists on Windows only
+    if startupinfo is not None:
+        info = startupinfo()
+        info.dwFlags |= subprocess.STARTF_USESHOWWINDOW  # type: ignore[attr-defined]
+        info.wShowWindow = 0  # SW_HIDE
+        options["startupinfo"] = info
+    return options
+
+
+def kill_tree_command(pid: int) -> list[str]:
+    """The Windows command that ends a process and all its children."""
+    return ["taskkill", "/F", "/T", "/PID", str(pid)]
 
 
 def default_python() -> str:
@@ -54,11 +79,7 @@ class WorkerProcess:
         environment["PYTHONUNBUFFERED"] = "1"
         self._queue: queue.Queue[dict] = queue.Queue()
         stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - the child keeps its own copy
-        options: dict = {}
-        if os.name == "nt":
-            options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
-        else:
-            options["start_new_session"] = True  # own process group: killpg reaches children
+        options = process_options()
         self.process = subprocess.Popen(
             self.args,
             stdout=subprocess.PIPE,
@@ -126,10 +147,10 @@ class WorkerProcess:
         """
         if self.process.poll() is None:
             if os.name == "nt":
+                hidden = process_options("nt")  # taskkill must not flash a console either
+                hidden["creationflags"] = CREATE_NO_WINDOW
                 subprocess.run(
-                    ["taskkill", "/F", "/T", "/PID", str(self.pid)],
-                    capture_output=True,
-                    check=False,
+                    kill_tree_command(self.pid), capture_output=True, check=False, **hidden
                 )
             else:
                 _signal_group(self.pid, signal.SIGTERM)
