@@ -5,10 +5,11 @@ The widget is thin: settings live in a parameter node, every action goes to
 and detection runs in a background ``PythonSlicer`` process polled from a timer.
 """
 
-import json
 import logging
 import os
 import tempfile
+import time
+import traceback
 from typing import Annotated
 
 import qt
@@ -17,6 +18,7 @@ import vtk
 from GDPILiverAnomalyLib import dependencies
 from GDPILiverAnomalyLib.errors import GDPIError
 from GDPILiverAnomalyLib.parameters import PRESETS, default, value_range
+from GDPILiverAnomalyLib.slicer_display import RESULT_ROLE_ATTRIBUTE, defaultCtNode, liverSegmentId
 from GDPILiverAnomalyLib.slicer_logic import DetectionLogic
 from GDPILiverAnomalyLib.slicer_settings import PANEL_PRESETS, DetectionSettings
 from slicer import (
@@ -54,6 +56,50 @@ class GDPILiverAnomaly(ScriptedLoadableModule):
             "Method: 'CT-based Anomaly Detection of Liver Tumors Using Generative "
             "Diffusion Prior' (GDPI). The bundled model card lists its training data."
         )
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+#
+# Sample data: the demo's synthetic case, generated locally on click (no download)
+#
+
+
+def registerSampleData():
+    """Offer the synthetic case in the Sample Data module (category GDPI Liver Anomaly)."""
+    try:
+        import SampleData
+    except ImportError:  # Sample Data module disabled
+        return
+    iconsPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="GDPI Liver Anomaly",
+        sampleName="GDPISyntheticLiverCT",
+        uris="https://localhost/generated-on-click",  # never fetched: see customDownloader
+        fileNames="GDPISyntheticLiverCT.nrrd",
+        nodeNames="GDPI synthetic CT",
+        thumbnailFileName=os.path.join(iconsPath, "GDPILiverAnomaly.png"),
+        customDownloader=loadSyntheticSample,
+    )
+
+
+def loadSyntheticSample(source=None):
+    """Generate the synthetic CT and liver labelmap and select them in the module."""
+    if "scipy" in dependencies.missingModules():
+        slicer.util.errorDisplay(
+            _("The synthetic case needs scipy: open GDPI Liver Anomaly and click Detect "
+              "once (or Advanced > Install / upgrade) to install the dependencies.")
+        )  # fmt: skip
+        return []
+    logic = GDPILiverAnomalyLogic()
+    with slicer.util.WaitCursor():
+        ct, liver = logic.loadSyntheticCase()
+    parameterNode = logic.getParameterNode()
+    parameterNode.inputVolume = ct
+    parameterNode.liverSource = "Labelmap"
+    parameterNode.liverLabelmap = liver
+    parameterNode.liverLabelValue = 0
+    slicer.util.setSliceViewerLayers(background=ct, label=liver, fit=True)
+    return [ct, liver]
 
 
 #
@@ -92,7 +138,7 @@ class GDPILiverAnomalyParameterNode:
     device: str = default("device")
     threshold_hu: Annotated[float, WithinRange(*value_range("threshold_hu"))] = default(
         "threshold_hu"
-    )
+    )  # the slider shows the same range
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     perLesionSegments: bool = True
     scoreVolume: vtkMRMLScalarVolumeNode
@@ -144,6 +190,37 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.refreshDevicesButton.connect("clicked(bool)", self.onRefreshDevices)
+        self.ui.totalSegmentatorButton.connect("clicked(bool)", self.onTotalSegmentator)
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        self.ui.showVersionsButton.connect("clicked(bool)", self.onShowVersions)
+        self.ui.cancelAllButton.connect("clicked(bool)", self.onCancelAll)
+        # ranges from GDPILiverAnomalyLib.parameters (0 batch size = automatic)
+        for widget, name in (
+            (self.ui.stepsSpinBox, "steps"),
+            (self.ui.jumpLengthSpinBox, "jump_length"),
+            (self.ui.resamplingsSpinBox, "jump_n_sample"),
+            (self.ui.offsetSpinBox, "offset_hu"),
+            (self.ui.medianSizeSpinBox, "median_size"),
+            (self.ui.thresholdSliderWidget, "threshold_hu"),
+        ):
+            widget.minimum, widget.maximum = value_range(name)
+        self.ui.batchSizeSpinBox.minimum, self.ui.batchSizeSpinBox.maximum = (
+            0, value_range("batch_size")[1],
+        )  # fmt: skip
+        # the schedule boxes show the preset's values, and edit the parameter node's
+        # (custom) values only in the custom preset: so they are not bound to it
+        for widget, name in (
+            (self.ui.stepsSpinBox, "steps"),
+            (self.ui.jumpLengthSpinBox, "jump_length"),
+            (self.ui.resamplingsSpinBox, "jump_n_sample"),
+        ):
+            widget.connect(
+                "valueChanged(int)", lambda value, n=name: self.onScheduleEdited(n, value)
+            )
+        # only score volumes of earlier detections, never the CT itself
+        self.ui.resultScoreSelector.addAttribute(
+            "vtkMRMLScalarVolumeNode", RESULT_ROLE_ATTRIBUTE, "score"
+        )
         self.ui.thresholdSliderWidget.connect("valueChanged(double)", self.onThresholdChanged)
         self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.createSegmentationButton.connect("clicked(bool)", self.onCreateSegmentation)
@@ -181,7 +258,7 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            node = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            node = defaultCtNode(slicer.mrmlScene)  # not a labelmap, not an earlier result
             if node:
                 self._parameterNode.inputVolume = node
 
@@ -239,10 +316,13 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is None:
             return
         segmentationMode = p.liverSource == "Segmentation"
-        self.ui.liverSegmentSelector.setVisible(segmentationMode)
-        self.ui.liverLabelmapSelector.setVisible(not segmentationMode)
-        self.ui.liverLabelSpinBox.setVisible(not segmentationMode)
-        self.ui.liverLabelLabel.setVisible(not segmentationMode)
+        for widget in (self.ui.liverSegmentSelector, self.ui.liverSegmentLabel):
+            widget.setVisible(segmentationMode)
+        for widget in (
+            self.ui.liverLabelmapSelector, self.ui.liverLabelmapLabel,
+            self.ui.liverLabelSpinBox, self.ui.liverLabelLabel,
+        ):  # fmt: skip
+            widget.setVisible(not segmentationMode)
         if self.ui.liverSegmentSelector.currentNode() != p.liverSegmentation:
             self.ui.liverSegmentSelector.setCurrentNode(p.liverSegmentation)
         if p.liverSegmentId and self.ui.liverSegmentSelector.currentSegmentID() != p.liverSegmentId:
@@ -253,13 +333,19 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if index >= 0 and index != self.ui.deviceComboBox.currentIndex:
             self.ui.deviceComboBox.setCurrentIndex(index)
         custom = p.preset == "custom"
-        for widget in (self.ui.stepsSpinBox, self.ui.jumpLengthSpinBox, self.ui.resamplingsSpinBox):
-            widget.setEnabled(custom)
+        shown = {name: getattr(p, name) for name in ("steps", "jump_length", "jump_n_sample")}
         if not custom:
-            preset = PRESETS[p.preset]
-            self.ui.stepsSpinBox.value = preset["steps"]
-            self.ui.jumpLengthSpinBox.value = preset["jump_length"]
-            self.ui.resamplingsSpinBox.value = preset["jump_n_sample"]
+            shown.update({k: v for k, v in PRESETS[p.preset].items() if k in shown})
+        for widget, name in (
+            (self.ui.stepsSpinBox, "steps"),
+            (self.ui.jumpLengthSpinBox, "jump_length"),
+            (self.ui.resamplingsSpinBox, "jump_n_sample"),
+        ):
+            widget.setEnabled(custom)
+            if widget.value != shown[name]:
+                wasBlocked = widget.blockSignals(True)  # display only: nothing written back
+                widget.value = shown[name]
+                widget.blockSignals(wasBlocked)
 
         running = self._job is not None and self._job.running
         if running:
@@ -306,6 +392,15 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onLiverSegmentationChanged(self, node) -> None:
         if self._parameterNode and self._parameterNode.liverSegmentation != node:
             self._parameterNode.liverSegmentation = node
+            segmentId = liverSegmentId(node) if node is not None else None
+            if segmentId:  # the segment named liver, not the first one (spleen)
+                self._parameterNode.liverSegmentId = segmentId
+                self.ui.liverSegmentSelector.setCurrentSegmentID(segmentId)
+
+    def onScheduleEdited(self, name, value) -> None:
+        p = self._parameterNode
+        if p is not None and p.preset == "custom" and getattr(p, name) != value:
+            setattr(p, name, value)
 
     def onLiverSegmentChanged(self, segmentId) -> None:
         if self._parameterNode and self._parameterNode.liverSegmentId != segmentId:
@@ -339,18 +434,27 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except GDPIError as exc:
             slicer.util.errorDisplay(str(exc))
             return
+        except Exception as exc:  # not ours: still a dialog, and the traceback in the log
+            logging.exception("GDPI: could not start the detection")
+            slicer.util.errorDisplay(
+                _("Could not start the detection: {error}").format(error=exc),
+                detailedText=traceback.format_exc(),
+            )
+            return
         self.ui.statusLabel.text = _("Starting the worker...")
         self._timer.start()
         self._updateGui()
 
     def _onWorkerEvent(self, event) -> None:
+        """Progress bar, status line and readable log lines (the job also logs them to
+        Slicer's log)."""
         kind = event.get("event")
         if kind == "progress":
             self.ui.progressBar.value = int(round(100 * event["fraction"]))
         elif kind == "log":
             self.ui.logTextEdit.appendPlainText(event.get("message", ""))
-        elif kind in ("start", "done", "error", "cancelled"):
-            self.ui.logTextEdit.appendPlainText(json.dumps(event))
+        elif event.get("text"):
+            self.ui.logTextEdit.appendPlainText(event["text"])
         if self._job is not None:
             self.ui.statusLabel.text = self._job.message
 
@@ -377,44 +481,124 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.value = 0
         self._updateGui()
 
-    def ensureDependencies(self) -> bool:
-        """Install missing packages after a confirmation (torch via the PyTorch extension)."""
+    def ensureDependencies(self, upgrade: bool = False) -> bool:
+        """Install missing packages after a confirmation (torch via the PyTorch extension,
+        at least ``dependencies.MINIMUM_TORCH``); ``upgrade`` also reinstalls torch when
+        it is too old. Failures end in a dialog with advice and the details."""
+        versions = dependencies.installedVersions()
         missing = dependencies.missingModules()
-        if not missing:
+        oldTorch = dependencies.torchTooOld(versions.get("torch"))
+        if not missing and not oldTorch and not upgrade:
             return True
         if not slicer.util.confirmOkCancelDisplay(
             _("GDPI needs these Python packages: {packages}. Install them now? This can take "
               "several minutes; Slicer's own numpy and SimpleITK are left untouched.").format(
-                packages=", ".join(missing)
+                packages=", ".join(missing or [f"torch >= {dependencies.MINIMUM_TORCH}"])
             )
         ):  # fmt: skip
             return False
-        with slicer.util.WaitCursor():
-            if "torch" in missing:
-                try:
-                    import PyTorchUtils
-                except ModuleNotFoundError:
-                    slicer.util.errorDisplay(
-                        _("This module needs the PyTorch extension. Install 'PyTorch' from the "
-                          "Extensions Manager, restart Slicer, and click Detect again.")
-                    )  # fmt: skip
-                    return False
-                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
-                    slicer.util.errorDisplay(_("PyTorch could not be installed; see the log."))
-                    return False
-            requirements = dependencies.pipRequirements(missing)
-            if requirements:
-                with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-                    f.write(dependencies.pinnedConstraints())
-                try:
-                    slicer.util.pip_install(["-c", f.name, *requirements])
-                finally:
-                    os.unlink(f.name)
+        try:
+            with slicer.util.WaitCursor():
+                self._installDependencies(missing, oldTorch or upgrade)
+        except Exception as exc:
+            logging.exception("GDPI: installing the dependencies failed")
+            slicer.util.errorDisplay(
+                _("Installing the dependencies failed. {advice}").format(
+                    advice=dependencies.installFailureAdvice(exc)
+                ),
+                detailedText=traceback.format_exc(),
+            )
+            return False
         still = dependencies.missingModules()
         if still:
-            slicer.util.errorDisplay(_("Still missing: {}").format(", ".join(still)))
+            slicer.util.errorDisplay(
+                _("Still missing after the installation: {names}. Restart Slicer and try "
+                  "again.").format(names=", ".join(still))
+            )  # fmt: skip
             return False
         return True
+
+    def _installDependencies(self, missing, torchToo: bool) -> None:
+        if "torch" in missing or torchToo:
+            try:
+                import PyTorchUtils
+            except ModuleNotFoundError:
+                raise GDPIError(
+                    "This module needs the PyTorch extension (PyTorchUtils): install "
+                    "'PyTorch' from the Extensions Manager and restart Slicer."
+                ) from None
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=False,
+                torchVersionRequirement=f">={dependencies.MINIMUM_TORCH}",
+            )
+            if torch is None:
+                raise GDPIError("PyTorch was not installed (the installation was cancelled).")
+        requirements = dependencies.pipRequirements(missing)
+        if requirements:
+            with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+                f.write(dependencies.pinnedConstraints())
+            try:
+                slicer.util.pip_install(["-c", f.name, *requirements])
+            finally:
+                os.unlink(f.name)
+
+    def onInstallDependencies(self) -> None:
+        if self.ensureDependencies(upgrade=True):
+            self.ui.statusLabel.text = _("Dependencies are installed.")
+            self.onShowVersions()
+
+    def onShowVersions(self) -> None:
+        versions = dependencies.installedVersions()
+        lines = [f"{name}: {version or _('not installed')}" for name, version in versions.items()]
+        if dependencies.torchTooOld(versions.get("torch")):
+            lines.append(_("torch is older than {v}: click Install / upgrade.").format(
+                v=dependencies.MINIMUM_TORCH))  # fmt: skip
+        self.ui.logTextEdit.appendPlainText("\n".join(lines))
+        slicer.util.infoDisplay("\n".join(lines), windowTitle=_("GDPI dependencies"))
+
+    def onCancelAll(self) -> None:
+        count = self.logic.cancelAll()
+        if self._job is not None and self._job.running:
+            self._job.cancel()
+            count += 1
+        self.ui.statusLabel.text = _("Cancelled {n} running detection(s).").format(n=count)
+        self._updateGui()
+
+    def onTotalSegmentator(self) -> None:
+        """Make the liver segment with the TotalSegmentator extension (fast mode)."""
+        p = self._parameterNode
+        if p.inputVolume is None:
+            slicer.util.errorDisplay(_("Select the CT first."))
+            return
+        if not hasattr(slicer.modules, "totalsegmentator"):
+            slicer.util.errorDisplay(
+                _("No liver mask yet? Install the 'TotalSegmentator' extension from the "
+                  "Extensions Manager (then this button makes the liver segment), or draw "
+                  "the liver in Segment Editor, or load a liver labelmap.")
+            )  # fmt: skip
+            return
+        from TotalSegmentator import TotalSegmentatorLogic
+
+        self.ui.statusLabel.text = _("TotalSegmentator is segmenting the liver...")
+        slicer.app.processEvents()
+        try:
+            with slicer.util.WaitCursor():
+                segmentation, segmentId = self.logic.makeLiverSegmentation(
+                    p.inputVolume, TotalSegmentatorLogic(), cpu=p.device == "cpu"
+                )
+        except Exception as exc:
+            logging.exception("GDPI: TotalSegmentator failed")
+            slicer.util.errorDisplay(
+                _("TotalSegmentator failed: {error}").format(error=exc),
+                detailedText=traceback.format_exc(),
+            )
+            return
+        p.liverSource = "Segmentation"
+        p.liverSegmentation = segmentation
+        p.liverSegmentId = segmentId
+        self.ui.statusLabel.text = _("Liver segment ready: {name}").format(
+            name=segmentation.GetName()
+        )
 
     def onThresholdChanged(self, value) -> None:
         p = self._parameterNode
@@ -454,7 +638,7 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onLesionClicked(self, index) -> None:
         p = self._parameterNode
         if p is not None and p.lesionTable is not None and index.isValid():
-            self.logic.jumpToLesion(p.lesionTable, index.row())
+            self.logic.jumpToLesion(p.lesionTable, index.row())  # follows the CT's transform
 
 
 #
@@ -475,6 +659,16 @@ class GDPILiverAnomalyLogic(ScriptedLoadableModuleLogic, DetectionLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         DetectionLogic.__init__(self, slicer.mrmlScene, tempRoot=slicer.app.temporaryPath)
+        # no worker outlives Slicer (it would keep the GPU)
+        slicer.app.connect("aboutToQuit()", self.cancelAll)
+
+    def idle(self, seconds: float) -> None:
+        """While a console call waits, Slicer keeps handling events (responsive; the
+        panel's Advanced > Cancel all stops a batch)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            slicer.app.processEvents()
+            time.sleep(0.02)
 
     def getParameterNode(self):
         return GDPILiverAnomalyParameterNode(super().getParameterNode())
@@ -503,16 +697,10 @@ class GDPILiverAnomalyTest(ScriptedLoadableModuleTest):
         self.test_panel_state()
 
     def _syntheticNodes(self):
-        import numpy as np
         from GDPILiverAnomalyLib.synthetic import synthetic_case
 
         case = synthetic_case(seed=7)
-        sx, sy, sz = case.spacing
-        ijkToRAS = np.diag([-sx, -sy, sz, 1.0])  # LPS arrays -> RAS
-        ct = slicer.util.addVolumeFromArray(case.ct, ijkToRAS, "synthetic CT")
-        liver = slicer.util.addVolumeFromArray(
-            case.liver, ijkToRAS, "synthetic liver", "vtkMRMLLabelMapVolumeNode"
-        )
+        ct, liver = GDPILiverAnomalyLogic().loadSyntheticCase(seed=7)
         return case, ct, liver
 
     def test_detect_synthetic_case(self):

@@ -41,6 +41,7 @@ def test_presets_and_their_network_evaluations():
         (dict(median_size=32), "median filter size must be in 0..31 px"),
         (dict(batch_size=0), "batch size must be in 1..512"),
         (dict(threshold_hu=math.nan), "threshold must be a finite number of HU"),
+        (dict(threshold_hu=-1.0), "threshold must be in 0..500 HU"),
         (dict(min_candidate_mm2=-1.0), "minimum candidate area must be in 0..1e+06 mm^2"),
     ],
 )

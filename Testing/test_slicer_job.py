@@ -32,3 +32,27 @@ def test_failure_hints_retry_and_status_line():
         "--batch-size",
         "2",
     ]
+
+
+def test_worker_events_become_readable_log_lines():
+    pytest.importorskip("slicer")
+    from GDPILiverAnomalyLib.slicer_job import formatDuration, formatEvent
+
+    assert formatDuration(125.4) == "2 min 05 s" and formatDuration(9) == "9 s"
+    start = {
+        "event": "start",
+        "nfe_per_batch": 140,
+        "parameters": {"preset": "fast", "steps": 50, "jump_length": 5, "jump_n_sample": 3,
+                       "device": "auto"},
+    }  # fmt: skip
+    assert formatEvent(start) == (
+        "Started: preset fast, 50 steps, jump length 5, 3 resamplings = 140 network "
+        "evaluations per batch, device auto"
+    )
+    estimate = {"event": "estimate", "seconds": 200.0, "device": "cpu", "nfe_total": 4200,
+                "slices_total": 30}  # fmt: skip
+    assert formatEvent(estimate) == (
+        "Estimated time: about 3 min 20 s on cpu (4200 network evaluations, 30 liver slices)"
+    )
+    assert formatEvent({"event": "error", "message": "bad CT"}) == "Error: bad CT"
+    assert formatEvent({"event": "progress", "fraction": 0.5}) is None

@@ -84,6 +84,10 @@ def hcc_scene():
     segment_id = segmentation.GetSegmentation().GetNthSegmentID(0)
     segmentation.GetSegmentation().GetSegment(segment_id).SetName("liver")
     scene.RemoveNode(whole)
+    # the CT in a patient's study, as DICOM loading puts it
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "patient")
+    hierarchy.CreateItem(hierarchy.CreateStudyItem(patient, "study"), ct)
     return scene, ct, labelmap, segmentation, segment_id
 
 
@@ -222,6 +226,7 @@ def test_segment_input_streams_the_heatmap_while_running(hcc_scene, tiny_checkpo
     logic = DetectionLogic(scene, tempRoot=str(tmp_path))
     logic.streamEvery = 0.5
     seen: list[tuple[str, float]] = []
+    buffers: set[int] = set()
     last_partial: list[np.ndarray] = []
     job = None
 
@@ -229,6 +234,7 @@ def test_segment_input_streams_the_heatmap_while_running(hcc_scene, tiny_checkpo
         if event["event"] == "partial":
             node = job._scoreNode
             array = slicer.util.arrayFromVolume(node)
+            buffers.add(array.__array_interface__["data"][0])
             seen.append((node.GetID(), float(np.abs(array).sum())))
             last_partial[:] = [array.copy()]
 
@@ -246,6 +252,8 @@ def test_segment_input_streams_the_heatmap_while_running(hcc_scene, tiny_checkpo
     assert {i for i, _ in seen} == {job.outputs.scoreVolume.GetID()}
     final = slicer.util.arrayFromVolume(job.outputs.scoreVolume)
     assert np.abs(final).sum() >= sums[-1]
+    # updated in place: one voxel buffer from the first partial to the final result
+    assert buffers == {final.__array_interface__["data"][0]}
     # streamed slices already hold their final values
     done = last_partial[0] != 0
     np.testing.assert_allclose(final[done], last_partial[0][done], atol=1e-4)
@@ -358,3 +366,264 @@ def test_devices_are_listed_by_a_worker_not_in_slicers_process(tmp_path):
     devices = logic.listDevices()
     assert devices[0]["id"] == "cpu" and all({"id", "name"} <= set(d) for d in devices)
     assert list(tmp_path.iterdir()) == []  # the worker's temporary folder is gone
+
+
+# ---- results in the scene: tags, study, transforms, terminology ---------------------
+
+
+def test_results_are_tagged_and_placed_in_the_cts_study(hcc_scene, labelmap_run):
+    from GDPILiverAnomalyLib.slicer_display import RESULT_ROLE_ATTRIBUTE, defaultCtNode, isResult
+
+    scene, ct, labelmap, _, _ = hcc_scene
+    _, outputs, events, _, _ = labelmap_run
+    roles = {
+        outputs.scoreVolume.GetAttribute(RESULT_ROLE_ATTRIBUTE),
+        outputs.pseudoHealthyVolume.GetAttribute(RESULT_ROLE_ATTRIBUTE),
+        outputs.lesionTable.GetAttribute(RESULT_ROLE_ATTRIBUTE),
+    }
+    assert roles == {"score", "pseudo-healthy", "lesions"}
+    assert not isResult(ct) and isResult(outputs.scoreVolume)
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    study = hierarchy.GetItemParent(hierarchy.GetItemByDataNode(ct))
+    for node in (outputs.scoreVolume, outputs.pseudoHealthyVolume, outputs.lesionTable):
+        assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) == study
+        assert node.GetNodeReference("gdpiInputVolume") is ct
+    # the panel's default CT is never a labelmap or a result
+    assert defaultCtNode(scene) is ct
+    # readable log lines, and an estimate of the time before the long wait
+    estimate = next(e for e in events if e["event"] == "estimate")
+    assert estimate["seconds"] > 0 and estimate["device"] == "cpu"
+    assert estimate["text"].startswith("Estimated time: about")
+    start = next(e for e in events if e["event"] == "start")
+    assert start["text"].startswith("Started: preset paper, 10 steps")
+
+
+def test_segmentation_follows_the_ct_for_dicom_export(hcc_scene, labelmap_run):
+    from GDPILiverAnomalyLib.slicer_display import LESION_TERMINOLOGY
+
+    scene, ct, _, _, _ = hcc_scene
+    logic, outputs, _, _, _ = labelmap_run
+    segmentation = logic.createSegmentation(outputs.scoreVolume, 5.0)
+    assert segmentation.GetNodeReference("referenceImageGeometryRef") is ct
+    seg = segmentation.GetSegmentation()
+    assert seg.GetNumberOfSegments() > 0
+    for index in range(seg.GetNumberOfSegments()):
+        tag = vtk.reference("")
+        assert seg.GetNthSegment(index).GetTag("TerminologyEntry", tag)
+        assert str(tag) == LESION_TERMINOLOGY
+    assert LESION_TERMINOLOGY.count("~") == 6  # Slicer's 7-field serialisation
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    study = hierarchy.GetItemParent(hierarchy.GetItemByDataNode(ct))
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(segmentation)) == study
+    scene.RemoveNode(segmentation)
+
+
+def test_transforms_move_the_segmentation_and_the_lesion_jump(hcc_scene, labelmap_run):
+    scene, ct, _, _, _ = hcc_scene
+    logic, outputs, _, _, _ = labelmap_run
+    shift = (12.0, -7.0, 30.0)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    matrix = vtk.vtkMatrix4x4()
+    for axis, value in enumerate(shift):
+        matrix.SetElement(axis, 3, value)
+    transform.SetMatrixTransformToParent(matrix)
+    try:
+        for node in (ct, outputs.scoreVolume):
+            node.SetAndObserveTransformNodeID(transform.GetID())
+        local = logic.lesionCentroid(outputs.lesionTable, 0)
+        world = logic.jumpToLesion(outputs.lesionTable, 0)
+        np.testing.assert_allclose(world, np.add(local, shift), atol=1e-6)
+        red = next(
+            scene.GetNthNodeByClass(i, "vtkMRMLSliceNode")
+            for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode"))
+        )
+        centre = red.GetSliceToRAS()
+        assert centre.GetElement(2, 3) == pytest.approx(world[2], abs=1e-3)
+        segmentation = logic.createSegmentation(outputs.scoreVolume, 5.0)
+        assert segmentation.GetTransformNodeID() == transform.GetID()
+        scene.RemoveNode(segmentation)
+    finally:
+        for node in (ct, outputs.scoreVolume):
+            node.SetAndObserveTransformNodeID(None)
+        scene.RemoveNode(transform)
+
+
+def test_a_failure_while_loading_results_removes_every_node_it_made(
+    hcc_scene, tiny_checkpoint, tmp_path, monkeypatch
+):
+    scene, ct, labelmap, _, _ = hcc_scene
+    logic = DetectionLogic(scene, tempRoot=str(tmp_path))
+    state = _scene_state(scene)
+
+    def broken_table(*args, **kwargs):  # fault injection: the last step of loading fails
+        raise RuntimeError("table could not be filled")
+
+    monkeypatch.setattr(logic, "updateLesionTable", broken_table)
+    settings = DetectionSettings(checkpoint=str(tiny_checkpoint), **QUICK)
+    with pytest.raises(GDPIError, match="Could not load the results: table could not"):
+        logic.process(ct, labelmap, labelValue=0, settings=settings)
+    assert _scene_state(scene) == state  # no score, pseudo-healthy or table left
+    assert list(tmp_path.iterdir()) == [] and not logic._running
+
+
+def test_lesion_table_works_with_the_slicer_56_table_api(labelmap_run):
+    """Slicer 5.6 has no column titles (5.8+): the long-name API is used instead."""
+    logic, outputs, _, _, _ = labelmap_run
+    real = slicer.vtkMRMLTableNode()
+
+    class Slicer56Table:
+        def __getattr__(self, name):
+            if name in ("SetColumnTitle", "SetUseColumnTitleAsColumnHeader"):
+                raise AttributeError(name)
+            return getattr(real, name)
+
+    lesions = logic.lesionsAt(outputs.scoreVolume, 5.0)
+    logic.updateLesionTable(Slicer56Table(), lesions)
+    assert real.GetNumberOfRows() == len(lesions) and real.GetLocked()
+    assert real.GetColumnLongName("volume_ml") == "Volume (mL)"
+
+
+# ---- inputs ------------------------------------------------------------------------
+
+
+def test_labelmap_checks_use_the_value_range(tmp_path):
+    scene = slicer.vtkMRMLScene()
+    logic = DetectionLogic(scene, tempRoot=str(tmp_path))
+    ct = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+    slicer.util.updateVolumeFromArray(ct, np.zeros((4, 8, 8), np.int16))
+    multi = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "totalseg")
+    values = np.zeros((4, 8, 8), np.uint8)
+    values[1, 2:5, 2:5] = 5
+    values[2, 1, 1] = 1
+    slicer.util.updateVolumeFromArray(multi, values)
+    assert "several labels" in logic.inputProblem(ct, multi, labelValue=0)
+    assert logic.inputProblem(ct, multi, labelValue=5) is None
+    assert "no voxel with label 7" in logic.inputProblem(ct, multi, labelValue=7)
+    empty = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "empty")
+    slicer.util.updateVolumeFromArray(empty, np.zeros((4, 8, 8), np.uint8))
+    assert "is empty" in logic.inputProblem(ct, empty, labelValue=0)
+
+
+def test_the_liver_segment_is_chosen_by_name():
+    from GDPILiverAnomalyLib.slicer_display import liverSegmentId
+
+    scene = slicer.vtkMRMLScene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    values = np.zeros((2, 4, 8), np.uint8)
+    values[0, 0, :5] = [1, 2, 3, 4, 5]
+    slicer.util.updateVolumeFromArray(labelmap, values)
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, node)
+    segmentation = node.GetSegmentation()
+    ids = [segmentation.GetNthSegmentID(i) for i in range(5)]
+    names = ("spleen", "liver tumour", "Liver", "kidney_left", "Liver (auto)")
+    for segment_id, name in zip(ids, names, strict=True):
+        segmentation.GetSegment(segment_id).SetName(name)
+    assert liverSegmentId(node) == ids[2]  # named liver (any case), not the first
+    segmentation.GetSegment(ids[2]).SetName("liver vessels")
+    assert liverSegmentId(node) == ids[4]  # contains liver; not the tumour, not vessels
+    segmentation.GetSegment(ids[4]).SetName("stomach")
+    assert liverSegmentId(node) == ids[0]  # no liver at all: the first, as before
+
+
+def test_synthetic_sample_case_has_the_demo_geometry(tmp_path):
+    from GDPILiverAnomalyLib.synthetic import synthetic_case
+
+    scene = slicer.vtkMRMLScene()
+    logic = DetectionLogic(scene, tempRoot=str(tmp_path))
+    ct, liver = logic.loadSyntheticCase(seed=7)
+    case = synthetic_case(seed=7)
+    assert liver.IsA("vtkMRMLLabelMapVolumeNode") and not ct.IsA("vtkMRMLLabelMapVolumeNode")
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(ct), case.ct)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(liver), case.liver)
+    np.testing.assert_allclose(ct.GetSpacing(), case.spacing)
+    assert logic.inputProblem(ct, liver, labelValue=0) is None
+
+
+class _FakeTotalSegmentatorLogic:
+    """Stands in for ``TotalSegmentator.TotalSegmentatorLogic`` (that extension and its
+    network cannot run here): same ``process`` keywords, adds the segments it would."""
+
+    def __init__(self, keyword: str):
+        self.keyword, self.calls = keyword, []
+        self.setup = 0
+
+    def setupPythonRequirements(self):
+        self.setup += 1
+
+    def _run(self, inputVolume, outputSegmentation, cpu, mode, segments):
+        self.calls.append({"input": inputVolume, "cpu": cpu, self.keyword: mode})
+        # as TotalSegmentator does: import its label map, one segment per class name
+        scene = inputVolume.GetScene()
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+        values = np.zeros(slicer.util.arrayFromVolume(inputVolume).shape, np.uint8)
+        values.reshape(-1)[: len(segments)] = np.arange(1, len(segments) + 1)
+        slicer.util.updateVolumeFromArray(labelmap, values)
+        labelmap.CopyOrientation(inputVolume)
+        logic = slicer.vtkSlicerSegmentationsModuleLogic
+        assert logic.ImportLabelmapToSegmentationNode(labelmap, outputSegmentation)
+        scene.RemoveNode(labelmap)
+        segmentation = outputSegmentation.GetSegmentation()
+        for index, name in enumerate(segments):
+            segmentation.GetNthSegment(index).SetName(name)
+
+
+def _fake_logic(keyword: str, segments=("spleen", "liver", "stomach")):
+    fake = _FakeTotalSegmentatorLogic(keyword)
+    if keyword == "fast":
+
+        def process(inputVolume, outputSegmentation, fast=True, cpu=False, task=None):
+            fake._run(inputVolume, outputSegmentation, cpu, fast, segments)
+
+    else:
+
+        def process(inputVolume, outputSegmentation, quality=None, cpu=False, task=None):
+            fake._run(inputVolume, outputSegmentation, cpu, quality, segments)
+
+    fake.process = process
+    return fake
+
+
+@pytest.mark.parametrize(("keyword", "mode"), [("fast", True), ("quality", "fast")])
+def test_totalsegmentator_makes_and_selects_the_liver(tmp_path, keyword, mode):
+    scene = slicer.vtkMRMLScene()
+    logic = DetectionLogic(scene, tempRoot=str(tmp_path))
+    ct, _ = logic.loadSyntheticCase()
+    fake = _fake_logic(keyword)
+    segmentation, segment_id = logic.makeLiverSegmentation(ct, fake, cpu=True)
+    assert segmentation.GetSegmentation().GetSegment(segment_id).GetName() == "liver"
+    assert fake.setup == 1
+    assert fake.calls == [{"input": ct, "cpu": True, keyword: mode}]
+    before = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    with pytest.raises(GDPIError, match="no liver segment"):
+        logic.makeLiverSegmentation(ct, _fake_logic(keyword, ("spleen",)))
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == before
+
+
+# ---- stopping everything -------------------------------------------------------------
+
+
+def test_cancel_all_stops_a_blocking_folder_batch(tiny_checkpoint, tmp_path):
+    """A console batch waits in ``idle`` (Slicer processes events there); whatever runs
+    then, e.g. the panel's Cancel all or Slicer quitting, can stop it."""
+    cases = tmp_path / "cases"
+    for name in ("a", "b"):
+        (cases / name).mkdir(parents=True)
+        for f in ("ct.nii.gz", "seg.nii.gz"):
+            shutil.copy(shared("hcc_0697", f), cases / name / f)
+
+    class Logic(DetectionLogic):
+        calls = 0
+
+        def idle(self, seconds):
+            Logic.calls += 1
+            if Logic.calls == 20:  # about 2 s into the batch
+                assert self.cancelAll() == 1
+            time.sleep(seconds)
+
+    logic = Logic(slicer.vtkMRMLScene(), tempRoot=str(tmp_path))
+    settings = DetectionSettings(checkpoint=str(tiny_checkpoint), **{**QUICK, "steps": 200})
+    with pytest.raises(GDPIError, match="cancelled"):
+        logic.processFolder(cases, tmp_path / "out", settings=settings)
+    assert not logic._running
+    assert not (tmp_path / "out" / "b").exists()

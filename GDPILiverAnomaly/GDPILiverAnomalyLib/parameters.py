@@ -73,8 +73,8 @@ class DetectionParams:
         float,
         "threshold",
         "anomaly mask: score > threshold",
-        -1000.0,
-        1000.0,
+        0.0,
+        500.0,
         "HU",
         "--threshold",
     )

@@ -96,6 +96,7 @@ def detect(
                 nfe_total,
                 round(elapsed, 3),
                 None if eta is None else round(eta, 1),
+                str(device),
             )
         )
 

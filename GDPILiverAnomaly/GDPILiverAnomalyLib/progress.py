@@ -28,6 +28,7 @@ class Progress:
     nfe_total: int
     elapsed_s: float
     eta_s: float | None
+    device: str = ""
 
     @property
     def fraction(self) -> float:
@@ -45,6 +46,7 @@ class Reporter:
         self.bar = None
         self.last = 0.0
         self.case: str | None = None
+        self.estimated = False
 
     def emit(self, event: str, **fields) -> None:
         """One JSON event line on stdout (``json`` mode only)."""
@@ -54,8 +56,22 @@ class Reporter:
     def start_case(self, name: str | None) -> None:
         self.close()
         self.case = name
+        self.estimated = False
 
     def __call__(self, p: Progress) -> None:
+        if self.mode == "json" and not self.estimated and p.nfe_done >= min(3, p.nfe_total):
+            # after a few network evaluations of the real batch: the time the whole case
+            # will take on this device (the Slicer panel shows it before the long wait)
+            self.estimated = True
+            if p.nfe_done:
+                self.emit(
+                    "estimate",
+                    case=self.case,
+                    seconds=round(p.elapsed_s / p.nfe_done * p.nfe_total, 1),
+                    device=p.device,
+                    nfe_total=p.nfe_total,
+                    slices_total=p.slices_total,
+                )
         if self.mode == "json":
             now = time.monotonic()
             final = p.nfe_done == p.nfe_total

@@ -29,6 +29,18 @@ _INFERNO = [
     (0.9746, 0.7977, 0.2063),
     (0.9884, 0.9984, 0.6449),
 ]
+#: Attribute that marks the nodes a detection made: ``score``, ``pseudo-healthy``,
+#: ``lesions`` (the panel's result selector lists only ``score`` volumes).
+RESULT_ROLE_ATTRIBUTE = "GDPI.role"
+#: Node reference from a result node to the CT it was computed from.
+INPUT_VOLUME_REFERENCE = "gdpiInputVolume"
+#: DICOM terminology of the anomaly segments: a mass (SCT 4147007) in the liver
+#: (SCT 10200004), category Morphologically Altered Structure (Slicer's serialisation).
+LESION_TERMINOLOGY = (
+    "Segmentation category and type - DICOM master list"
+    "~SCT^49755003^Morphologically Altered Structure~SCT^4147007^Mass~^^"
+    "~Anatomic codes - DICOM master list~SCT^10200004^Liver~^^"
+)
 LESION_COLUMNS = ("id", "volume_ml", "max_score_hu", "mean_score_hu", "r_mm", "a_mm", "s_mm")
 
 
@@ -110,14 +122,22 @@ class ResultDisplay:
             for row, lesion in enumerate(lesions):
                 column.SetValue(row, lesion[name])
             table.AddColumn(column)
+        titles = {"id": "Lesion", "volume_ml": "Volume (mL)", "max_score_hu": "Max score (HU)",
+                  "mean_score_hu": "Mean score (HU)", "r_mm": "R (mm)", "a_mm": "A (mm)",
+                  "s_mm": "S (mm)"}  # fmt: skip
+        # Slicer 5.6 has only the older "long name" API (titles came in 5.8)
+        modern = hasattr(tableNode, "SetColumnTitle")
         with slicer.util.NodeModify(tableNode):
             tableNode.SetAndObserveTable(table)
-            tableNode.SetUseColumnTitleAsColumnHeader(True)
-            titles = {"id": "Lesion", "volume_ml": "Volume (mL)", "max_score_hu": "Max score (HU)",
-                      "mean_score_hu": "Mean score (HU)", "r_mm": "R (mm)", "a_mm": "A (mm)",
-                      "s_mm": "S (mm)"}  # fmt: skip
+            if modern:
+                tableNode.SetUseColumnTitleAsColumnHeader(True)
+            else:
+                tableNode.SetUseColumnNameAsColumnHeader(False)
             for name, title in titles.items():
-                tableNode.SetColumnTitle(name, title)
+                if modern:
+                    tableNode.SetColumnTitle(name, title)
+                else:
+                    tableNode.SetColumnLongName(name, title)
             tableNode.SetLocked(True)
 
     def lesionCentroid(self, tableNode, row: int) -> tuple[float, float, float]:
@@ -129,9 +149,15 @@ class ResultDisplay:
             float(table.GetColumnByName(c).GetValue(row)) for c in ("r_mm", "a_mm", "s_mm")
         )
 
-    def jumpToLesion(self, tableNode, row: int) -> tuple[float, float, float]:
-        """Centre every slice view on the lesion in ``row``; returns its RAS centroid."""
-        ras = self.lesionCentroid(tableNode, row)
+    def jumpToLesion(self, tableNode, row: int, volumeNode=None) -> tuple[float, float, float]:
+        """Centre every slice view on the lesion in ``row``; returns the world RAS point.
+
+        Centroids are in the volume's own (local) RAS; when ``volumeNode`` (default: the
+        score volume the table was made from) is under a transform, the point is moved
+        to world coordinates, where the slice views are."""
+        local = self.lesionCentroid(tableNode, row)
+        volumeNode = volumeNode or tableNode.GetNodeReference(INPUT_VOLUME_REFERENCE)
+        ras = toWorld(volumeNode, local) if volumeNode is not None else local
         slicer.vtkMRMLSliceNode.JumpAllSlices(
             self.scene, *ras, slicer.vtkMRMLSliceNode.CenteredJumpSlice
         )
@@ -141,7 +167,11 @@ class ResultDisplay:
         self, scoreNode, threshold: float, perLesion: bool = True, name: str | None = None
     ):
         """A segmentation of the anomalies (score > ``threshold`` HU): one segment per
-        lesion (``Lesion N`` = row N of the lesion table) or one segment ``Anomaly``."""
+        lesion (``Lesion N`` = row N of the lesion table) or one segment ``Anomaly``.
+
+        Placed like the CT the score came from: same transform, same study in the
+        subject hierarchy, the CT as reference geometry (so DICOM SEG export works),
+        segments with the DICOM terminology of a liver mass."""
         from .scoring import anomaly_mask, lesion_labels
 
         score = slicer.util.arrayFromVolume(scoreNode)
@@ -151,7 +181,10 @@ class ResultDisplay:
             "vtkMRMLSegmentationNode", name or f"{scoreNode.GetName()} > {threshold:g} HU"
         )
         segmentation.CreateDefaultDisplayNodes()
-        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(scoreNode)
+        ct = scoreNode.GetNodeReference(INPUT_VOLUME_REFERENCE) or scoreNode
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(ct)
+        segmentation.SetAndObserveTransformNodeID(scoreNode.GetTransformNodeID())
+        placeBeside(self.scene, ct, segmentation)
         if count == 0:
             return segmentation
         labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__gdpi_temp__")
@@ -167,12 +200,74 @@ class ResultDisplay:
         for index in range(seg.GetNumberOfSegments()):
             segment = seg.GetNthSegment(index)
             segment.SetName(f"Lesion {segment.GetLabelValue()}" if perLesion else "Anomaly")
+            segment.SetTag("TerminologyEntry", LESION_TERMINOLOGY)
         segmentation.SetAttribute("GDPI.threshold_hu", f"{threshold:g}")
         return segmentation
 
 
+def toWorld(node, ras: tuple[float, float, float]) -> tuple[float, float, float]:
+    """A point in ``node``'s local RAS (mm) in world RAS, through its transforms."""
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return tuple(float(v) for v in ras)
+    transform = vtk.vtkGeneralTransform()
+    parent.GetTransformToWorld(transform)
+    return tuple(float(v) for v in transform.TransformPoint(ras))
+
+
+def placeBeside(scene, reference, node) -> None:
+    """Put ``node`` under ``reference``'s parent (its study) in the subject hierarchy."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if hierarchy is None:
+        return
+    parent = hierarchy.GetItemParent(hierarchy.GetItemByDataNode(reference))
+    item = hierarchy.GetItemByDataNode(node)
+    if parent and item:
+        hierarchy.SetItemParent(item, parent)
+    elif parent:  # plain MRML has no plugin that makes the item when a node is added
+        hierarchy.CreateItem(parent, node)
+    if node.IsA("vtkMRMLTableNode") or node.IsA("vtkMRMLVolumeNode"):
+        node.SetNodeReferenceID(INPUT_VOLUME_REFERENCE, reference.GetID())
+
+
+def isResult(node) -> bool:
+    """True for nodes a detection made (score, pseudo-healthy, lesion table)."""
+    return node is not None and bool(node.GetAttribute(RESULT_ROLE_ATTRIBUTE))
+
+
+def liverSegmentId(segmentationNode) -> str | None:
+    """The segment named ``liver`` (any case; TotalSegmentator, MONAI Auto3DSeg), else a
+    segment whose name contains ``liver`` (not a lesion or tumour), else the first."""
+    segmentation = segmentationNode.GetSegmentation()
+    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    names = {i: segmentation.GetSegment(i).GetName().strip().lower() for i in ids}
+    for segment_id in ids:
+        if names[segment_id] == "liver":
+            return segment_id
+    for segment_id in ids:
+        name = names[segment_id]
+        if "liver" in name and not any(w in name for w in ("lesion", "tumo", "vessel", "cyst")):
+            return segment_id
+    return ids[0] if ids else None
+
+
+def defaultCtNode(scene):
+    """The first scalar volume that is neither a labelmap nor a detection result."""
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(index, "vtkMRMLScalarVolumeNode")
+        if not node.IsA("vtkMRMLLabelMapVolumeNode") and not isResult(node):
+            return node
+    return None
+
+
 def removeNodeAndDisplay(scene, node) -> None:
-    for index in range(node.GetNumberOfDisplayNodes()):
+    """Remove a node with its display and storage nodes and its subject hierarchy item."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    item = hierarchy.GetItemByDataNode(node) if hierarchy is not None else 0
+    if item:
+        hierarchy.RemoveItem(item, False, False)  # keep the data node: removed below
+    displayable = hasattr(node, "GetNumberOfDisplayNodes")
+    for index in range(node.GetNumberOfDisplayNodes() if displayable else 0):
         display = node.GetNthDisplayNode(index)
         if display is not None:
             scene.RemoveNode(display)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -20,7 +21,13 @@ import slicer
 
 from .errors import GDPIError
 from .parameters import default_batch_size
-from .slicer_display import lesionRow, removeNodeAndDisplay, sliceCompositeNodes
+from .slicer_display import (
+    RESULT_ROLE_ATTRIBUTE,
+    lesionRow,
+    placeBeside,
+    removeNodeAndDisplay,
+    sliceCompositeNodes,
+)
 from .slicer_settings import DetectionSettings
 from .worker import WorkerProcess
 
@@ -78,6 +85,40 @@ def formatProgress(event: dict) -> str:
     return text
 
 
+def formatDuration(seconds: float) -> str:
+    """``2 min 05 s`` or ``45 s``."""
+    minutes, rest = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
+
+
+def formatEvent(event: dict) -> str | None:
+    """A readable log line for a worker event (None for events that only update the
+    status line: progress and streamed heatmaps)."""
+    kind = event.get("event")
+    if kind == "start":
+        p = event.get("parameters", {})
+        return (
+            f"Started: preset {p.get('preset')}, {p.get('steps')} steps, jump length "
+            f"{p.get('jump_length')}, {p.get('jump_n_sample')} resamplings = "
+            f"{event.get('nfe_per_batch')} network evaluations per batch, device "
+            f"{p.get('device')}"
+        )
+    if kind == "estimate":
+        return (
+            f"Estimated time: about {formatDuration(event['seconds'])} on {event['device']} "
+            f"({event['nfe_total']} network evaluations, {event['slices_total']} liver slices)"
+        )
+    if kind == "done":
+        return f"Worker done: {event.get('lesions')} lesion(s), {event.get('seconds')} s"
+    if kind == "error":
+        return "Error: " + str(event.get("message", ""))
+    if kind == "cancelled":
+        return "Worker cancelled"
+    if kind == "log":
+        return str(event.get("message", ""))
+    return None
+
+
 class DetectionJob:
     """One running detection: a worker process, its temporary folder, its nodes.
 
@@ -112,7 +153,7 @@ class DetectionJob:
         self.outputs: DetectionOutputs | None = None
         self.startTime = time.monotonic()
         self._scoreNode = None
-        self._scoreArray: np.ndarray | None = None
+        self._created: list = []  # every node this job added (removed again on failure)
         self._savedLayers = [
             (c, c.GetBackgroundVolumeID(), c.GetForegroundVolumeID(), c.GetForegroundOpacity())
             for c in sliceCompositeNodes(self.scene)
@@ -126,6 +167,7 @@ class DetectionJob:
         except BaseException:
             shutil.rmtree(self.folder, ignore_errors=True)
             raise
+        logic._running.add(self)
 
     def _start(self) -> None:
         args = ["detect", *self._inputArgs, "--out", str(self.folder / "out")]
@@ -142,6 +184,7 @@ class DetectionJob:
 
     def _log(self, text: str) -> None:
         self.log.append(text)
+        logging.info("GDPI: %s", text)  # Slicer's log: bug reports carry it
         if self.onEvent is not None:
             self.onEvent({"event": "log", "message": text})
 
@@ -178,25 +221,29 @@ class DetectionJob:
             self.message = formatProgress(event)
         elif kind == "partial":
             self._showPartial(Path(event["path"]), event["offset"])
-        elif kind == "log":
-            self.log.append(event.get("message", ""))
-        elif kind == "error":
-            self.log.append("Error: " + event.get("message", ""))
         elif kind == "start":
             self.message = f"Running ({event.get('nfe_per_batch')} network evaluations per batch)"
+        elif kind == "estimate":
+            self.message = f"Estimated time: about {formatDuration(event['seconds'])}"
+        line = formatEvent(event)
+        if line is not None:
+            self.log.append(line)
+            logging.info("GDPI worker: %s", line)
         if self.onEvent is not None:
-            self.onEvent(event)
+            self.onEvent({**event, "text": line} if line is not None else event)
 
     def _ensureScoreNode(self):
         if self._scoreNode is None:
             node = self.scene.AddNewNodeByClass(
                 "vtkMRMLScalarVolumeNode", f"{self.ctNode.GetName()} GDPI score"
             )
-            node.CopyOrientation(self.ctNode)
+            self._created.append(node)
+            node.SetAttribute(RESULT_ROLE_ATTRIBUTE, "score")
             node.SetAndObserveTransformNodeID(self.ctNode.GetTransformNodeID())
-            self._scoreArray = np.zeros(slicer.util.arrayFromVolume(self.ctNode).shape, np.float32)
-            slicer.util.updateVolumeFromArray(node, self._scoreArray)
+            shape = slicer.util.arrayFromVolume(self.ctNode).shape  # a view: no copy
+            slicer.util.updateVolumeFromArray(node, np.zeros(shape, np.float32))  # once
             node.CopyOrientation(self.ctNode)
+            placeBeside(self.scene, self.ctNode, node)
             self.logic.setupScoreDisplay(node, self.settings.value("threshold_hu"))
             if self.show:
                 self.logic.showInSliceViews(self.ctNode, node)
@@ -210,9 +257,10 @@ class DetectionJob:
             return
         node = self._ensureScoreNode()
         k, j, i = offset
-        self._scoreArray[k : k + part.shape[0], j : j + part.shape[1], i : i + part.shape[2]] = part
-        slicer.util.updateVolumeFromArray(node, self._scoreArray)
-        node.CopyOrientation(self.ctNode)
+        # in place, only the streamed box: no copy of the whole volume on the GUI thread
+        array = slicer.util.arrayFromVolume(node)
+        array[k : k + part.shape[0], j : j + part.shape[1], i : i + part.shape[2]] = part
+        slicer.util.arrayFromVolumeModified(node)
 
     def _finish(self) -> None:
         import SimpleITK as sitk
@@ -224,13 +272,14 @@ class DetectionJob:
         with open(out / "lesions.csv", newline="") as f:
             lesions = [lesionRow(row) for row in csv.DictReader(f)]
         scoreNode = self._ensureScoreNode()
-        self._scoreArray = score.astype(np.float32)
-        slicer.util.updateVolumeFromArray(scoreNode, self._scoreArray)
-        scoreNode.CopyOrientation(self.ctNode)
+        slicer.util.arrayFromVolume(scoreNode)[:] = score
+        slicer.util.arrayFromVolumeModified(scoreNode)
         scoreNode.SetAttribute("GDPI.run", json.dumps(runInfo))
         pseudoNode = self.scene.AddNewNodeByClass(
             "vtkMRMLScalarVolumeNode", f"{self.ctNode.GetName()} pseudo-healthy"
         )
+        self._created.append(pseudoNode)
+        pseudoNode.SetAttribute(RESULT_ROLE_ATTRIBUTE, "pseudo-healthy")
         slicer.util.updateVolumeFromArray(pseudoNode, pseudo.astype(np.float32))
         pseudoNode.CopyOrientation(self.ctNode)
         pseudoNode.SetAndObserveTransformNodeID(self.ctNode.GetTransformNodeID())
@@ -239,9 +288,13 @@ class DetectionJob:
         if ctDisplay is not None:
             pseudoNode.GetDisplayNode().AutoWindowLevelOff()
             pseudoNode.GetDisplayNode().SetWindowLevel(ctDisplay.GetWindow(), ctDisplay.GetLevel())
+        placeBeside(self.scene, self.ctNode, pseudoNode)
         table = self.scene.AddNewNodeByClass(
             "vtkMRMLTableNode", f"{self.ctNode.GetName()} GDPI lesions"
         )
+        self._created.append(table)
+        table.SetAttribute(RESULT_ROLE_ATTRIBUTE, "lesions")
+        placeBeside(self.scene, self.ctNode, table)
         self.logic.updateLesionTable(table, lesions)
         self.outputs = DetectionOutputs(scoreNode, pseudoNode, table, runInfo)
         seconds = time.monotonic() - self.startTime
@@ -251,7 +304,7 @@ class DetectionJob:
             f"{runInfo['nfe']} network evaluations, {seconds:.0f} s on {runInfo['device']}"
         )
         self._log(self.message)
-        self._cleanup()
+        self._end()
 
     def _fail(self, error: str) -> None:
         self.state = "failed"
@@ -271,23 +324,28 @@ class DetectionJob:
         self._undo()
 
     def _undo(self) -> None:
-        if self._scoreNode is not None:
-            removeNodeAndDisplay(self.scene, self._scoreNode)
-            self._scoreNode = None
+        for node in reversed(self._created):
+            if self.scene.IsNodePresent(node):
+                removeNodeAndDisplay(self.scene, node)
+        self._created = []
+        self._scoreNode = None
         for composite, background, foreground, opacity in self._savedLayers:
             with slicer.util.NodeModify(composite):
                 composite.SetBackgroundVolumeID(background)
                 composite.SetForegroundVolumeID(foreground)
                 composite.SetForegroundOpacity(opacity)
-        self._cleanup()
+        self._end()
 
-    def _cleanup(self) -> None:
+    def _end(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+        self.logic._running.discard(self)
 
     def wait(self, pollInterval: float = 0.1, timeout: float | None = None) -> DetectionOutputs:
         """Block until done; return the outputs or raise :class:`GDPIError`.
 
-        Ctrl+C (KeyboardInterrupt) or the timeout cancels the job.
+        Ctrl+C (KeyboardInterrupt), :meth:`DetectionLogic.cancelAll` or the timeout
+        cancels the job. Between polls the logic's ``idle`` runs (in Slicer: the GUI
+        keeps processing events, so it stays responsive while a console call waits).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -295,7 +353,7 @@ class DetectionJob:
                 if deadline is not None and time.monotonic() > deadline:
                     self.cancel()
                     raise GDPIError(f"detection did not finish within {timeout} s; cancelled")
-                time.sleep(pollInterval)
+                self.logic.idle(pollInterval)
         except KeyboardInterrupt:
             self.cancel()
             raise

@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import slicer
 import vtk
 
@@ -35,6 +34,7 @@ class DetectionLogic(ResultDisplay):
     ``process(...)`` runs one case (``wait=True`` blocks and returns the output nodes;
     ``wait=False`` returns a :class:`DetectionJob` to :meth:`DetectionJob.poll` from a
     timer). ``processFolder(...)`` runs every case of a folder into an output folder.
+    :meth:`cancelAll` stops every running worker (the module calls it when Slicer quits).
     """
 
     def __init__(self, scene=None, python: str | None = None, tempRoot: str | None = None):
@@ -43,6 +43,23 @@ class DetectionLogic(ResultDisplay):
         self.tempRoot = tempRoot
         #: Seconds between heatmap updates streamed from a running worker.
         self.streamEvery = 2.0
+        #: Running jobs and folder workers (anything with ``cancel()``).
+        self._running: set = set()
+
+    def idle(self, seconds: float) -> None:
+        """What a blocking call does between polls of its worker. Plain Python sleeps;
+        the Slicer module processes GUI events instead, so Slicer stays responsive (and
+        its Cancel button and ``cancelAll`` work) while a console call waits."""
+        time.sleep(seconds)
+
+    def cancelAll(self) -> int:
+        """Cancel every running detection and folder batch of this logic (process trees
+        killed, scenes restored); returns how many were running."""
+        running = list(self._running)
+        for item in running:
+            item.cancel()
+        self._running.clear()
+        return len(running)
 
     # ---- inputs -------------------------------------------------------------------
 
@@ -64,16 +81,18 @@ class DetectionLogic(ResultDisplay):
         if liverNode.IsA("vtkMRMLLabelMapVolumeNode") or liverNode.IsA("vtkMRMLScalarVolumeNode"):
             if liverNode.GetImageData() is None:
                 return f"The labelmap {liverNode.GetName()!r} has no image data."
-            values = slicer.util.arrayFromVolume(liverNode)
+            # the scalar range is computed once by VTK and cached (no full-volume numpy
+            # pass on every change); the worker checks the exact label again
+            low, high = liverNode.GetImageData().GetScalarRange()
             if labelValue == 0:
-                if not np.all(np.isin(np.unique(values), (0, 1, 2))):
+                if low < 0 or high > 2:
                     return (
                         f"The labelmap {liverNode.GetName()!r} holds several labels: "
                         "choose the liver's label value (TotalSegmentator: 5)."
                     )
-                if not values.any():
+                if high == 0:
                     return f"The labelmap {liverNode.GetName()!r} is empty."
-            elif not np.any(values == labelValue):
+            elif not low <= labelValue <= high:
                 return f"The labelmap {liverNode.GetName()!r} has no voxel with label {labelValue}."
             return None
         return "The liver must be a segmentation or a labelmap volume."
@@ -138,6 +157,69 @@ class DetectionLogic(ResultDisplay):
             return job.wait()
         return job
 
+    # ---- inputs a new user does not have yet ---------------------------------------
+
+    def loadSyntheticCase(self, seed: int = 7, name: str = "GDPI synthetic"):
+        """The demo's synthetic abdominal CT (HU, with lesions) and its liver labelmap as
+        new nodes; returns ``(ctNode, liverNode)``. Slicer's Sample Data module offers it
+        as *GDPI synthetic liver CT*, so Detect can be tried without data of one's own."""
+        from .synthetic import synthetic_case
+
+        case = synthetic_case(seed=seed)
+        sx, sy, sz = case.spacing
+        ijkToRas = vtk.vtkMatrix4x4()
+        for axis, value in enumerate((-sx, -sy, sz)):  # LPS arrays -> RAS
+            ijkToRas.SetElement(axis, axis, value)
+        nodes = []
+        for array, suffix, cls in (
+            (case.ct, "CT", "vtkMRMLScalarVolumeNode"),
+            (case.liver, "liver", "vtkMRMLLabelMapVolumeNode"),
+        ):
+            node = self.scene.AddNewNodeByClass(cls, f"{name} {suffix}")
+            slicer.util.updateVolumeFromArray(node, array)
+            node.SetIJKToRASMatrix(ijkToRas)
+            node.CreateDefaultDisplayNodes()
+            nodes.append(node)
+        ctDisplay = nodes[0].GetDisplayNode()
+        ctDisplay.AutoWindowLevelOff()
+        ctDisplay.SetWindowLevel(350, 50)  # abdomen
+        return nodes[0], nodes[1]
+
+    def makeLiverSegmentation(self, ctNode, totalSegmentatorLogic, cpu: bool = False):
+        """Segment the liver with the TotalSegmentator extension (fast mode); returns
+        ``(segmentationNode, liverSegmentId)``. Blocks while it runs (minutes on a CPU).
+
+        ``totalSegmentatorLogic`` is a ``TotalSegmentator.TotalSegmentatorLogic``; its
+        ``process`` took ``fast=`` until 2026 and ``quality=`` since, so the keyword is
+        chosen from its signature."""
+        import inspect
+
+        from .slicer_display import liverSegmentId, placeBeside
+
+        segmentation = self.scene.AddNewNodeByClass(
+            "vtkMRMLSegmentationNode", f"{ctNode.GetName()} TotalSegmentator"
+        )
+        try:
+            if hasattr(totalSegmentatorLogic, "setupPythonRequirements"):
+                totalSegmentatorLogic.setupPythonRequirements()
+            accepted = inspect.signature(totalSegmentatorLogic.process).parameters
+            mode = {"fast": True} if "fast" in accepted else {"quality": "fast"}
+            totalSegmentatorLogic.process(
+                inputVolume=ctNode, outputSegmentation=segmentation, cpu=cpu, **mode
+            )
+        except BaseException:
+            removeNodeAndDisplay(self.scene, segmentation)
+            raise
+        segmentId = liverSegmentId(segmentation)
+        if (
+            segmentId is None
+            or "liver" not in segmentation.GetSegmentation().GetSegment(segmentId).GetName().lower()
+        ):
+            removeNodeAndDisplay(self.scene, segmentation)
+            raise GDPIError("TotalSegmentator produced no liver segment for this CT")
+        placeBeside(self.scene, ctNode, segmentation)
+        return segmentation, segmentId
+
     # ---- devices ------------------------------------------------------------------
 
     def listDevices(self, timeout: float = 120.0) -> list[dict]:
@@ -153,7 +235,7 @@ class DetectionLogic(ResultDisplay):
                 if time.monotonic() > deadline:
                     worker.cancel()
                     raise GDPIError(f"listing the devices took more than {timeout:g} s")
-                time.sleep(0.05)
+                self.idle(0.05)
             found = [e for e in worker.events() if e.get("event") == "devices"]
             if worker.poll() != 0 or not found:
                 raise GDPIError(f"could not list the devices:\n{worker.stderr_tail()}")
@@ -174,7 +256,9 @@ class DetectionLogic(ResultDisplay):
 
         ``liverDir`` defaults to ``inputDir`` (LiTS names or case subfolders). A broken
         case is recorded in ``outputDir/summary.csv`` and skipped. Blocks; returns the
-        summary rows. Raises :class:`GDPIError` when nothing could run at all.
+        summary rows. Raises :class:`GDPIError` when nothing could run at all, or when
+        the batch was cancelled (:meth:`cancelAll`, Ctrl+C, Slicer quitting); cases
+        finished before that keep their outputs and summary rows.
         """
         settings = settings or DetectionSettings()
         args = ["detect", "--ct", str(inputDir), "--liver", str(liverDir or inputDir)]
@@ -183,6 +267,7 @@ class DetectionLogic(ResultDisplay):
             args += ["--liver-label", str(liverLabel)]
         with tempfile.TemporaryDirectory(prefix="GDPILiverAnomaly-", dir=self.tempRoot) as tmp:
             worker = WorkerProcess(args, Path(tmp) / "stderr.txt", self.python)
+            self._running.add(worker)
             try:
                 while True:
                     code = worker.poll()
@@ -191,10 +276,14 @@ class DetectionLogic(ResultDisplay):
                             onEvent(event)
                     if code is not None:
                         break
-                    time.sleep(0.1)
+                    self.idle(0.1)
             except BaseException:
                 worker.cancel()
                 raise
+            finally:
+                self._running.discard(worker)
+            if code in (130, -15, -9):
+                raise GDPIError("folder processing was cancelled")
             if code not in (0, 3):
                 raise GDPIError(f"folder processing failed (exit {code}):\n{worker.stderr_tail()}")
         with open(Path(outputDir) / "summary.csv", newline="") as f:
