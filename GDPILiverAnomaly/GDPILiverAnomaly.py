@@ -18,7 +18,13 @@ import vtk
 from GDPILiverAnomalyLib import dependencies
 from GDPILiverAnomalyLib.errors import GDPIError
 from GDPILiverAnomalyLib.parameters import PRESETS, default, value_range
-from GDPILiverAnomalyLib.slicer_display import RESULT_ROLE_ATTRIBUTE, defaultCtNode, liverSegmentId
+from GDPILiverAnomalyLib.slicer_display import (
+    LESION_TABLE_REFERENCE,
+    PSEUDO_HEALTHY_REFERENCE,
+    RESULT_ROLE_ATTRIBUTE,
+    defaultCtNode,
+    liverSegmentId,
+)
 from GDPILiverAnomalyLib.slicer_logic import DetectionLogic
 from GDPILiverAnomalyLib.slicer_settings import PANEL_PRESETS, DetectionSettings
 from slicer import (
@@ -90,7 +96,7 @@ def loadSyntheticSample(source=None):
               "once (or Advanced > Install / upgrade) to install the dependencies.")
         )  # fmt: skip
         return []
-    logic = GDPILiverAnomalyLogic()
+    logic = slicer.util.getModuleLogic("GDPILiverAnomaly")  # the module's one logic
     with slicer.util.WaitCursor():
         ct, liver = logic.loadSyntheticCase()
     parameterNode = logic.getParameterNode()
@@ -330,6 +336,11 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.ui.checkpointPathLineEdit.currentPath != p.checkpointPath:
             self.ui.checkpointPathLineEdit.currentPath = p.checkpointPath
         index = self.ui.deviceComboBox.findData(p.device)
+        if index < 0 and p.device:  # saved with the scene, not (yet) seen on this machine
+            self.ui.deviceComboBox.addItem(
+                _("{device} (saved; Find GPUs checks it)").format(device=p.device), p.device
+            )
+            index = self.ui.deviceComboBox.findData(p.device)
         if index >= 0 and index != self.ui.deviceComboBox.currentIndex:
             self.ui.deviceComboBox.setCurrentIndex(index)
         custom = p.preset == "custom"
@@ -361,7 +372,10 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.setEnabled(not running)
         hasResult = p.scoreVolume is not None
         self.ui.createSegmentationButton.enabled = hasResult and not running
-        self.ui.lesionTableView.setMRMLTableNode(p.lesionTable)
+        if (
+            self.ui.lesionTableView.mrmlTableNode() != p.lesionTable
+        ):  # rebuilding drops the selection
+            self.ui.lesionTableView.setMRMLTableNode(p.lesionTable)
 
     def _inputProblem(self):
         """The logic's input check, cached until an input node or choice changes (it scans
@@ -626,6 +640,9 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.logic.setupScoreDisplay(node, p.threshold_hu)
         self.logic.showInSliceViews(p.inputVolume, node, p.opacity)
+        # the lesion table and pseudo-healthy volume of the same run, never another's
+        p.lesionTable = node.GetNodeReference(LESION_TABLE_REFERENCE)
+        p.pseudoHealthyVolume = node.GetNodeReference(PSEUDO_HEALTHY_REFERENCE)
 
     def onCreateSegmentation(self) -> None:
         p = self._parameterNode
@@ -700,7 +717,7 @@ class GDPILiverAnomalyTest(ScriptedLoadableModuleTest):
         from GDPILiverAnomalyLib.synthetic import synthetic_case
 
         case = synthetic_case(seed=7)
-        ct, liver = GDPILiverAnomalyLogic().loadSyntheticCase(seed=7)
+        ct, liver = DetectionLogic(slicer.mrmlScene).loadSyntheticCase(seed=7)
         return case, ct, liver
 
     def test_detect_synthetic_case(self):
@@ -742,6 +759,7 @@ class GDPILiverAnomalyTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Panel: Detect is disabled with a reason until inputs are valid")
         widget = slicer.modules.gdpiliveranomaly.widgetRepresentation().self()
+        widget.initializeParameterNode()  # the scene was cleared; the module may not be entered
         widget._parameterNode.inputVolume = None
         self.assertFalse(widget.ui.detectButton.enabled)
         self.assertIn("CT", widget.ui.detectButton.toolTip)

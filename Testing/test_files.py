@@ -18,14 +18,30 @@ def test_atomic_dir_creates_the_folder_only_on_success(tmp_path):
     assert (out / "a.txt").read_text() == "a" and os.listdir(tmp_path) == ["result"]
 
 
-def test_atomic_dir_replaces_files_of_an_existing_folder(tmp_path):
+def test_atomic_dir_replaces_an_existing_folder_as_a_whole(tmp_path):
     out = tmp_path / "result"
     out.mkdir()
     (out / "a.txt").write_text("old")
+    (out / "stale.txt").write_text("from the earlier run")
     with atomic_dir(out) as tmp:
         (tmp / "a.txt").write_text("new")
-    assert (out / "a.txt").read_text() == "new"
+    assert os.listdir(out) == ["a.txt"] and (out / "a.txt").read_text() == "new"
     assert os.listdir(tmp_path) == ["result"]
+
+
+def test_output_contract_refuses_non_empty_folders_unless_overwriting_a_result(tmp_path):
+    out = tmp_path / "result"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="exists and is not empty.*--overwrite"):
+        check_output_dir(out)
+    with pytest.raises(OutputError, match="not an earlier result"):
+        check_output_dir(out, overwrite=True, marker="run.json")
+    (out / "run.json").write_text("{}")
+    assert check_output_dir(out, overwrite=True, marker="run.json") == out
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    assert check_output_dir(link, overwrite=True, marker="run.json") == out  # the target
 
 
 def test_check_output_dir_refuses_a_file_and_an_unwritable_parent(tmp_path):

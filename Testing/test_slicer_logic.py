@@ -388,6 +388,10 @@ def test_results_are_tagged_and_placed_in_the_cts_study(hcc_scene, labelmap_run)
     for node in (outputs.scoreVolume, outputs.pseudoHealthyVolume, outputs.lesionTable):
         assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) == study
         assert node.GetNodeReference("gdpiInputVolume") is ct
+    # a score volume knows its own run's table and pseudo-healthy volume
+    assert outputs.scoreVolume.GetNodeReference("gdpiLesionTable") is outputs.lesionTable
+    pseudo = outputs.scoreVolume.GetNodeReference("gdpiPseudoHealthyVolume")
+    assert pseudo is outputs.pseudoHealthyVolume
     # the panel's default CT is never a labelmap or a result
     assert defaultCtNode(scene) is ct
     # readable log lines, and an estimate of the time before the long wait
@@ -471,16 +475,21 @@ def test_lesion_table_works_with_the_slicer_56_table_api(labelmap_run):
     logic, outputs, _, _, _ = labelmap_run
     real = slicer.vtkMRMLTableNode()
 
+    called: list[str] = []
+
     class Slicer56Table:
         def __getattr__(self, name):
             if name in ("SetColumnTitle", "SetUseColumnTitleAsColumnHeader"):
                 raise AttributeError(name)
+            called.append(name)
             return getattr(real, name)
 
     lesions = logic.lesionsAt(outputs.scoreVolume, 5.0)
     logic.updateLesionTable(Slicer56Table(), lesions)
     assert real.GetNumberOfRows() == len(lesions) and real.GetLocked()
     assert real.GetColumnLongName("volume_ml") == "Volume (mL)"
+    # names stay the headers on 5.6 (turned off, its view shows them as row 0)
+    assert "SetUseColumnNameAsColumnHeader" not in called
 
 
 # ---- inputs ------------------------------------------------------------------------

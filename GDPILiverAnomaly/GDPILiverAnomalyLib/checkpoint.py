@@ -23,7 +23,7 @@ from torch import nn
 
 from . import __version__
 from .diffusion import DiffusionConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, ParameterError
 from .files import give_default_permissions
 from .grid import InputGrid
 from .unet import MODEL_SIZES, UNet, UNetConfig
@@ -120,14 +120,55 @@ def save_weights(model: nn.Module, header: dict[str, str], path: Path) -> Path:
     return path
 
 
-def _read_header(path: Path) -> dict:
+#: Largest network a checkpoint may describe (far above every model size).
+MAX_CONFIG = {"image_size": 1024, "model_channels": 1024, "num_res_blocks": 16,
+              "levels": 8, "channel_mult": 32, "num_heads": 64, "in_channels": 16}  # fmt: skip
+
+
+def _check_shapes(path: Path, config: UNetConfig) -> None:
+    """The config must be of sane size and its network's tensor shapes must equal those
+    in the file's header: checked on torch's meta device, so an absurd config in a
+    forged header never allocates memory."""
+    limits = MAX_CONFIG
+    sizes = (
+        (config.image_size, limits["image_size"]),
+        (config.model_channels, limits["model_channels"]),
+        (config.num_res_blocks, limits["num_res_blocks"]),
+        (len(config.channel_mult), limits["levels"]),
+        (max(config.channel_mult, default=1), limits["channel_mult"]),
+        (config.num_heads, limits["num_heads"]),
+        (config.in_channels, limits["in_channels"]),
+    )
+    if any(not isinstance(v, int) or not 1 <= v <= high for v, high in sizes):
+        raise CheckpointError(f"{path}: the model config in its metadata is out of range")
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in UNet(config).state_dict().items()}
+    except (ValueError, TypeError, RuntimeError, ParameterError) as exc:
+        raise CheckpointError(f"{path}: invalid model config in its metadata ({exc})") from None
+    found = {
+        k: tuple(v.get("shape", ())) for k, v in _read_header(path, full=True).items()
+        if k != "__metadata__" and isinstance(v, dict)
+    }  # fmt: skip
+    if found != expected:
+        missing = sorted(set(expected) - set(found))[:3]
+        differ = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])[:3]
+        raise CheckpointError(
+            f"{path}: weights do not match the model config in its metadata "
+            f"(missing {missing or 'none'}, other shapes {differ or 'none'})"
+        )
+
+
+def _read_header(path: Path, full: bool = False) -> dict:
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             if not 0 < n < 100_000_000:
                 raise ValueError("bad header length")
             header = json.loads(f.read(n))
-        return header.get("__metadata__") or {}
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        return header if full else (header.get("__metadata__") or {})
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(
             f"{path} is not a GDPI checkpoint (unreadable safetensors header: {exc})"
@@ -137,6 +178,8 @@ def _read_header(path: Path) -> dict:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Load a checkpoint, validating its metadata against its weights."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; give the .safetensors file in it")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     header = _read_header(path)
@@ -167,6 +210,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         )
     if not intensity.hu_max > intensity.hu_min:
         raise CheckpointError(f"{path}: intensity window hu_max must exceed hu_min")
+    _check_shapes(path, config)  # before any real allocation
     try:
         tensors = load_file(str(path), device=str(map_location))
     except (SafetensorError, OSError, RuntimeError) as exc:

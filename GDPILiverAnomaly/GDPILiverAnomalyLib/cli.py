@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from . import signals
 from .checkpoint import init_checkpoint, load_checkpoint, save_checkpoint
 from .errors import Cancelled, GDPIError
 from .grid import InputGrid
@@ -27,9 +27,19 @@ from .progress import PartialWriter, Reporter
 from .runner import run_case, run_folder
 from .unet import MODEL_SIZES
 
-#: A command: ``handler(args, cancelled)`` returns the exit code; ``cancelled["flag"]``
-#: turns True on SIGINT/SIGTERM for commands that stop cooperatively.
-Handler = Callable[[argparse.Namespace, dict], int]
+#: A command: ``handler(args, should_cancel)`` returns the exit code; ``should_cancel()``
+#: turns True on SIGINT/SIGTERM for commands that stop cooperatively (:mod:`.signals`).
+Handler = Callable[[argparse.Namespace, Callable[[], bool]], int]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``gdpi: error: ...`` and exit 2, no usage dump."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"gdpi: error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
 #: Adds subcommands to the ``gdpi`` parser; returns ``{name: (handler, cooperative)}``.
 CommandSet = Callable[[argparse._SubParsersAction], dict]
 
@@ -64,6 +74,12 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     add_arguments(d)
     d.add_argument(
         "--allow-non-hu", action="store_true", help="process a CT whose values do not look like HU"
+    )
+    d.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier result in --out as a whole (without it, --out must be new "
+        "or empty; a folder holding anything but an earlier result is never replaced)",
     )
     d.add_argument(
         "--progress",
@@ -111,6 +127,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     dm.add_argument("--seed", type=int, default=7, help="synthetic case seed (default 7)")
     dm.add_argument("--device", default="auto")
     dm.add_argument("--progress", choices=("text", "json", "none"), default="text")
+    dm.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
     dv = sub.add_parser(
         "devices",
         help="list the devices PyTorch can use here (CPU, CUDA GPUs, Apple MPS)",
@@ -129,9 +146,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
 def build_parser(*command_sets: CommandSet) -> tuple[argparse.ArgumentParser, dict]:
     """The ``gdpi`` parser with the engine's commands and those of ``command_sets``;
     returns it with ``{name: (handler, cooperative)}``."""
-    parser = argparse.ArgumentParser(
-        prog="gdpi", description="Liver tumour anomaly detection in CT (GDPI)."
-    )
+    parser = ArgumentParser(prog="gdpi", description="Liver tumour anomaly detection in CT (GDPI).")
     sub = parser.add_subparsers(dest="command", required=True)
     handlers = add_commands(sub)
     for command_set in command_sets:
@@ -139,7 +154,7 @@ def build_parser(*command_sets: CommandSet) -> tuple[argparse.ArgumentParser, di
     return parser, handlers
 
 
-def _demo(args: argparse.Namespace, cancelled: dict) -> int:
+def _demo(args: argparse.Namespace, should_cancel: Callable[[], bool]) -> int:
     from .demo import run_demo
 
     reporter = Reporter(args.progress)
@@ -151,8 +166,9 @@ def _demo(args: argparse.Namespace, cancelled: dict) -> int:
             args.preset,
             args.device,
             progress=reporter,
-            should_cancel=lambda: cancelled["flag"],
+            should_cancel=should_cancel,
             log=lambda m: print(m, file=sys.stderr) if args.progress != "json" else None,
+            overwrite=args.overwrite,
         )
     finally:
         reporter.close()
@@ -168,16 +184,13 @@ def _demo(args: argparse.Namespace, cancelled: dict) -> int:
     return 0
 
 
-def _detect(args: argparse.Namespace, cancelled: dict) -> int:
+def _detect(args: argparse.Namespace, should_cancel: Callable[[], bool]) -> int:
     params = DetectionParams.from_preset(args.preset, **overrides_from(args))
     params.validate()  # before any file is read: a bad option is the first error
     checkpoint = load_checkpoint(args.checkpoint)
     params.validate(checkpoint.diffusion.num_timesteps)
     reporter = Reporter(args.progress)
     ct, liver = Path(args.ct), Path(args.liver)
-
-    def should_cancel() -> bool:
-        return cancelled["flag"]
 
     folder_mode = ct.is_dir() and liver.is_dir() and not _is_dicom_folder(ct)
     reporter.emit(
@@ -208,6 +221,7 @@ def _detect(args: argparse.Namespace, cancelled: dict) -> int:
                 on_case,
                 reporter,
                 should_cancel,
+                overwrite=args.overwrite,
             )
             reporter.close()
             failed = [r for r in rows if r["status"] != "ok"]
@@ -239,6 +253,7 @@ def _detect(args: argparse.Namespace, cancelled: dict) -> int:
             should_cancel,
             None if args.stream_dir is None else PartialWriter(args.stream_dir, reporter),
             args.stream_every,
+            overwrite=args.overwrite,
         )
     finally:
         reporter.close()
@@ -259,12 +274,12 @@ def _detect(args: argparse.Namespace, cancelled: dict) -> int:
 
 
 def _is_dicom_folder(folder: Path) -> bool:
-    import SimpleITK as sitk
+    from .volumes import dicom_series_ids
 
-    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    return bool(dicom_series_ids(folder))
 
 
-def _devices(args: argparse.Namespace, cancelled: dict) -> int:
+def _devices(args: argparse.Namespace, should_cancel: Callable[[], bool]) -> int:
     import torch
 
     from .devices import available_devices
@@ -278,7 +293,7 @@ def _devices(args: argparse.Namespace, cancelled: dict) -> int:
     return 0
 
 
-def _init_model(args: argparse.Namespace, cancelled: dict) -> int:
+def _init_model(args: argparse.Namespace, should_cancel: Callable[[], bool]) -> int:
     grid = None
     if args.grid_spacing is not None:
         size = MODEL_SIZES[args.size]["image_size"]
@@ -294,36 +309,33 @@ def _init_model(args: argparse.Namespace, cancelled: dict) -> int:
 
 
 def main(argv: list[str] | None = None, *command_sets: CommandSet) -> int:
-    """Run one ``gdpi`` command; returns the exit code (see the module docstring)."""
+    """Run one ``gdpi`` command; returns the exit code (see the module docstring).
+
+    Signals: see :mod:`.signals` (the entry points install its handlers before the heavy
+    imports; an in-process call leaves the caller's handlers alone)."""
     parser, handlers = build_parser(*command_sets)
     args = parser.parse_args(argv)
-    cancelled = {"flag": False}
-
-    def on_signal(signum, frame) -> None:
-        cancelled["flag"] = True
-
-    # cooperative commands (detect, demo) stop between network evaluations, writing
-    # nothing; the others keep the default handlers (training saves its state at
-    # intervals and resumes from it)
     handler, cooperative = handlers[args.command]
-    signals = (signal.SIGINT, signal.SIGTERM) if cooperative else ()
-    previous = {s: signal.signal(s, on_signal) for s in signals}
+    if cooperative:
+        signals.immediate()  # until the network loop or the writing starts
+    else:
+        signals.uninstall()  # e.g. training: saves its state at intervals, resumes
     try:
-        return handler(args, cancelled)
+        if signals.cancelled():  # a signal during start-up
+            raise Cancelled()
+        return handler(args, signals.cancelled)
     except GDPIError as exc:
         if getattr(args, "progress", None) == "json":
             print(json.dumps({"event": "error", "message": str(exc)}), flush=True)
         print(f"gdpi: error: {exc}", file=sys.stderr)
         return 2
-    except Cancelled:
+    except (Cancelled, KeyboardInterrupt):
         if getattr(args, "progress", None) == "json":
             print(json.dumps({"event": "cancelled"}), flush=True)
         print("gdpi: cancelled; nothing written for the running case", file=sys.stderr)
         return 130
-    finally:
-        for s, previous_handler in previous.items():
-            signal.signal(s, previous_handler)
 
 
 if __name__ == "__main__":
+    signals.install()
     sys.exit(main())

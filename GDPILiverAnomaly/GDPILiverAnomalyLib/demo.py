@@ -12,6 +12,7 @@ import SimpleITK as sitk
 
 from .checkpoint import load_checkpoint
 from .errors import CheckpointError
+from .files import atomic_dir, check_output_dir
 from .parameters import DetectionParams
 from .runner import run_case
 from .synthetic import synthetic_case
@@ -29,64 +30,71 @@ def run_demo(
     progress=None,
     log=print,
     should_cancel=None,
+    overwrite: bool = False,
 ) -> dict:
     """Generate, detect, score and draw; return the metrics (also in ``out/metrics.json``)."""
     from .metrics import pixel_metrics  # scikit-learn: not needed by detection or Slicer
 
-    out = Path(out)
+    final = check_output_dir(out, overwrite, marker="metrics.json")
     path = Path(checkpoint) if checkpoint else DEMO_MODEL
     if not path.is_file():
         raise CheckpointError(f"demo model not found: {path}")
-    t0 = time.perf_counter()
-    case = synthetic_case(seed)
-    inputs = out / "input"
-    inputs.mkdir(parents=True, exist_ok=True)
-    for name, array in (
-        ("ct.nrrd", case.ct.astype(np.int16)),
-        ("liver.nrrd", case.liver),
-        ("tumour.nrrd", case.tumour),
-    ):
-        sitk.WriteImage(case.image(array), str(inputs / name), useCompression=True)
-    log(
-        f"synthetic case (seed {seed}): {case.ct.shape[0]} slices, {len(case.lesions)} lesions, "
-        f"{int(case.tumour.sum())} tumour voxels -> {inputs}"
-    )
-    params = DetectionParams.from_preset(preset, device=device)
-    info = run_case(
-        inputs / "ct.nrrd",
-        inputs / "liver.nrrd",
-        load_checkpoint(path),
-        params,
-        out / "result",
-        progress=progress,
-        should_cancel=should_cancel,
-    )
-    score = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "result" / "score.nrrd")))
-    metrics = pixel_metrics(score, case.tumour, region=case.liver)
-    metrics.update(
-        preset=preset,
-        nfe=info["nfe"],
-        seconds=round(time.perf_counter() - t0, 1),
-        device=info["device"],
-        checkpoint=str(path),
-        seed=seed,
-        pooled="liver voxels of every slice of the synthetic case",
-    )
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    draw_figure(
-        case.ct,
-        sitk.GetArrayFromImage(sitk.ReadImage(str(out / "result" / "pseudo_healthy.nrrd"))),
-        score,
-        case.tumour,
-        case.liver,
-        out / "demo.png",
-        threshold=metrics["threshold"],
-    )
-    log(
-        f"pixel AUROC {metrics['auroc']:.3f}, AP {metrics['ap']:.3f}, best Dice {metrics['best_dice']:.3f} "
-        f"(threshold {metrics['threshold']:.1f} HU); {info['nfe']} NFE, {metrics['seconds']:.0f} s on "
-        f"{info['device']}; figure {out / 'demo.png'}"
-    )
+    with atomic_dir(final) as out:  # all or nothing; an earlier demo is replaced whole
+        t0 = time.perf_counter()
+        case = synthetic_case(seed)
+        inputs = out / "input"
+        inputs.mkdir(parents=True, exist_ok=True)
+        for name, array in (
+            ("ct.nrrd", case.ct.astype(np.int16)),
+            ("liver.nrrd", case.liver),
+            ("tumour.nrrd", case.tumour),
+        ):
+            sitk.WriteImage(case.image(array), str(inputs / name), useCompression=True)
+        log(
+            f"synthetic case (seed {seed}): {case.ct.shape[0]} slices, {len(case.lesions)} lesions, "
+            f"{int(case.tumour.sum())} tumour voxels -> {final / 'input'}"
+        )
+        params = DetectionParams.from_preset(preset, device=device)
+        info = run_case(
+            inputs / "ct.nrrd",
+            inputs / "liver.nrrd",
+            load_checkpoint(path),
+            params,
+            out / "result",
+            progress=progress,
+            should_cancel=should_cancel,
+        )
+        run_json = out / "result" / "run.json"  # name the inputs where they will be
+        recorded = json.loads(run_json.read_text())
+        for name in ("ct", "liver"):
+            recorded["inputs"][name] = str(final / "input" / f"{name}.nrrd")
+        run_json.write_text(json.dumps(recorded, indent=2))
+        score = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "result" / "score.nrrd")))
+        metrics = pixel_metrics(score, case.tumour, region=case.liver)
+        metrics.update(
+            preset=preset,
+            nfe=info["nfe"],
+            seconds=round(time.perf_counter() - t0, 1),
+            device=info["device"],
+            checkpoint=str(path),
+            seed=seed,
+            pooled="liver voxels of every slice of the synthetic case",
+        )
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        draw_figure(
+            case.ct,
+            sitk.GetArrayFromImage(sitk.ReadImage(str(out / "result" / "pseudo_healthy.nrrd"))),
+            score,
+            case.tumour,
+            case.liver,
+            out / "demo.png",
+            threshold=metrics["threshold"],
+        )
+        log(
+            f"pixel AUROC {metrics['auroc']:.3f}, AP {metrics['ap']:.3f}, best Dice {metrics['best_dice']:.3f} "
+            f"(threshold {metrics['threshold']:.1f} HU); {info['nfe']} NFE, {metrics['seconds']:.0f} s on "
+            f"{info['device']}; figure {final / 'demo.png'}"
+        )
     return metrics
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from . import signals
 from .ame import adaptive_mask
 from .checkpoint import Checkpoint
 from .devices import resolve_device
@@ -125,19 +126,20 @@ def detect(
                 last_partial = time.perf_counter()
 
     report()
-    inpaint_grid(
-        ct_grid,
-        cand_grid,
-        checkpoint,
-        params,
-        device,
-        batches,
-        slice_seeds(params.seed, liver_slices),
-        out=diff_grid,
-        on_progress=report,
-        on_batch=after_batch,
-        should_cancel=should_cancel,
-    )
+    with signals.cooperative():  # a signal stops at the next network evaluation
+        inpaint_grid(
+            ct_grid,
+            cand_grid,
+            checkpoint,
+            params,
+            device,
+            batches,
+            slice_seeds(params.seed, liver_slices),
+            out=diff_grid,
+            on_progress=report,
+            on_batch=after_batch,
+            should_cancel=should_cancel,
+        )
     if should_cancel is not None and should_cancel():
         raise Cancelled()
     t_inpaint = time.perf_counter() - t0

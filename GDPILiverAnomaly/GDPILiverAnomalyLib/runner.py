@@ -21,7 +21,7 @@ import scipy
 import SimpleITK as sitk
 import torch
 
-from . import __version__
+from . import __version__, signals
 from .cases import pair_cases
 from .checkpoint import Checkpoint
 from .errors import Cancelled, GDPIError
@@ -111,6 +111,7 @@ def run_case(
     should_cancel: Callable[[], bool] | None = None,
     on_partial: Callable[[np.ndarray], None] | None = None,
     partial_interval_s: float = 2.0,
+    overwrite: bool = False,
 ) -> dict:
     """Detect on one case and write every output into ``out``; return run.json's content.
 
@@ -119,7 +120,7 @@ def run_case(
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     params.validate(checkpoint.diffusion.num_timesteps)
-    out = check_output_dir(out)
+    out = check_output_dir(out, overwrite, marker="run.json")
     ct = read_ct(ct_path)
     liver = read_liver_mask(liver_path, ct, liver_label)
     if not allow_non_hu:
@@ -164,13 +165,15 @@ def run_case(
         "outputs": list(OUTPUT_FILES),
     }
     run_info["timings_s"] = {"read": round(t_read, 3), **result.stats["timings_s"]}
-    with atomic_dir(out) as tmp:
+    with signals.cooperative(), atomic_dir(out) as tmp:  # a signal: nothing moved into place
         t_write = time.perf_counter()
         _write_result(tmp, ct, result)
         run_info["timings_s"]["write"] = round(time.perf_counter() - t_write, 3)
         run_info["timings_s"]["wall"] = round(time.perf_counter() - t0, 3)
         run_info["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         (tmp / "run.json").write_text(json.dumps(run_info, indent=2, default=_json_default))
+        if should_cancel is not None and should_cancel():
+            raise Cancelled()
     return run_info
 
 
@@ -185,13 +188,17 @@ def run_folder(
     on_case: Callable[[int, int, str], None] | None = None,
     progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Every case of a folder into ``out/<case>/`` plus ``out/summary.csv``.
 
-    A case that fails is recorded in the summary with its error and skipped.
+    A case that fails is recorded in the summary with its error and skipped. ``out``
+    follows the output contract of :func:`files.check_output_dir` (an earlier batch is
+    recognised by its ``summary.csv``); with ``overwrite`` each case folder is replaced
+    as a whole.
     """
     params.validate(checkpoint.diffusion.num_timesteps)
-    out = check_output_dir(out)
+    out = check_output_dir(out, overwrite, marker="summary.csv")
     cases = pair_cases(ct_dir, liver_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -216,6 +223,7 @@ def run_folder(
                 allow_non_hu,
                 progress,
                 should_cancel,
+                overwrite=overwrite,
             )
             row.update(
                 status="ok",

@@ -34,6 +34,10 @@ _INFERNO = [
 RESULT_ROLE_ATTRIBUTE = "GDPI.role"
 #: Node reference from a result node to the CT it was computed from.
 INPUT_VOLUME_REFERENCE = "gdpiInputVolume"
+#: Node references from a score volume to the lesion table and pseudo-healthy volume of
+#: the same run (the panel's result selector switches all three together).
+LESION_TABLE_REFERENCE = "gdpiLesionTable"
+PSEUDO_HEALTHY_REFERENCE = "gdpiPseudoHealthyVolume"
 #: DICOM terminology of the anomaly segments: a mass (SCT 4147007) in the liver
 #: (SCT 10200004), category Morphologically Altered Structure (Slicer's serialisation).
 LESION_TERMINOLOGY = (
@@ -125,14 +129,14 @@ class ResultDisplay:
         titles = {"id": "Lesion", "volume_ml": "Volume (mL)", "max_score_hu": "Max score (HU)",
                   "mean_score_hu": "Mean score (HU)", "r_mm": "R (mm)", "a_mm": "A (mm)",
                   "s_mm": "S (mm)"}  # fmt: skip
-        # Slicer 5.6 has only the older "long name" API (titles came in 5.8)
+        # Slicer 5.6 has only the older "long name" API (titles came in 5.8); there the
+        # names stay the headers (turning that off makes the model show the names as a
+        # first row, shifting every clicked row by one) and the long names are tooltips
         modern = hasattr(tableNode, "SetColumnTitle")
         with slicer.util.NodeModify(tableNode):
             tableNode.SetAndObserveTable(table)
             if modern:
                 tableNode.SetUseColumnTitleAsColumnHeader(True)
-            else:
-                tableNode.SetUseColumnNameAsColumnHeader(False)
             for name, title in titles.items():
                 if modern:
                     tableNode.SetColumnTitle(name, title)

@@ -22,6 +22,8 @@ import slicer
 from .errors import GDPIError
 from .parameters import default_batch_size
 from .slicer_display import (
+    LESION_TABLE_REFERENCE,
+    PSEUDO_HEALTHY_REFERENCE,
     RESULT_ROLE_ATTRIBUTE,
     lesionRow,
     placeBeside,
@@ -295,6 +297,8 @@ class DetectionJob:
         self._created.append(table)
         table.SetAttribute(RESULT_ROLE_ATTRIBUTE, "lesions")
         placeBeside(self.scene, self.ctNode, table)
+        scoreNode.SetNodeReferenceID(LESION_TABLE_REFERENCE, table.GetID())
+        scoreNode.SetNodeReferenceID(PSEUDO_HEALTHY_REFERENCE, pseudoNode.GetID())
         self.logic.updateLesionTable(table, lesions)
         self.outputs = DetectionOutputs(scoreNode, pseudoNode, table, runInfo)
         seconds = time.monotonic() - self.startTime

@@ -251,11 +251,14 @@ class DetectionLogic(ResultDisplay):
         settings: DetectionSettings | None = None,
         liverLabel: int | None = None,
         onEvent: Callable[[dict], None] | None = None,
+        overwrite: bool = False,
     ) -> list[dict]:
         """Every case of a folder (the pairing rules of ``gdpi detect``) into ``outputDir``.
 
         ``liverDir`` defaults to ``inputDir`` (LiTS names or case subfolders). A broken
-        case is recorded in ``outputDir/summary.csv`` and skipped. Blocks; returns the
+        case is recorded in ``outputDir/summary.csv`` and skipped. ``outputDir`` must be
+        new or empty, or hold an earlier batch with ``overwrite`` (``gdpi detect
+        --overwrite``). Blocks; returns the
         summary rows. Raises :class:`GDPIError` when nothing could run at all, or when
         the batch was cancelled (:meth:`cancelAll`, Ctrl+C, Slicer quitting); cases
         finished before that keep their outputs and summary rows.
@@ -265,6 +268,8 @@ class DetectionLogic(ResultDisplay):
         args += ["--out", str(outputDir), "--progress", "json", *settings.workerArguments()]
         if liverLabel is not None:
             args += ["--liver-label", str(liverLabel)]
+        if overwrite:
+            args.append("--overwrite")
         with tempfile.TemporaryDirectory(prefix="GDPILiverAnomaly-", dir=self.tempRoot) as tmp:
             worker = WorkerProcess(args, Path(tmp) / "stderr.txt", self.python)
             self._running.add(worker)

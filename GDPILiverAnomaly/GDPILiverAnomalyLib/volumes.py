@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .file_checks import check_complete, check_geometry, check_liver_extent
 
 #: File endings read as single files; a folder is read as a DICOM series.
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -47,6 +48,10 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
         image = _read_dicom_series(p, what)
     else:
         try:
+            check_complete(p, what)
+        except OSError as exc:
+            raise InputError(f"cannot read {what} {p}: {exc.strerror or exc}") from None
+        try:
             image = sitk.ReadImage(str(p))
         except RuntimeError as exc:
             detail = str(exc).strip().splitlines()
@@ -59,11 +64,22 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
         )
     if image.GetDimension() != 3:
         raise InputError(f"{what} {p} is {image.GetDimension()}-D; a 3-D volume is required")
+    check_geometry(image.GetSpacing(), image.GetDirection(), p, what)
     return image
 
 
+def dicom_series_ids(folder: str | Path) -> tuple[str, ...]:
+    """DICOM series in a folder, without ITK's warnings on stderr for non-DICOM files."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    series = dicom_series_ids(folder)
     if not series:
         raise InputError(f"{what} folder {folder} holds no DICOM series")
     # Several series in one folder: take the one with the most files.
@@ -137,6 +153,7 @@ def read_liver_mask(path: str | Path, ct: sitk.Image, label: int | None = None) 
     array = mask_on_ct_grid(selected, image, ct)
     if not array.any():
         raise InputError(f"liver mask {path} does not overlap the CT")
+    check_liver_extent(array, ct.GetSpacing(), path)
     return array
 
 

@@ -183,7 +183,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     }
 
 
-def _prepare(args: argparse.Namespace, cancelled: dict) -> int:
+def _prepare(args: argparse.Namespace, should_cancel) -> int:
     from .prepare import prepare, print_summary
 
     if args.layout != "synthetic" and args.input is None:
@@ -212,7 +212,7 @@ def _prepare(args: argparse.Namespace, cancelled: dict) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace, cancelled: dict) -> int:
+def _train(args: argparse.Namespace, should_cancel) -> int:
     from .loop import TrainConfig
     from .train import train
 
@@ -242,7 +242,7 @@ def _train(args: argparse.Namespace, cancelled: dict) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace, cancelled: dict) -> int:
+def _evaluate(args: argparse.Namespace, should_cancel) -> int:
     from .evaluate import EvaluateConfig, evaluate
 
     config = EvaluateConfig(
@@ -274,7 +274,7 @@ def _evaluate(args: argparse.Namespace, cancelled: dict) -> int:
     return 0
 
 
-def _synth_tumours(args: argparse.Namespace, cancelled: dict) -> int:
+def _synth_tumours(args: argparse.Namespace, should_cancel) -> int:
     from .tumours import write_synthetic_case
 
     info = write_synthetic_case(
@@ -302,4 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from GDPILiverAnomalyLib.signals import install
+
+    install()
     sys.exit(main())
