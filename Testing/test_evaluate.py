@@ -14,7 +14,7 @@ import SimpleITK as sitk
 import torch
 from conftest import REPO, shared
 from GDPILiverAnomalyLib.diffusion import DiffusionConfig, GaussianDiffusion
-from GDPILiverAnomalyLib.errors import ParameterError
+from GDPILiverAnomalyLib.errors import OutputError, ParameterError
 from GDPILiverAnomalyLib.grid import InputGrid
 from GDPILiverAnomalyLib.metrics import pixel_metrics
 from GDPILiverAnomalyLib.repaint import SliceNoise, repaint
@@ -308,7 +308,7 @@ def test_evaluate_refuses_bad_input_and_writes_nothing(tmp_path, eval_store):
     assert not out.exists()
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    with pytest.raises(ParameterError, match="not empty"):
+    with pytest.raises(OutputError, match="not empty"):
         evaluate(EvaluateConfig(str(eval_store), str(out), ["darkness"]), log=lambda m: None)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 

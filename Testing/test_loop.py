@@ -51,3 +51,39 @@ def test_resume_check_names_the_changed_setting(tmp_path):
     check_resume(tmp_path, {"batch_size": 8, "seed": 0}, config, ("batch_size", "seed"))
     with pytest.raises(ParameterError, match="batch_size was 4, now 8"):
         check_resume(tmp_path, {"batch_size": 4, "seed": 0}, config, ("batch_size", "seed"))
+
+
+def test_a_damaged_state_falls_back_to_the_previous_one(tmp_path):
+    from GDPITraining.loop import DamagedState, previous_state_path, resume_state
+
+    model = torch.nn.Linear(3, 2)
+    config = TrainConfig(data="store", out=str(tmp_path))
+    path = tmp_path / "state.pt"
+    save_state(path, 5, config, model=model)
+    save_state(path, 10, config, model=model)
+    assert load_state(previous_state_path(path))["step"] == 5
+    assert resume_state(path)["step"] == 10
+    path.write_bytes(path.read_bytes()[:100])  # cut short
+    messages: list[str] = []
+    state = resume_state(path, log=messages.append)
+    assert state["step"] == 5 and "resuming from the previous state" in messages[0]
+    assert (tmp_path / "state.pt.damaged").exists() and not path.exists()
+    previous_state_path(path).write_bytes(b"garbage")
+    with pytest.raises(DamagedState, match="--restart"):
+        resume_state(path)
+
+
+def test_restart_keeps_earlier_states_aside(tmp_path):
+    from GDPITraining.loop import previous_state_path, resume_state
+
+    model = torch.nn.Linear(3, 2)
+    config = TrainConfig(data="store", out=str(tmp_path))
+    path = tmp_path / "state.pt"
+    save_state(path, 5, config, model=model)
+    save_state(path, 6, config, model=model)
+    assert resume_state(path, restart=True) is None
+    assert not path.exists() and not previous_state_path(path).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "state.prev.pt.restarted",
+        "state.pt.restarted",
+    ]

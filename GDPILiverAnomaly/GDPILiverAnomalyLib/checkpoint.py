@@ -130,6 +130,10 @@ def _check_shapes(path: Path, config: UNetConfig) -> None:
     in the file's header: checked on torch's meta device, so an absurd config in a
     forged header never allocates memory."""
     limits = MAX_CONFIG
+    if not isinstance(config.channel_mult, list) or not all(
+        type(m) is int for m in config.channel_mult
+    ):
+        raise CheckpointError(f"{path}: the model config in its metadata is out of range")
     sizes = (
         (config.image_size, limits["image_size"]),
         (config.model_channels, limits["model_channels"]),
@@ -139,7 +143,7 @@ def _check_shapes(path: Path, config: UNetConfig) -> None:
         (config.num_heads, limits["num_heads"]),
         (config.in_channels, limits["in_channels"]),
     )
-    if any(not isinstance(v, int) or not 1 <= v <= high for v, high in sizes):
+    if any(type(v) is not int or not 1 <= v <= high for v, high in sizes):
         raise CheckpointError(f"{path}: the model config in its metadata is out of range")
     try:
         with torch.device("meta"):
@@ -197,19 +201,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         diffusion = DiffusionConfig.from_dict(meta["diffusion"])
         intensity = Intensity(**meta["intensity"])
         grid = InputGrid.from_dict(meta["input_grid"])
-    except (KeyError, TypeError, ValueError) as exc:
+        consistent = (
+            (config.learn_sigma == diffusion.learn_sigma, "model and diffusion learn_sigma differ"),
+            (grid.size == config.image_size, "input grid and network sizes differ"),
+            (float(intensity.hu_max) > float(intensity.hu_min), "hu_max must exceed hu_min"),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"{path} has incomplete or invalid metadata ({exc!r})") from None
-    if config.learn_sigma != diffusion.learn_sigma:
-        raise CheckpointError(
-            f"{path}: model learn_sigma={config.learn_sigma} but diffusion "
-            f"learn_sigma={diffusion.learn_sigma}"
-        )
-    if grid.size != config.image_size:
-        raise CheckpointError(
-            f"{path}: input grid of {grid.size} px but the network expects {config.image_size} px"
-        )
-    if not intensity.hu_max > intensity.hu_min:
-        raise CheckpointError(f"{path}: intensity window hu_max must exceed hu_min")
+    for ok, problem in consistent:
+        if not ok:
+            raise CheckpointError(f"{path}: {problem} in its metadata")
     _check_shapes(path, config)  # before any real allocation
     try:
         tensors = load_file(str(path), device=str(map_location))

@@ -314,7 +314,10 @@ def main(argv: list[str] | None = None, *command_sets: CommandSet) -> int:
     Signals: see :mod:`.signals` (the entry points install its handlers before the heavy
     imports; an in-process call leaves the caller's handlers alone)."""
     parser, handlers = build_parser(*command_sets)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a one-line argument error (2)
+        return int(exc.code or 0)
     handler, cooperative = handlers[args.command]
     if cooperative:
         signals.immediate()  # until the network loop or the writing starts

@@ -10,6 +10,7 @@ the reader.
 
 from __future__ import annotations
 
+import gzip
 import struct
 import zlib
 from pathlib import Path
@@ -89,16 +90,21 @@ def _gz_head(path: Path, size: int, what: str) -> bytes:
     return out
 
 
-def _nifti_bytes(header: bytes) -> int | None:
-    """vox_offset + data bytes announced by a NIfTI-1 or NIfTI-2 header (None: not NIfTI)."""
+#: NIfTI datatype codes of floating-point voxels.
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _nifti_layout(header: bytes) -> tuple[int, int, str | None] | None:
+    """``(data offset, data bytes, numpy float dtype or None)`` announced by a NIfTI-1 or
+    NIfTI-2 header (None: not NIfTI)."""
     for order in "<>":
         if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
             dims = struct.unpack(order + "8h", header[40:56])
-            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            datatype, bitpix = struct.unpack(order + "2h", header[70:74])
             offset = struct.unpack(order + "f", header[108:112])[0]
             break
         if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
-            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            datatype, bitpix = struct.unpack(order + "2h", header[12:16])
             dims = struct.unpack(order + "8q", header[16:80])
             offset = struct.unpack(order + "q", header[168:176])[0]
             break
@@ -107,8 +113,30 @@ def _nifti_bytes(header: bytes) -> int | None:
     n = dims[0]
     if not 1 <= n <= 7 or bitpix <= 0 or any(d < 0 for d in dims[1 : n + 1]):
         return None
+    if len(header) < 540 or struct.unpack(order + "i", header[:4])[0] == 348:
+        # NIfTI-1 geometry: pixdim, quaternion, offsets, sform rows (NaN upsets ITK)
+        geometry = struct.unpack(order + "8f", header[76:108]) + struct.unpack(
+            order + "18f", header[256:328]
+        )
+        if not all(np.isfinite(geometry)):
+            return (-1, 0, None)
     voxels = int(np.prod([max(int(d), 1) for d in dims[1 : n + 1]], dtype=object))
-    return int(offset) + voxels * bitpix // 8
+    kind = _NIFTI_FLOATS.get(datatype)
+    return int(offset), voxels * bitpix // 8, (order + kind) if kind else None
+
+
+def _nifti_non_finite(path: Path, offset: int, nbytes: int, dtype: str, what: str) -> None:
+    """ITK's NIfTI reader turns NaN and infinity into 0 without a word: count them here."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        f.seek(offset)
+        values = np.frombuffer(f.read(nbytes), dtype=dtype)
+    bad = int(np.count_nonzero(~np.isfinite(values)))
+    if bad:
+        raise InputError(
+            f"{what} {path} contains {bad} NaN or infinite voxels (a NIfTI reader would "
+            "silently make them 0)"
+        )
 
 
 def _text_header(path: Path, limit: int = 1 << 16) -> tuple[list[str], int]:
@@ -121,6 +149,10 @@ def _text_header(path: Path, limit: int = 1 << 16) -> tuple[list[str], int]:
     return raw[:end].decode("latin-1").splitlines(), end + 2
 
 
+def _inconsistent(path: Path, what: str, fields: str) -> InputError:
+    return InputError(f"cannot read {what} {path}: its header is inconsistent ({fields})")
+
+
 def _check_nrrd(path: Path, what: str) -> None:
     lines, offset = _text_header(path)
     fields = {}
@@ -129,9 +161,12 @@ def _check_nrrd(path: Path, what: str) -> None:
             key, _, value = line.partition(":")
             fields[key.strip().lower()] = value.lstrip("=").strip()
     try:
+        dimension = int(fields.get("dimension", ""))
         sizes = [int(v) for v in fields.get("sizes", "").split()]
     except ValueError:
-        return
+        raise _inconsistent(path, what, "dimension and sizes") from None
+    if not 1 <= dimension <= 4 or len(sizes) != dimension or min(sizes, default=0) < 1:
+        raise _inconsistent(path, what, "dimension and sizes")
     size = _NRRD_TYPES.get(fields.get("type", "").lower())
     encoding = fields.get("encoding", "raw").lower()
     if not sizes or size is None or encoding not in ("raw", "gzip", "gz"):
@@ -169,11 +204,22 @@ def _check_metaimage(path: Path, what: str) -> None:
             break
     if offset is None:
         return
+    # ITK's MetaImage reader trusts these fields (an NDims of 371 corrupts its heap)
     try:
+        ndims = int(fields.get("NDims", ""))
         dims = [int(v) for v in fields.get("DimSize", "").split()]
         channels = int(fields.get("ElementNumberOfChannels", "1"))
+        spacing = [float(v) for v in fields.get("ElementSpacing", "1 " * ndims).split()]
+        matrix = (
+            fields.get("TransformMatrix") or fields.get("Rotation") or fields.get("Orientation")
+        )
+        matrix_values = [float(v) for v in matrix.split()] if matrix else [0.0] * ndims**2
     except ValueError:
-        return
+        raise _inconsistent(path, what, "NDims, DimSize, ElementSpacing") from None
+    if not 1 <= ndims <= 4 or len(dims) != ndims or min(dims, default=0) < 1:
+        raise _inconsistent(path, what, "NDims and DimSize")
+    if len(spacing) != ndims or len(matrix_values) != ndims**2 or not 1 <= channels <= 16:
+        raise _inconsistent(path, what, "ElementSpacing, TransformMatrix or channels")
     size = _MET_TYPES.get(fields.get("ElementType", ""))
     if not dims or size is None or fields.get("HeaderSize", "0") not in ("0", ""):
         return
@@ -200,11 +246,11 @@ def check_complete(path: str | Path, what: str = "image") -> None:
     path = Path(path)
     name = path.name.lower()
     if name.endswith(".nii.gz"):
-        expected = _nifti_bytes(_gz_head(path, 540, what))
+        layout = _nifti_layout(_gz_head(path, 540, what))
         found = _stream_size(path, 0, what, 16 + zlib.MAX_WBITS)
     elif name.endswith(".nii"):
         with open(path, "rb") as f:
-            expected = _nifti_bytes(f.read(540))
+            layout = _nifti_layout(f.read(540))
         found = path.stat().st_size
     elif name.endswith((".nrrd", ".nhdr")):
         _check_nrrd(path, what)
@@ -214,11 +260,20 @@ def check_complete(path: str | Path, what: str = "image") -> None:
         return
     else:
         return
-    if expected is not None and found < expected:
-        raise _truncated(path, what, f"{found} of {expected} bytes")
+    if layout is None:
+        return
+    offset, nbytes, dtype = layout
+    if offset < 0:
+        raise _inconsistent(path, what, "NaN or infinite spacing, orientation or origin")
+    if found < offset + nbytes:
+        raise _truncated(path, what, f"{found} of {offset + nbytes} bytes")
+    if dtype is not None:
+        _nifti_non_finite(path, offset, nbytes, dtype, what)
 
 
-def check_geometry(spacing, direction, path: str | Path, what: str = "image") -> None:
+def check_geometry(
+    spacing, direction, path: str | Path, what: str = "image", origin=(0.0, 0.0, 0.0)
+) -> None:
     """Refuse implausible spacing (outside :data:`PLAUSIBLE_SPACING_MM`) and direction
     cosines that are not orthonormal (a sheared or scaled grid)."""
     low, high = PLAUSIBLE_SPACING_MM
@@ -229,6 +284,8 @@ def check_geometry(spacing, direction, path: str | Path, what: str = "image") ->
             f"{what} {path} has voxel spacing {shown} mm, outside the plausible "
             f"{low:g}..{high:g} mm: its header geometry is broken"
         )
+    if not all(np.isfinite([float(v) for v in origin])):
+        raise InputError(f"{what} {path} has a NaN or infinite origin: its header is broken")
     matrix = np.asarray(direction, dtype=float).reshape(len(values), len(values))
     if not np.all(np.isfinite(matrix)) or not np.allclose(
         matrix.T @ matrix, np.eye(len(values)), atol=1e-3

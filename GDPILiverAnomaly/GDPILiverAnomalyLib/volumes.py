@@ -11,6 +11,10 @@ Conventions
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +56,7 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
         except OSError as exc:
             raise InputError(f"cannot read {what} {p}: {exc.strerror or exc}") from None
         try:
-            image = sitk.ReadImage(str(p))
+            image = _read_quietly(p)
         except RuntimeError as exc:
             detail = str(exc).strip().splitlines()
             reason = detail[-1] if detail else "unknown reason"
@@ -64,18 +68,43 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
         )
     if image.GetDimension() != 3:
         raise InputError(f"{what} {p} is {image.GetDimension()}-D; a 3-D volume is required")
-    check_geometry(image.GetSpacing(), image.GetDirection(), p, what)
+    check_geometry(image.GetSpacing(), image.GetDirection(), p, what, image.GetOrigin())
     return image
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence what C libraries print on file descriptor 2 (ITK warnings, NIfTI and VNL
+    messages about broken headers): problems reach the user as one error line instead."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable fd 2 (embedded interpreters)
+        saved = None
+    try:
+        if saved is not None:
+            with open(os.devnull, "wb") as null:
+                os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _read_quietly(path: Path) -> sitk.Image:
+    """``sitk.ReadImage`` without C-level noise on stderr (errors still raise)."""
+    with _quiet_stderr():
+        return sitk.ReadImage(str(path))
 
 
 def dicom_series_ids(folder: str | Path) -> tuple[str, ...]:
     """DICOM series in a folder, without ITK's warnings on stderr for non-DICOM files."""
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
+    with _quiet_stderr():
         return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
@@ -89,7 +118,8 @@ def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
-        image = reader.Execute()
+        with _quiet_stderr():
+            image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(
             f"cannot read DICOM series in {folder}: {str(exc).strip().splitlines()[-1]}"

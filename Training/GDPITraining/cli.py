@@ -105,6 +105,11 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     t.add_argument("--device", default="auto")
     t.add_argument("--bf16", action="store_true")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument(
+        "--restart",
+        action="store_true",
+        help="start over at step 0; an earlier state.pt is kept aside as state.pt.restarted",
+    )
     e = sub.add_parser(
         "evaluate",
         help="the paper's protocol: GDPI variants and baselines on a prepared test set",
@@ -188,6 +193,12 @@ def _prepare(args: argparse.Namespace, should_cancel) -> int:
 
     if args.layout != "synthetic" and args.input is None:
         raise GDPIError("--input is required for this layout")
+    if args.input is not None and args.layout != "synthetic":
+        wanted = "a CSV file" if args.layout == "list" else "a folder"
+        if not args.input.exists():
+            raise GDPIError(f"--input {args.input} not found ({wanted} for --layout {args.layout})")
+        if args.input.is_dir() == (args.layout == "list"):
+            raise GDPIError(f"--input {args.input} must be {wanted} for --layout {args.layout}")
     if args.out.exists() and any(args.out.iterdir()):
         raise GDPIError(f"output store {args.out} exists and is not empty")
     grid = InputGrid(args.grid_size, None if args.grid_spacing == 0 else args.grid_spacing)
@@ -235,6 +246,7 @@ def _train(args: argparse.Namespace, should_cancel) -> int:
         device=args.device,
         bf16=args.bf16,
         progress=not args.no_progress,
+        restart=args.restart,
     )
     path = train(config)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -456,9 +456,7 @@ def evaluate(config: EvaluateConfig, log=print) -> dict:
             raise ParameterError(f"method {s.name} needs --checkpoint (or {s.name}=PATH)")
     if not 0.0 < config.bank_level < 1.0:
         raise ParameterError("--bank-level must be between 0 and 1")
-    out = check_output_dir(config.out)
-    if out.exists() and any(out.iterdir()):
-        raise ParameterError(f"output folder {out} exists and is not empty")
+    out = check_output_dir(config.out)  # new or empty (the output-folder contract)
     test = load_test_set(
         config.store, config.abnormal_split, config.healthy_split, config.max_slices, config.cases
     )

@@ -8,6 +8,7 @@ import csv
 import math
 import os
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool = False
     progress: bool = True
+    restart: bool = False  # ignore (and keep aside) an earlier resume state
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -124,24 +126,85 @@ def slice_batch(
     return intensity.normalize(hu.to(device)[:, None])
 
 
+def previous_state_path(path: Path) -> Path:
+    """Where the state before the newest one is kept (``state.prev.pt``)."""
+    return path.with_name(path.stem + ".prev" + path.suffix)
+
+
 def save_state(path: Path, step: int, config: TrainConfig, **parts) -> None:
     """Write the resume state atomically: ``step``, ``config`` and the ``state_dict()``
-    of each named part (model, EMA, optimizer)."""
+    of each named part (model, EMA, optimizer). The state it replaces is kept as
+    :func:`previous_state_path`, a fallback should the new one be damaged later."""
     tmp = path.with_name(f".{path.name}.tmp")
     state = {"version": STATE_VERSION, "step": step, "config": asdict(config)}
     state.update({name: part.state_dict() for name, part in parts.items()})
     torch.save(state, tmp)
+    if path.exists():  # keep the current state as the previous one; state.pt never vanishes
+        link = path.with_name(f".{path.name}.prev.tmp")
+        link.unlink(missing_ok=True)
+        try:
+            os.link(path, link)
+        except OSError:  # no hard links here: a copy
+            shutil.copyfile(path, link)
+        os.replace(link, previous_state_path(path))
     os.replace(tmp, path)
+
+
+class DamagedState(ParameterError):
+    """A resume state file that cannot be read (cut short, overwritten, not a state)."""
 
 
 def load_state(path: Path) -> dict:
     """A resume state written by :func:`save_state` (never executes code from the file)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several kinds for a damaged zip or pickle
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DamagedState(f"resume state {path} is damaged ({reason})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise DamagedState(f"resume state {path} is damaged (not a gdpi training state)")
     if state.get("version") != STATE_VERSION:
         raise ParameterError(
             f"{path}: resume state version {state.get('version')} is not {STATE_VERSION}"
         )
     return state
+
+
+def resume_state(path: Path, restart: bool = False, log=print) -> dict | None:
+    """The state to resume from, or None to start at step 0.
+
+    ``restart`` starts over: existing states are kept aside as ``*.restarted``. A damaged
+    ``state.pt`` falls back to the previous state (the damaged file is kept as
+    ``state.pt.damaged``); with no readable state the error says how to start over.
+    """
+    previous = previous_state_path(path)
+    if restart:
+        for p in (path, previous):
+            if p.exists():
+                os.replace(p, p.with_name(p.name + ".restarted"))
+        return None
+    if not path.exists():
+        if not previous.exists():
+            return None
+        path = previous  # a stop between the two renames of save_state
+    try:
+        return load_state(path)
+    except DamagedState as exc:
+        if path == previous or not previous.exists():
+            raise DamagedState(f"{exc}; delete it or pass --restart to start over") from None
+        try:
+            state = load_state(previous)
+        except DamagedState:
+            raise DamagedState(
+                f"{exc}, and so is {previous}; pass --restart to start over"
+            ) from None
+        damaged = path.with_name(path.name + ".damaged")
+        os.replace(path, damaged)
+        log(
+            f"gdpi: warning: {exc}; resuming from the previous state {previous} "
+            f"(step {state['step']}); the damaged file is kept as {damaged}"
+        )
+        return state
 
 
 def check_resume(path: Path, saved: dict, config: TrainConfig, keys: tuple[str, ...]) -> None:

@@ -146,20 +146,37 @@ def iter_cases(
             )
     elif layout == "list":
         base = source.parent
-        with open(source, newline="") as f:
-            for i, row in enumerate(csv.DictReader(f)):
-                name = row.get("case") or f"case-{i:04d}"
-                tumour = base / row["tumour"] if row.get("tumour") else None
+        try:
+            with open(source, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise InputError(f"cannot read the case list {source}: {exc}") from None
+        missing = {"ct", "liver"} - set(rows[0] if rows else {})
+        if missing:
+            raise InputError(
+                f"case list {source} needs the columns ct and liver (missing: "
+                f"{', '.join(sorted(missing))}); optional: tumour, liver_label, tumour_label, case"
+            )
+        for i, row in enumerate(rows):
+            name = row.get("case") or f"case-{i:04d}"
+            try:
                 ll = int(row["liver_label"]) if row.get("liver_label") else liver_label
                 tl = int(row["tumour_label"]) if row.get("tumour_label") else tumour_label
-                jobs.append(
-                    (
-                        name,
-                        partial(
-                            _list_case, name, base / row["ct"], base / row["liver"], tumour, ll, tl
-                        ),
-                    )
+            except ValueError:
+                raise InputError(
+                    f"case list {source}, row {i + 2}: label values must be integers"
+                ) from None
+            if not row.get("ct") or not row.get("liver"):
+                raise InputError(f"case list {source}, row {i + 2}: ct and liver are required")
+            tumour = base / row["tumour"] if row.get("tumour") else None
+            jobs.append(
+                (
+                    name,
+                    partial(
+                        _list_case, name, base / row["ct"], base / row["liver"], tumour, ll, tl
+                    ),
                 )
+            )
     else:
         raise InputError(f"unknown layout {layout!r}")
     if not jobs:

@@ -36,7 +36,7 @@ from .loop import (
     augment,
     batch_indices,
     check_resume,
-    load_state,
+    resume_state,
     save_state,
     slice_batch,
     training_data,
@@ -65,6 +65,10 @@ def sample_randomness(
         noises.append(torch.randn(shape, generator=g))
         augs.append(torch.rand(5, generator=g))
     return torch.cat(ts), torch.stack(noises), torch.stack(augs)
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -114,8 +118,14 @@ def train(config: TrainConfig) -> Path:
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     step = 0
     state_path = out / "state.pt"
-    if state_path.exists():
-        state = load_state(state_path)
+    # rank 0 settles which state to resume from (moving damaged or restarted files
+    # aside); the other ranks then read the same one
+    state = resume_state(state_path, config.restart, log=_warn) if rank == 0 else None
+    if world > 1:
+        dist.barrier()
+        if rank > 0:
+            state = resume_state(state_path, log=lambda message: None)
+    if state is not None:
         check_resume(state_path, state["config"], config, RESUME_KEYS)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])

@@ -25,7 +25,7 @@ from .loop import (
     augment,
     batch_indices,
     check_resume,
-    load_state,
+    resume_state,
     save_state,
     slice_batch,
     training_data,
@@ -52,8 +52,8 @@ def train_baseline(config: TrainConfig) -> Path:
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     step = 0
     state_path = out / "state.pt"
-    if state_path.exists():
-        state = load_state(state_path)
+    state = resume_state(state_path, config.restart, log=lambda m: print(m, file=sys.stderr))
+    if state is not None:
         check_resume(state_path, state["config"], config, RESUME_KEYS)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])

@@ -204,9 +204,7 @@ def write_synthetic_case(
     from GDPILiverAnomalyLib.files import atomic_dir, check_output_dir
     from GDPILiverAnomalyLib.volumes import mask_on_ct_grid, read_ct, read_image
 
-    out = check_output_dir(out)
-    if out.exists() and any(out.iterdir()):
-        raise InputError(f"output folder {out} exists and is not empty")
+    out = check_output_dir(out)  # new or empty (the output-folder contract)
     ct = read_ct(ct_path)
     seg_image = read_image(seg_path, "mask")
     seg = sitk.GetArrayViewFromImage(seg_image)
