@@ -30,3 +30,20 @@ def test_bench_smoke(tmp_path):
 
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["rows"][0]["presets"]["paper"]["nfe_per_volume"] % 2410 == 0
+
+
+def test_cpu_bench_smoke(tmp_path):
+    """bench/bench_cpu.py (the table the CPU defaults were chosen from) runs and reports
+    every row it was asked for."""
+    import json
+
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_cpu.py"), "--smoke", "--json",
+         str(tmp_path / "cpu.json")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "cpu.json").read_text())
+    assert [(r["size"], r["batch"]) for r in rows] == [("micro", 1), ("micro", 2)]
+    assert all(r["fp32_ms"] > 0 for r in rows)
+    assert proc.stdout.count("| micro |") == 2

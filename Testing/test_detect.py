@@ -145,9 +145,9 @@ def test_dicom_case_is_deterministic_and_batch_independent(tmp_path, tiny_checkp
 
     a, b = score("a"), score("b")
     assert np.array_equal(a, b) and a.max() > 0
-    assert a is not None and quick_params.batch_size is None  # auto: 1 slice at a time on CPU
-    batched = score("batched", batch_size=8)
-    assert np.allclose(batched, a, atol=0.05)
+    assert a is not None and quick_params.batch_size is None  # auto: 8 slices per batch
+    single, batched = score("single", batch_size=1), score("batched", batch_size=8)
+    assert np.allclose(batched, single, atol=0.05) and np.allclose(a, single, atol=0.05)
     assert not np.allclose(score("seed", seed=1), a, atol=0.05)
 
 

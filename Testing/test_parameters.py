@@ -72,7 +72,12 @@ def test_command_line_options_round_trip():
     # nothing given: every option is None, so the preset decides
     assert set(overrides_from(parser.parse_args([])).values()) == {None}
     assert flag("threshold_hu") == "--threshold" and flag("jump_n_sample") == "--jump-n-sample"
-    assert cli_arguments({"two_sided": False, "batch_size": None}) == []
+    # False is said explicitly (bf16's default depends on the CPU); None is left out
+    assert cli_arguments({"two_sided": False, "bf16": False, "batch_size": None}) == [
+        "--no-two-sided",
+        "--no-bf16",
+    ]
+    assert overrides_from(parser.parse_args(["--no-bf16"]))["bf16"] is False
     with pytest.raises(ParameterError, match="unknown parameter"):
         cli_arguments({"resamplings": 3})
 
@@ -82,5 +87,5 @@ def test_ranges_defaults_and_batch_size():
     assert value_range("median_size") == (0, 31)
     with pytest.raises(KeyError):
         value_range("device")
-    assert default_batch_size("cuda") == 8 and default_batch_size("cpu") == 1
+    assert default_batch_size("cuda") == 8 and default_batch_size("cpu", 64) == 8
     assert set(PRESETS) == {"paper", "fast"}

@@ -73,7 +73,7 @@ def detect(
     mapping = PlaneMapping.for_volume(checkpoint.grid, (height, width), (sy, sx), case.liver)
     ct_grid = mapping.to_grid(case.ct[liver_slices], "image")
     cand_grid = mapping.to_grid(candidates[liver_slices], "mask")
-    batch_size = params.batch_size or default_batch_size(device.type)
+    batch_size = params.batch_size or default_batch_size(device.type, checkpoint.grid.size)
     batches = plan_batches(cand_grid, batch_size)
     work = [i for batch in batches for i in batch]
     t_prepare = time.perf_counter() - start
@@ -162,7 +162,8 @@ def detect(
 
     stats = {
         "device": str(device),
-        "bf16": params.bf16 and device.type == "cuda",
+        "bf16": bf16_active(params.bf16, device),
+        "cpu_native_bf16": cpu_has_bf16() if device.type == "cpu" else None,
         "slices_total": int(n_z),
         "slices_with_liver": len(liver_slices),
         "slices_inpainted": len(work),
@@ -188,6 +189,26 @@ def detect(
         lesions,
         stats,
     )
+
+
+def bf16_active(requested: bool | None, device: torch.device) -> bool:
+    """Whether bfloat16 autocast runs: ``None`` (default) = on CPUs with native bf16
+    (AVX-512 BF16 / AMX), off on CUDA; ``True`` = on CUDA and on native-bf16 CPUs;
+    ``False`` = never."""
+    if requested is False:
+        return False
+    if device.type == "cpu":
+        return cpu_has_bf16()
+    return bool(requested) and device.type == "cuda"
+
+
+def cpu_has_bf16() -> bool:
+    """True when oneDNN can run bfloat16 natively on this CPU."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
 
 
 def plan_batches(inpaint_mask: np.ndarray, batch_size: int) -> list[list[int]]:
@@ -224,10 +245,14 @@ def inpaint_grid(
     """
     diffusion = GaussianDiffusion.from_config(checkpoint.diffusion, params.steps)
     model = checkpoint.model.to(device).eval()
-    use_bf16 = params.bf16 and device.type == "cuda"
+    use_bf16 = bf16_active(params.bf16, device)
 
     def network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+        ctx = (
+            torch.autocast(device.type, dtype=torch.bfloat16)
+            if use_bf16
+            else contextlib.nullcontext()
+        )
         with ctx:
             return model(x, t).float()
 

@@ -279,7 +279,8 @@ def run_gdpi(
     dev = resolve_device(params.device)
     start = time.perf_counter()
     cand, ame_source = gdpi_candidates(test, params, use_ame)
-    batches = plan_batches(cand, params.batch_size or default_batch_size(dev.type))
+    size = params.batch_size or default_batch_size(dev.type, checkpoint.grid.size)
+    batches = plan_batches(cand, size)
     work = [i for batch in batches for i in batch]
     prompts = level = None
     details: dict = {
