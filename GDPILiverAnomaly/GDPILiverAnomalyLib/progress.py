@@ -38,6 +38,58 @@ class Progress:
         return {**asdict(self), "fraction": round(self.fraction, 4)}
 
 
+class LineProgress:
+    """A progress bar for logs: one plain line every ``every_s`` seconds (and at the end)
+    instead of the carriage-return updates a terminal bar writes. Implements the part of
+    tqdm's interface this project uses (``n``, ``update``, ``set_postfix[_str]``,
+    ``refresh``, ``close``)."""
+
+    def __init__(self, total: int, desc: str, unit: str, initial: int = 0, every_s: float = 10.0,
+                 file=None):  # fmt: skip
+        self.total, self.desc, self.unit, self.n = total, desc, unit, initial
+        self.every_s, self.file = every_s, file or sys.stderr
+        self.postfix = ""
+        self.started = time.monotonic()
+        self.last = None
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self.refresh()
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        self.postfix = text
+
+    def set_postfix(self, refresh: bool = True, **values) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def refresh(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and self.last is not None and now - self.last < self.every_s:
+            return
+        self.last = now
+        elapsed = now - self.started
+        share = self.n / self.total if self.total else 1.0
+        line = f"{self.desc}: {100 * share:.0f}% ({self.n}/{self.total} {self.unit}"
+        line += f", {self.postfix})" if self.postfix else ")"
+        line += f", {elapsed:.0f} s elapsed"
+        if 0 < self.n < self.total:
+            line += f", about {elapsed / self.n * (self.total - self.n):.0f} s left"
+        print(line, file=self.file, flush=True)
+
+    def close(self) -> None:
+        self.refresh(force=True)
+
+
+def progress_bar(total: int, desc: str, unit: str, initial: int = 0, leave: bool = True):
+    """tqdm on a terminal; :class:`LineProgress` when stderr is a file or pipe (logs)."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr,
+                    dynamic_ncols=True, leave=leave)  # fmt: skip
+    return LineProgress(total, desc, unit, initial)
+
+
 class Reporter:
     """Turns progress into a tqdm bar (``text``), throttled JSON lines (``json``) or nothing."""
 
@@ -79,19 +131,13 @@ class Reporter:
                 self.last = now
                 self.emit("progress", case=self.case, **p.to_dict())
         elif self.mode == "text":
-            from tqdm import tqdm
-
             if self.bar is None:
-                self.bar = tqdm(
-                    total=p.nfe_total,
-                    unit="NFE",
-                    desc=self.case or "inpainting",
-                    file=sys.stderr,
-                    dynamic_ncols=True,
-                )
+                self.bar = progress_bar(p.nfe_total, self.case or "inpainting", "NFE")
             self.bar.n = p.nfe_done
             self.bar.set_postfix_str(f"slices {p.slices_done}/{p.slices_total}", refresh=False)
             self.bar.refresh()
+            if p.nfe_done == p.nfe_total and p.slices_done == p.slices_total:
+                self.close()  # the last line before whatever the command prints next
 
     def close(self) -> None:
         if self.bar is not None:

@@ -52,6 +52,7 @@ from GDPILiverAnomalyLib.errors import InputError, ParameterError
 from GDPILiverAnomalyLib.metrics import lesion_detection, pixel_metrics, slice_auroc
 from GDPILiverAnomalyLib.parameters import DetectionParams, default_batch_size
 from GDPILiverAnomalyLib.pipeline import inpaint_grid, plan_batches
+from GDPILiverAnomalyLib.progress import progress_bar
 from GDPILiverAnomalyLib.repaint import slice_seeds
 from GDPILiverAnomalyLib.scoring import finish_score
 from scipy import ndimage
@@ -256,7 +257,6 @@ def run_gdpi(
     overrides: dict | None = None,
 ) -> MethodOutput:
     from GDPILiverAnomalyLib.checkpoint import load_checkpoint
-    from tqdm import tqdm
 
     variant = dict(GDPI_VARIANTS[name])
     use_ame = variant.pop("ame", True)
@@ -293,7 +293,7 @@ def run_gdpi(
         prompts, level, details["memory_bank"] = memory_bank_start(
             test, cand, bank_store, bank_level, params.steps, checkpoint.intensity
         )
-    bar = tqdm(total=len(batches), desc=DISPLAY[name], unit="batch", file=sys.stderr, leave=False)
+    bar = progress_bar(len(batches), DISPLAY[name], "batch", leave=False)
     nfe = {"total": 0}
 
     def after(_number: int, _batch: list[int], n: int) -> None:

@@ -28,6 +28,7 @@ from GDPILiverAnomalyLib.checkpoint import Checkpoint, Intensity, save_checkpoin
 from GDPILiverAnomalyLib.devices import resolve_device
 from GDPILiverAnomalyLib.diffusion import DiffusionConfig, GaussianDiffusion, training_losses
 from GDPILiverAnomalyLib.errors import ParameterError
+from GDPILiverAnomalyLib.progress import progress_bar
 from GDPILiverAnomalyLib.unet import MODEL_SIZES, UNet, UNetConfig
 
 from .loop import (
@@ -145,16 +146,7 @@ def train(config: TrainConfig) -> Path:
     log_path = out / "log.csv"
     bar = None
     if rank == 0 and config.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=config.steps,
-            initial=step,
-            unit="it",
-            desc="training",
-            file=sys.stderr,
-            dynamic_ncols=True,
-        )
+        bar = progress_bar(config.steps, "training", "it", initial=step)
     started = time.perf_counter()
     t_window, window_losses = time.perf_counter(), []
 

@@ -17,6 +17,7 @@ import torch
 from GDPILiverAnomalyLib.checkpoint import Intensity
 from GDPILiverAnomalyLib.devices import resolve_device
 from GDPILiverAnomalyLib.errors import ParameterError
+from GDPILiverAnomalyLib.progress import progress_bar
 
 from .baselines import Baseline, BaselineConfig, build_model, save_baseline, training_loss
 from .loop import (
@@ -64,9 +65,7 @@ def train_baseline(config: TrainConfig) -> Path:
     t_window = time.perf_counter()
     bar = None
     if config.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=config.steps, initial=step, unit="it", desc=config.model, file=sys.stderr)
+        bar = progress_bar(config.steps, config.model, "it", initial=step)
 
     def save() -> Path:
         save_state(state_path, step, config, model=model, optimizer=opt)
