@@ -57,3 +57,37 @@ def test_write_text_atomic_leaves_no_temporary_file(tmp_path):
     write_text_atomic(path, "a,b\n")
     write_text_atomic(path, "c,d\n")
     assert path.read_text() == "c,d\n" and os.listdir(tmp_path) == ["summary.csv"]
+
+
+def test_overwrite_replaces_only_a_folder_that_is_all_result(tmp_path):
+    out = tmp_path / "result"
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    (out / "notes.txt").write_text("the user's notes beside an earlier result")
+    is_result = lambda p: p.name in ("run.json", "score.nrrd")  # noqa: E731
+    with pytest.raises(OutputError, match="notes.txt is not part of one"):
+        check_output_dir(out, overwrite=True, marker="run.json", result_entries=is_result)
+    (out / "notes.txt").unlink()
+    assert check_output_dir(out, True, "run.json", is_result) == out
+
+
+def test_the_current_folder_and_mount_points_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputError, match="current folder"):
+        check_output_dir(".")
+    with pytest.raises(OutputError, match="current folder"):
+        check_output_dir(tmp_path.parent)
+    with pytest.raises(OutputError, match="mount point"):
+        check_output_dir("/proc")
+
+
+def test_without_replace_a_folder_filled_meanwhile_is_kept(tmp_path):
+    out = tmp_path / "result"
+    with (
+        pytest.raises(OutputError, match="filled by something else"),
+        atomic_dir(out, replace=False) as tmp,
+    ):
+        (tmp / "score.nrrd").write_text("new")
+        out.mkdir()
+        (out / "other.txt").write_text("another run got here first")
+    assert os.listdir(out) == ["other.txt"] and os.listdir(tmp_path) == ["result"]

@@ -123,6 +123,18 @@ def world(tmp_path_factory) -> Path:
     _write(far, w / "liver_far.nrrd")
     (w / "not_dicom").mkdir()
     (w / "not_dicom" / "readme.txt").write_text("no images here")
+    # forged headers
+    nii = bytearray((w / "ct.nii").read_bytes())
+    nii[108:112] = struct.pack("<f", float("nan"))  # vox_offset
+    (w / "offset_nan.nii").write_bytes(bytes(nii))
+    nii = bytearray((w / "ct.nii").read_bytes())
+    nii[70:74] = struct.pack("<2h", 16, 8)  # float32 voxels of 8 bits
+    (w / "float_bits.nii").write_bytes(bytes(nii))
+    mha = (w / "ct.mha").read_bytes().replace(b"NDims = 3", b"NDims = 100000", 1)
+    (w / "ndims_huge.mha").write_bytes(mha)
+    (w / "result_and_notes").mkdir()
+    (w / "result_and_notes" / "run.json").write_text("{}")
+    (w / "result_and_notes" / "notes.txt").write_text("mine")
     # checkpoints
     model = save_checkpoint(init_checkpoint("tiny"), w / "model.safetensors")
     _cut(model, w / "model_cut.safetensors", 0.4)
@@ -189,6 +201,9 @@ CASES = [
     ("empty file", _detect("empty.nii.gz"), "CT"),
     ("text named nii.gz", _detect("text.nii.gz"), "cannot read CT"),
     ("broken nrrd header", _detect("garbage.nrrd"), "CT"),
+    ("NIfTI offset NaN", _detect("offset_nan.nii"), "header is inconsistent"),
+    ("NIfTI float of 8 bits", _detect("float_bits.nii"), "header is inconsistent"),
+    ("MetaImage NDims 100000", _detect("ndims_huge.mha"), "header is inconsistent"),
     ("CT missing", _detect("missing.nrrd"), "CT not found"),
     ("liver missing", _detect(liver="missing.nrrd"), "liver mask not found"),
     ("liver cut short", _detect(liver="ct_cut.nii.gz"), "is incomplete"),
@@ -232,6 +247,11 @@ CASES = [
         "not an earlier result",
     ),  # fmt: skip
     ("symlink to user files", _detect(out="link_to_mine"), "exists and is not empty"),
+    (
+        "overwrite result + notes",
+        _detect("ct.nrrd", "liver.nrrd", "model.safetensors", "result_and_notes", "--overwrite"),
+        "notes.txt is not part of one",
+    ),  # fmt: skip
     # --- options
     (
         "steps -5",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -150,10 +151,13 @@ def _check_shapes(path: Path, config: UNetConfig) -> None:
             expected = {k: tuple(v.shape) for k, v in UNet(config).state_dict().items()}
     except (ValueError, TypeError, RuntimeError, ParameterError) as exc:
         raise CheckpointError(f"{path}: invalid model config in its metadata ({exc})") from None
-    found = {
-        k: tuple(v.get("shape", ())) for k, v in _read_header(path, full=True).items()
-        if k != "__metadata__" and isinstance(v, dict)
-    }  # fmt: skip
+    try:
+        found = {
+            k: tuple(v.get("shape", ())) for k, v in _read_header(path, full=True).items()
+            if k != "__metadata__" and isinstance(v, dict)
+        }  # fmt: skip
+    except TypeError:
+        raise CheckpointError(f"{path}: tensor shapes in its header are not lists") from None
     if found != expected:
         missing = sorted(set(expected) - set(found))[:3]
         differ = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])[:3]
@@ -187,9 +191,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     header = _read_header(path)
-    if header.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a GDPI checkpoint (format {header.get('format')!r})")
-    version = int(header.get("format_version", -1))
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        found = header.get("format") if isinstance(header, dict) else None
+        raise CheckpointError(f"{path} is not a GDPI checkpoint (format {found!r})")
+    try:
+        version = int(header.get("format_version", -1))
+    except (TypeError, ValueError):
+        version = -1
     if version != FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format version {version}; this gdpi reads "
@@ -201,10 +209,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         diffusion = DiffusionConfig.from_dict(meta["diffusion"])
         intensity = Intensity(**meta["intensity"])
         grid = InputGrid.from_dict(meta["input_grid"])
+        window = (intensity.hu_min, intensity.hu_max)
         consistent = (
             (config.learn_sigma == diffusion.learn_sigma, "model and diffusion learn_sigma differ"),
             (grid.size == config.image_size, "input grid and network sizes differ"),
-            (float(intensity.hu_max) > float(intensity.hu_min), "hu_max must exceed hu_min"),
+            (
+                all(type(v) in (int, float) and math.isfinite(v) for v in window)
+                and window[1] > window[0],
+                "the intensity window must be finite numbers with hu_max > hu_min",
+            ),
+            (
+                type(diffusion.num_timesteps) is int and 1 <= diffusion.num_timesteps <= 10_000,
+                "the diffusion needs 1..10000 timesteps",
+            ),
+            (
+                grid.spacing_mm is None or (math.isfinite(grid.spacing_mm) and grid.spacing_mm > 0),
+                "the input grid spacing must be a positive number of mm",
+            ),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"{path} has incomplete or invalid metadata ({exc!r})") from None

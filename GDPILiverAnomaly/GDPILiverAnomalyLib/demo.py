@@ -10,14 +10,17 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from . import signals
 from .checkpoint import load_checkpoint
-from .errors import CheckpointError
+from .errors import Cancelled, CheckpointError
 from .files import atomic_dir, check_output_dir
 from .parameters import DetectionParams
 from .runner import run_case
 from .synthetic import synthetic_case
 
 DEMO_MODEL = Path(__file__).parent / "models" / "demo.safetensors"
+#: What a demo folder holds (``--overwrite`` replaces only such a folder).
+DEMO_OUTPUTS = ("input", "result", "metrics.json", "demo.png")
 DEMO_SEED = 7  # the demo model was trained on healthy synthetic cases with seeds 1000..1079
 
 
@@ -35,11 +38,12 @@ def run_demo(
     """Generate, detect, score and draw; return the metrics (also in ``out/metrics.json``)."""
     from .metrics import pixel_metrics  # scikit-learn: not needed by detection or Slicer
 
-    final = check_output_dir(out, overwrite, marker="metrics.json")
+    final = check_output_dir(out, overwrite, "metrics.json", lambda p: p.name in DEMO_OUTPUTS)
     path = Path(checkpoint) if checkpoint else DEMO_MODEL
     if not path.is_file():
         raise CheckpointError(f"demo model not found: {path}")
-    with atomic_dir(final) as out:  # all or nothing; an earlier demo is replaced whole
+    # all or nothing; an earlier demo is replaced whole; a signal: nothing moved
+    with signals.cooperative(), atomic_dir(final, replace=overwrite) as out:
         t0 = time.perf_counter()
         case = synthetic_case(seed)
         inputs = out / "input"
@@ -95,6 +99,8 @@ def run_demo(
             f"(threshold {metrics['threshold']:.1f} HU); {info['nfe']} NFE, {metrics['seconds']:.0f} s on "
             f"{info['device']}; figure {final / 'demo.png'}"
         )
+        if should_cancel is not None and should_cancel():
+            raise Cancelled()
     return metrics
 
 

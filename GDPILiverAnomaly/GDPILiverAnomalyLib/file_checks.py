@@ -119,9 +119,13 @@ def _nifti_layout(header: bytes) -> tuple[int, int, str | None] | None:
             order + "18f", header[256:328]
         )
         if not all(np.isfinite(geometry)):
-            return (-1, 0, None)
-    voxels = int(np.prod([max(int(d), 1) for d in dims[1 : n + 1]], dtype=object))
+            raise ValueError("NaN or infinite spacing, orientation or origin")
+    if not np.isfinite(offset) or offset < 0:
+        raise ValueError(f"data offset {offset}")
     kind = _NIFTI_FLOATS.get(datatype)
+    if kind and bitpix != 8 * int(kind[1]):
+        raise ValueError(f"datatype {datatype} with {bitpix} bits per voxel")
+    voxels = int(np.prod([max(int(d), 1) for d in dims[1 : n + 1]], dtype=object))
     return int(offset), voxels * bitpix // 8, (order + kind) if kind else None
 
 
@@ -207,6 +211,8 @@ def _check_metaimage(path: Path, what: str) -> None:
     # ITK's MetaImage reader trusts these fields (an NDims of 371 corrupts its heap)
     try:
         ndims = int(fields.get("NDims", ""))
+        if not 1 <= ndims <= 4:
+            raise ValueError
         dims = [int(v) for v in fields.get("DimSize", "").split()]
         channels = int(fields.get("ElementNumberOfChannels", "1"))
         spacing = [float(v) for v in fields.get("ElementSpacing", "1 " * ndims).split()]
@@ -241,9 +247,16 @@ def _check_metaimage(path: Path, what: str) -> None:
 
 
 def check_complete(path: str | Path, what: str = "image") -> None:
-    """Raise :class:`InputError` when an image file is cut short or its compressed
-    stream is broken (NIfTI, NRRD, MetaImage); other files pass unchecked."""
-    path = Path(path)
+    """Raise :class:`InputError` when an image file is cut short, its compressed stream
+    is broken or its header is inconsistent (NIfTI, NRRD, MetaImage); other files pass
+    unchecked."""
+    try:
+        _check_complete(Path(path), what)
+    except (ValueError, OverflowError, struct.error, MemoryError) as exc:
+        raise _inconsistent(Path(path), what, str(exc) or type(exc).__name__) from None
+
+
+def _check_complete(path: Path, what: str) -> None:
     name = path.name.lower()
     if name.endswith(".nii.gz"):
         layout = _nifti_layout(_gz_head(path, 540, what))
@@ -263,8 +276,6 @@ def check_complete(path: str | Path, what: str = "image") -> None:
     if layout is None:
         return
     offset, nbytes, dtype = layout
-    if offset < 0:
-        raise _inconsistent(path, what, "NaN or infinite spacing, orientation or origin")
     if found < offset + nbytes:
         raise _truncated(path, what, f"{found} of {offset + nbytes} bytes")
     if dtype is not None:

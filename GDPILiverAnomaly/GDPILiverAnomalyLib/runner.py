@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -120,7 +121,7 @@ def run_case(
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     params.validate(checkpoint.diffusion.num_timesteps)
-    out = check_output_dir(out, overwrite, marker="run.json")
+    out = check_output_dir(out, overwrite, "run.json", lambda p: p.name in OUTPUT_FILES)
     ct = read_ct(ct_path)
     liver = read_liver_mask(liver_path, ct, liver_label)
     if not allow_non_hu:
@@ -165,7 +166,8 @@ def run_case(
         "outputs": list(OUTPUT_FILES),
     }
     run_info["timings_s"] = {"read": round(t_read, 3), **result.stats["timings_s"]}
-    with signals.cooperative(), atomic_dir(out) as tmp:  # a signal: nothing moved into place
+    # a signal meanwhile: nothing is moved into place
+    with signals.cooperative(), atomic_dir(out, replace=overwrite) as tmp:
         t_write = time.perf_counter()
         _write_result(tmp, ct, result)
         run_info["timings_s"]["write"] = round(time.perf_counter() - t_write, 3)
@@ -198,7 +200,9 @@ def run_folder(
     as a whole.
     """
     params.validate(checkpoint.diffusion.num_timesteps)
-    out = check_output_dir(out, overwrite, marker="summary.csv")
+    out = check_output_dir(
+        out, overwrite, "summary.csv", lambda p: p.name == "summary.csv" or _is_case_result(p)
+    )
     cases = pair_cases(ct_dir, liver_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -235,12 +239,23 @@ def run_folder(
             )
         except GDPIError as exc:
             row.update(status="error", error=str(exc), out="")
+            if overwrite and _is_case_result(out / case.name):  # not an earlier run's result
+                shutil.rmtree(out / case.name)
         row["seconds"] = round(time.perf_counter() - t0, 2)
         rows.append(row)
         _write_summary(out / "summary.csv", rows)
         if should_cancel is not None and should_cancel():
             raise Cancelled()
     return rows
+
+
+def _is_case_result(path: Path) -> bool:
+    """A case folder of an earlier batch: only the files a case result holds."""
+    return (
+        path.is_dir()
+        and (path / "run.json").is_file()
+        and all(p.name in OUTPUT_FILES for p in path.iterdir())
+    )
 
 
 def _write_summary(path: Path, rows: list[dict]) -> None:

@@ -20,16 +20,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_state = {"installed": False, "cancelled": False}
+_state = {"installed": False, "cancelled": False, "depth": 0, "ignored": ()}
 
 
 def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def _handled() -> list:
+    """The signals this module manages (those ignored at start stay ignored)."""
+    return [s for s in SIGNALS if s not in _state["ignored"]]
+
+
 def _on_signal(signum, frame) -> None:
     _state["cancelled"] = True
-    for s in SIGNALS:  # a second signal ends the process at once
+    for s in _handled():  # a second signal ends the process at once
         signal.signal(s, signal.SIG_DFL)
 
 
@@ -39,15 +44,18 @@ def install() -> None:
     if not _main_thread():
         return
     _state["installed"] = True
-    for s in SIGNALS:
+    # kept ignored when the parent ignored them (nohup, background jobs of a script)
+    _state["ignored"] = tuple(s for s in SIGNALS if signal.getsignal(s) is signal.SIG_IGN)
+    for s in _handled():
         signal.signal(s, _on_signal)
 
 
 def uninstall() -> None:
     """Back to Python's default handlers (commands that keep them, e.g. training)."""
     if _state["installed"] and _main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+        for s in _handled():
+            signal.signal(s, defaults[s])
     _state["installed"] = False
 
 
@@ -63,7 +71,7 @@ def reset() -> None:
 
 def _set(handler) -> None:
     if _state["installed"] and _main_thread():
-        for s in SIGNALS:
+        for s in _handled():
             signal.signal(s, handler)
 
 
@@ -79,7 +87,10 @@ def cooperative() -> Iterator[None]:
     code inside); afterwards signals end the process at once again."""
     if not _state["cancelled"]:
         _set(_on_signal)
+    _state["depth"] += 1
     try:
         yield
     finally:
-        immediate()
+        _state["depth"] -= 1
+        if _state["depth"] == 0:  # nested blocks: the outermost one ends cooperation
+            immediate()

@@ -163,8 +163,11 @@ def train(config: TrainConfig) -> Path:
                 "ema_decay": config.ema_decay,
             },
         )
+        # the model first: a stop between the two leaves a state that redoes the last
+        # steps, never a finished state with a stale or missing model
+        path = save_checkpoint(trained, out / "model.safetensors")
         save_state(state_path, step, config, model=model, ema=ema, optimizer=opt)
-        return save_checkpoint(trained, out / "model.safetensors")
+        return path
 
     while step < config.steps:
         positions = np.arange(rank * local, (rank + 1) * local)

@@ -68,11 +68,12 @@ def train_baseline(config: TrainConfig) -> Path:
         bar = progress_bar(config.steps, config.model, "it", initial=step)
 
     def save() -> Path:
-        save_state(state_path, step, config, model=model, optimizer=opt)
         training = training_summary(config, store, device, step, started)
-        return save_baseline(
+        path = save_baseline(  # the model first, then the state (see train.py)
             Baseline(model, base, intensity, grid, training), out / "model.safetensors"
         )
+        save_state(state_path, step, config, model=model, optimizer=opt)
+        return path
 
     model.train()
     while step < config.steps:
