@@ -298,6 +298,40 @@ CASES = [
         _detect("ct.nrrd", "liver.nrrd", "model.safetensors", "out", "--device", "tpu"),
         "unknown device",
     ),  # fmt: skip
+    (
+        "device cuda:7",
+        _detect("ct.nrrd", "liver.nrrd", "model.safetensors", "out", "--device", "cuda:7"),
+        "cuda:7",
+    ),
+    (
+        "steps 5000",
+        _detect("ct.nrrd", "liver.nrrd", "model.safetensors", "out", "--steps", "5000"),
+        "steps must be in 1..1000",
+    ),
+    (
+        "jump longer than steps",
+        _detect(
+            "ct.nrrd",
+            "liver.nrrd",
+            "model.safetensors",
+            "out",
+            "--steps",
+            "5",
+            "--jump-length",
+            "9",
+        ),
+        "jump length must be in 1..steps",
+    ),
+    (
+        "offset -5 HU",
+        _detect("ct.nrrd", "liver.nrrd", "model.safetensors", "out", "--offset-hu", "-5"),
+        "offset must be in 0..500 HU",
+    ),
+    (
+        "median 99 px",
+        _detect("ct.nrrd", "liver.nrrd", "model.safetensors", "out", "--median-size", "99"),
+        "median filter size",
+    ),
     # --- prepare
     (
         "prepare: CSV missing",
@@ -533,3 +567,21 @@ def test_a_cancel_while_outputs_are_written_moves_nothing_into_place(world, tmp_
                  params, tmp_path / "out", progress=progress, should_cancel=should_cancel)  # fmt: skip
     assert finished["checks_after"] == 2
     assert list(tmp_path.iterdir()) == []  # no --out, no temporary folder
+
+
+def test_non_hu_override_processes_the_ct(world, capsys, tmp_path):
+    argv = _resolve(
+        world,
+        _detect("raw_counts.nrrd", "liver.nrrd", "model.safetensors", "out", "--allow-non-hu"),
+    )
+    argv[argv.index("--out") + 1] = str(tmp_path / "o")
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (tmp_path / "o" / "run.json").exists()
+
+
+def test_a_successful_run_leaves_the_inputs_byte_identical(world, capsys, tmp_path):
+    before = _snapshot(world)
+    argv = _resolve(world, _detect())
+    argv[argv.index("--out") + 1] = str(tmp_path / "o")
+    assert main(argv) == 0, capsys.readouterr().err
+    assert _snapshot(world) == before and (tmp_path / "o" / "score.nrrd").exists()

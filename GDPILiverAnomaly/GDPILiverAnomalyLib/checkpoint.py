@@ -126,9 +126,9 @@ MAX_CONFIG = {"image_size": 1024, "model_channels": 1024, "num_res_blocks": 16,
               "levels": 8, "channel_mult": 32, "num_heads": 64, "in_channels": 16}  # fmt: skip
 
 
-def _check_shapes(path: Path, config: UNetConfig) -> None:
+def _check_shapes(path: Path, config: UNetConfig, tensors: dict) -> None:
     """The config must be of sane size and its network's tensor shapes must equal those
-    in the file's header: checked on torch's meta device, so an absurd config in a
+    in the file's header (``tensors``: the header's entries other than metadata): checked on torch's meta device, so an absurd config in a
     forged header never allocates memory."""
     limits = MAX_CONFIG
     if not isinstance(config.channel_mult, list) or not all(
@@ -153,8 +153,7 @@ def _check_shapes(path: Path, config: UNetConfig) -> None:
         raise CheckpointError(f"{path}: invalid model config in its metadata ({exc})") from None
     try:
         found = {
-            k: tuple(v.get("shape", ())) for k, v in _read_header(path, full=True).items()
-            if k != "__metadata__" and isinstance(v, dict)
+            k: tuple(v.get("shape", ())) for k, v in tensors.items() if isinstance(v, dict)
         }  # fmt: skip
     except TypeError:
         raise CheckpointError(f"{path}: tensor shapes in its header are not lists") from None
@@ -190,7 +189,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {path} is a folder; give the .safetensors file in it")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    header = _read_header(path)
+    full = _read_header(path, full=True)
+    header = full.get("__metadata__") or {}
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         found = header.get("format") if isinstance(header, dict) else None
         raise CheckpointError(f"{path} is not a GDPI checkpoint (format {found!r})")
@@ -232,7 +232,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     for ok, problem in consistent:
         if not ok:
             raise CheckpointError(f"{path}: {problem} in its metadata")
-    _check_shapes(path, config)  # before any real allocation
+    tensors = {k: v for k, v in full.items() if k != "__metadata__"}
+    _check_shapes(path, config, tensors)  # before any real allocation
     try:
         tensors = load_file(str(path), device=str(map_location))
     except (SafetensorError, OSError, RuntimeError) as exc:

@@ -41,7 +41,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 #: Adds subcommands to the ``gdpi`` parser; returns ``{name: (handler, cooperative)}``.
-CommandSet = Callable[[argparse._SubParsersAction], dict]
+CommandSet = Callable[[argparse._SubParsersAction], "dict[str, tuple[Handler, bool]]"]
 
 
 def add_commands(sub: argparse._SubParsersAction) -> dict:

@@ -64,11 +64,6 @@ def cancelled() -> bool:
     return _state["cancelled"]
 
 
-def reset() -> None:
-    """Forget an earlier signal (tests; a new run in the same process)."""
-    _state["cancelled"] = False
-
-
 def _set(handler) -> None:
     if _state["installed"] and _main_thread():
         for s in _handled():

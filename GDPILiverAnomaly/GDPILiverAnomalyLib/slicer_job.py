@@ -70,27 +70,21 @@ def retryBatchSize(stderr: str, settings: DetectionSettings) -> int | None:
     return current // 2 if current > 1 else None
 
 
+def formatDuration(seconds: float) -> str:
+    """``2 min 05 s`` or ``45 s``."""
+    minutes, rest = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
+
+
 def formatProgress(event: dict) -> str:
     """Status line for a ``progress`` event: slices, network evaluations, ETA."""
     text = (
         f"Slices {event['slices_done']}/{event['slices_total']}, "
         f"network evaluations {event['nfe_done']}/{event['nfe_total']}"
     )
-    eta = event.get("eta_s")
-    if eta is not None:
-        minutes, seconds = divmod(int(round(eta)), 60)
-        text += (
-            f", about {minutes} min {seconds:02d} s left"
-            if minutes
-            else f", about {seconds} s left"
-        )
+    if event.get("eta_s") is not None:
+        text += f", about {formatDuration(event['eta_s'])} left"
     return text
-
-
-def formatDuration(seconds: float) -> str:
-    """``2 min 05 s`` or ``45 s``."""
-    minutes, rest = divmod(int(round(seconds)), 60)
-    return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
 
 
 def formatEvent(event: dict) -> str | None:

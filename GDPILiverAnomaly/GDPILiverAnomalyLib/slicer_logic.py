@@ -228,18 +228,42 @@ class DetectionLogic(ResultDisplay):
         process (``gdpi devices --json``): Slicer's own process never imports torch, so
         CUDA is not initialised in the GUI and torch's files stay unlocked. Blocks for
         the worker's start-up (seconds)."""
-        with tempfile.TemporaryDirectory(prefix="GDPILiverAnomaly-", dir=self.tempRoot) as tmp:
-            worker = WorkerProcess(["devices", "--json"], Path(tmp) / "stderr.txt", self.python)
-            deadline = time.monotonic() + timeout
-            while worker.poll() is None:
-                if time.monotonic() > deadline:
-                    worker.cancel()
-                    raise GDPIError(f"listing the devices took more than {timeout:g} s")
-                self.idle(0.05)
-            found = [e for e in worker.events() if e.get("event") == "devices"]
-            if worker.poll() != 0 or not found:
-                raise GDPIError(f"could not list the devices:\n{worker.stderr_tail()}")
+        events: list[dict] = []
+        code, stderr = self._runWorker(["devices", "--json"], events.append, timeout)
+        found = [e for e in events if e.get("event") == "devices"]
+        if code != 0 or not found:
+            raise GDPIError(f"could not list the devices:\n{stderr}")
         return found[-1]["devices"]
+
+    def _runWorker(
+        self,
+        args: list[str],
+        onEvent: Callable[[dict], None] | None = None,
+        timeout: float | None = None,
+    ) -> tuple[int, str]:
+        """Run a worker to its end (``idle`` between polls, events to ``onEvent``); it is
+        cancelled by :meth:`cancelAll`, an exception or ``timeout`` seconds. Returns the
+        exit status and the tail of its standard error."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with tempfile.TemporaryDirectory(prefix="GDPILiverAnomaly-", dir=self.tempRoot) as tmp:
+            worker = WorkerProcess(args, Path(tmp) / "stderr.txt", self.python)
+            self._running.add(worker)
+            try:
+                while True:
+                    code = worker.poll()
+                    for event in worker.events():
+                        if onEvent is not None:
+                            onEvent(event)
+                    if code is not None:
+                        return code, worker.stderr_tail()
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise GDPIError(f"the worker took more than {timeout:g} s: stopped")
+                    self.idle(0.05)
+            except BaseException:
+                worker.cancel()
+                raise
+            finally:
+                self._running.discard(worker)
 
     # ---- folders ------------------------------------------------------------------
 
@@ -270,27 +294,11 @@ class DetectionLogic(ResultDisplay):
             args += ["--liver-label", str(liverLabel)]
         if overwrite:
             args.append("--overwrite")
-        with tempfile.TemporaryDirectory(prefix="GDPILiverAnomaly-", dir=self.tempRoot) as tmp:
-            worker = WorkerProcess(args, Path(tmp) / "stderr.txt", self.python)
-            self._running.add(worker)
-            try:
-                while True:
-                    code = worker.poll()
-                    for event in worker.events():
-                        if onEvent is not None:
-                            onEvent(event)
-                    if code is not None:
-                        break
-                    self.idle(0.1)
-            except BaseException:
-                worker.cancel()
-                raise
-            finally:
-                self._running.discard(worker)
-            if code in (130, -15, -9):
-                raise GDPIError("folder processing was cancelled")
-            if code not in (0, 3):
-                raise GDPIError(f"folder processing failed (exit {code}):\n{worker.stderr_tail()}")
+        code, stderr = self._runWorker(args, onEvent)
+        if code in (130, -15, -9):
+            raise GDPIError("folder processing was cancelled")
+        if code not in (0, 3):
+            raise GDPIError(f"folder processing failed (exit {code}):\n{stderr}")
         with open(Path(outputDir) / "summary.csv", newline="") as f:
             return list(csv.DictReader(f))
 
