@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from GDPILiverAnomalyLib.checkpoint import Intensity
 from GDPILiverAnomalyLib.errors import ParameterError
 from GDPITraining.loop import (
     STATE_VERSION,
@@ -25,10 +26,28 @@ def test_batch_order_is_a_seeded_permutation_per_epoch():
 def test_augment_keeps_shape_range_and_is_the_identity_at_zero_draws():
     x = torch.linspace(-1, 1, 2 * 16 * 16).reshape(2, 1, 16, 16)
     middle = torch.full((2, 5), 0.5)  # u = 0.5 -> no shift, rotation, scale or translation
-    assert torch.allclose(augment(x, middle, 250.0), x, atol=1e-5)
-    moved = augment(x, torch.rand(2, 5, generator=torch.Generator().manual_seed(0)), 250.0)
+    assert torch.allclose(augment(x, middle, Intensity()), x, atol=1e-5)
+    moved = augment(x, torch.rand(2, 5, generator=torch.Generator().manual_seed(0)), Intensity())
     assert moved.shape == x.shape and moved.min() >= -1 and moved.max() <= 1
     assert not torch.allclose(moved, x)
+
+
+def test_phase_augmentation_scales_contrast_around_40_hu_and_adds_noise():
+    intensity = Intensity()
+    hu = torch.tensor([40.0, 140.0]).view(1, 1, 1, 2).expand(1, 1, 2, 2).contiguous()
+    x = intensity.normalize(hu)
+    # draws: no geometry (0.5), gain at its maximum (u5 = 1 -> x1.25), no extra shift,
+    # no noise (u7 = 0)
+    u = torch.tensor([[0.5, 0.5, 0.5, 0.5, 0.5, 1.0, 0.5, 0.0]])
+    out = intensity.to_hu(augment(x, u, intensity, torch.zeros_like(x)))
+    assert torch.allclose(out[0, 0, :, 0], torch.tensor([40.0, 40.0]), atol=0.5)
+    assert torch.allclose(out[0, 0, :, 1], torch.tensor([165.0, 165.0]), atol=0.5)
+    # largest noise: 6 HU standard deviation
+    u[0, 7] = 1.0
+    noise = torch.randn(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    flat = intensity.normalize(torch.full((1, 1, 64, 64), 40.0))
+    noisy = intensity.to_hu(augment(flat, u, intensity, noise))
+    assert 5.0 < float(noisy.std()) < 7.0
 
 
 def test_state_round_trip_and_version_check(tmp_path):

@@ -94,8 +94,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
-    """Write atomically (temporary file, then rename)."""
+def save_checkpoint(ckpt: Checkpoint, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write atomically (temporary file, then rename); ``torch.float16`` halves the file
+    (weights are loaded back as float32)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {
@@ -103,12 +104,17 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
         "format_version": str(FORMAT_VERSION),
         "meta": json.dumps(ckpt.metadata()),
     }
-    return save_weights(ckpt.model, header, path)
+    return save_weights(ckpt.model, header, path, dtype)
 
 
-def save_weights(model: nn.Module, header: dict[str, str], path: Path) -> Path:
+def save_weights(
+    model: nn.Module, header: dict[str, str], path: Path, dtype: torch.dtype = torch.float32
+) -> Path:
     """A module's weights as safetensors with ``header`` metadata, atomically."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = {
+        k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+    }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -24,7 +24,6 @@ from .errors import Cancelled, GDPIError
 from .grid import InputGrid
 from .parameters import PRESETS, DetectionParams, add_arguments, describe_preset, overrides_from
 from .progress import PartialWriter, Reporter
-from .runner import run_case, run_folder
 from .unet import MODEL_SIZES
 
 #: A command: ``handler(args, should_cancel)`` returns the exit code; ``should_cancel()``
@@ -210,6 +209,8 @@ def _detect(args: argparse.Namespace, should_cancel: Callable[[], bool]) -> int:
                 reporter.start_case(name)
                 reporter.emit("case", number=number, total=total, case=name)
 
+            from .runner import run_folder
+
             rows = run_folder(
                 ct,
                 liver,
@@ -241,6 +242,8 @@ def _detect(args: argparse.Namespace, should_cancel: Callable[[], bool]) -> int:
                     file=sys.stderr,
                 )
             return 3 if failed else 0
+        from .runner import run_case
+
         info = run_case(
             ct,
             liver,

@@ -13,9 +13,9 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from . import signals
@@ -29,7 +29,9 @@ from .parameters import DetectionParams, default_batch_size
 from .progress import Progress
 from .repaint import SliceNoise, repaint, slice_seeds
 from .scoring import Lesion, anomaly_mask, find_lesions, finish_score
-from .volumes import OrientedCase
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 
 @dataclass
@@ -63,6 +65,8 @@ def detect(
     params.validate(checkpoint.diffusion.num_timesteps)
     device = resolve_device(params.device)
     start = time.perf_counter()
+    from .volumes import OrientedCase  # SimpleITK: not needed to inpaint store slices
+
     case = OrientedCase.from_arrays(ct, liver)
     n_z, height, width = case.ct.shape
     sy, sx = case.spacing_yx

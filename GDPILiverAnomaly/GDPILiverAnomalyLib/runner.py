@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -18,9 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import scipy
 import SimpleITK as sitk
-import torch
 
 from . import __version__, signals
 from .cases import pair_cases
@@ -31,6 +28,7 @@ from .parameters import DetectionParams
 from .pipeline import DetectionResult, detect
 from .progress import Progress
 from .scoring import LESION_FIELDS
+from .versions import versions
 from .volumes import array_on_grid, check_hu, read_ct, read_liver_mask
 
 OUTPUT_FILES = (
@@ -54,18 +52,6 @@ SUMMARY_FIELDS = [
     "liver",
     "out",
 ]
-
-
-def versions() -> dict:
-    return {
-        "gdpi": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "SimpleITK": sitk.Version_VersionString(),
-        "platform": platform.platform(),
-    }
 
 
 def geometry(image: sitk.Image) -> dict:

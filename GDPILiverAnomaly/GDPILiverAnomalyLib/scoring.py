@@ -7,10 +7,13 @@ re-painting (with two-sided AME: the absolute difference). Zero outside the live
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 
 def median_filter_slices(values: np.ndarray, size: int) -> np.ndarray:

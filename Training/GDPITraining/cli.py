@@ -96,6 +96,36 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     t.add_argument("--schedule", choices=("linear", "cosine"), default="linear")
     t.add_argument("--fixed-variance", action="store_true", help="no learned sigma (L_simple only)")
     t.add_argument("--no-augment", action="store_true")
+    t.add_argument(
+        "--augment-phase",
+        action="store_true",
+        help="also vary contrast phase (soft-tissue contrast x0.8..1.25, HU +-20) and "
+        "CT noise (0-6 HU): for data from few scans",
+    )
+    t.add_argument(
+        "--exclude-cases",
+        default="",
+        help="comma-separated case names whose slices are never trained on "
+        "(patient-level cross-validation)",
+    )
+    t.add_argument(
+        "--max-minutes",
+        type=float,
+        default=0.0,
+        help="stop after this many minutes of training, saving the model (0 = run all steps)",
+    )
+    t.add_argument(
+        "--snapshot-every",
+        type=int,
+        default=0,
+        help="keep a copy of the EMA model every N steps in snapshots/ (for curves)",
+    )
+    t.add_argument(
+        "--weights-dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="precision of the saved model weights (float16: half the file size)",
+    )
     t.add_argument("--save-every", type=_positive_int, default=500)
     t.add_argument("--log-every", type=_positive_int, default=25)
     t.add_argument(
@@ -239,6 +269,11 @@ def _train(args: argparse.Namespace, should_cancel) -> int:
         schedule=args.schedule,
         learn_sigma=not args.fixed_variance,
         augment=not args.no_augment,
+        augment_phase=args.augment_phase,
+        exclude_cases=[c for c in args.exclude_cases.split(",") if c],
+        max_minutes=args.max_minutes,
+        snapshot_every=args.snapshot_every,
+        weights_dtype=args.weights_dtype,
         save_every=args.save_every,
         log_every=args.log_every,
         preview_every=args.preview_every,

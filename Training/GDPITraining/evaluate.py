@@ -442,7 +442,7 @@ class EvaluateConfig:
 def evaluate(config: EvaluateConfig, log=print) -> dict:
     """Run every method, write the report folder (all or nothing); return the results."""
     from GDPILiverAnomalyLib.files import atomic_dir, check_output_dir
-    from GDPILiverAnomalyLib.runner import versions
+    from GDPILiverAnomalyLib.versions import versions
 
     from .report import write_report
 

@@ -46,6 +46,11 @@ class TrainConfig:
     hu_min: float = -200.0
     hu_max: float = 300.0
     augment: bool = True  # HU shift +-10, rotation +-5 deg, scale +-5 %, shift +-3 px
+    augment_phase: bool = False  # also contrast-phase variation and CT noise (see augment)
+    exclude_cases: list[str] = field(default_factory=list)  # patients left out (folds)
+    max_minutes: float = 0.0  # stop (and save) after this much training time; 0 = no limit
+    snapshot_every: int = 0  # keep a copy of the EMA model every N steps (curves); 0 = none
+    weights_dtype: str = "float32"  # model.safetensors: float32 or float16 (half the size)
     save_every: int = 500
     log_every: int = 25
     preview_every: int = 0  # 0 = only at the end
@@ -65,6 +70,12 @@ class TrainConfig:
             raise ParameterError(f"unknown model size {self.size!r} ({', '.join(MODEL_SIZES)})")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or not 0 <= self.ema_decay < 1:
             raise ParameterError("steps and batch size must be >= 1, lr > 0, 0 <= EMA decay < 1")
+        if self.weights_dtype not in ("float32", "float16"):
+            raise ParameterError(
+                f"weights dtype must be float32 or float16, not {self.weights_dtype}"
+            )
+        if self.max_minutes < 0 or self.snapshot_every < 0:
+            raise ParameterError("--max-minutes and --snapshot-every must be >= 0")
 
 
 def batch_indices(n: int, batch: int, step: int, seed: int) -> np.ndarray:
@@ -78,14 +89,34 @@ def batch_indices(n: int, batch: int, step: int, seed: int) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
-def augment(x: torch.Tensor, u: torch.Tensor, hu_per_unit: float) -> torch.Tensor:
+#: Uniform draws per slice that :func:`augment` uses (the first 5: geometry and HU shift).
+AUGMENT_DRAWS = 8
+
+
+def augment(
+    x: torch.Tensor,
+    u: torch.Tensor,
+    intensity: Intensity,
+    phase_noise: torch.Tensor | None = None,
+) -> torch.Tensor:
     """CT-safe augmentation of normalised slices ``[B, 1, n, n]`` (no flips: anatomy has sides).
 
-    ``u`` holds 5 uniform [0, 1) draws per slice: HU shift +-10, rotation +-5 degrees,
-    scale +-5 %, shift +-3 pixels in each direction.
+    ``u`` holds uniform [0, 1) draws per slice: HU shift +-10, rotation +-5 degrees,
+    scale +-5 %, shift +-3 pixels in each direction. With ``phase_noise`` (standard
+    normal ``[B, 1, n, n]``; contrast-phase variation, for data from few scans) also:
+    soft-tissue contrast scaled by 0.8..1.25 around 40 HU (enhancement differs between
+    scans and phases: liver 55-145 HU in ../shared/data), a further HU shift +-20 and
+    Gaussian noise of 0-6 HU (the model grid's noise differs with dose and pixel size).
     """
     b, _, n, _ = x.shape
+    hu_per_unit = intensity.hu_per_unit
     v = u.to(x.device) * 2 - 1
+    if phase_noise is not None:
+        gain = torch.exp(v[:, 5] * math.log(1.25)).view(b, 1, 1, 1)
+        pivot = intensity.normalize(torch.tensor(40.0)).to(x.device)
+        shift = (v[:, 6] * 20.0 / hu_per_unit).view(b, 1, 1, 1)
+        sigma = ((v[:, 7] + 1) * 3.0 / hu_per_unit).view(b, 1, 1, 1)
+        x = (x - pivot) * gain + pivot + shift + phase_noise.to(x.device) * sigma
     shift_hu, angle, scale = v[:, 0] * 10.0, v[:, 1] * math.radians(5), 1 + v[:, 2] * 0.05
     trans = v[:, 3:5] * (3 * 2 / n)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
@@ -113,6 +144,12 @@ def training_data(config: TrainConfig) -> tuple[SliceStore, np.ndarray, InputGri
     """The store, its healthy training slice indices and its model grid."""
     store = SliceStore.open(config.data)
     train_idx = store.select("healthy", "train")
+    if config.exclude_cases:
+        unknown = set(config.exclude_cases) - {s["case"] for s in store.slices}
+        if unknown:
+            raise ParameterError(f"{config.data} has no case(s) {', '.join(sorted(unknown))}")
+        keep = [store.slices[int(i)]["case"] not in config.exclude_cases for i in train_idx]
+        train_idx = train_idx[np.array(keep, bool)]
     if not len(train_idx):
         raise ParameterError(f"{config.data} holds no healthy training slices")
     return store, train_idx, InputGrid.from_dict(store.info["grid"])
@@ -226,7 +263,11 @@ def training_summary(
         "lr": config.lr,
         "data": str(config.data),
         "data_summary": store.info.get("counts"),
-        "cases": store.info.get("cases", {}).get("train"),
+        "cases": [
+            c
+            for c in store.info.get("cases", {}).get("train") or []
+            if c not in config.exclude_cases
+        ],
         "config": asdict(config),
         "device": str(device),
         "hardware": _hardware(device),

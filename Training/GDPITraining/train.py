@@ -16,6 +16,7 @@ optimizer, step), ``log.csv`` (step, loss, mse, vb, it/s), TensorBoard events wh
 from __future__ import annotations
 
 import copy
+import math
 import os
 import sys
 import time
@@ -32,6 +33,7 @@ from GDPILiverAnomalyLib.progress import progress_bar
 from GDPILiverAnomalyLib.unet import MODEL_SIZES, UNet, UNetConfig
 
 from .loop import (
+    AUGMENT_DRAWS,
     TrainConfig,
     append_log,
     augment,
@@ -46,26 +48,39 @@ from .loop import (
 
 #: Settings that must match to resume a run from its state.
 RESUME_KEYS = ("model", "size", "batch_size", "schedule", "learn_sigma", "seed", "hu_min",
-               "hu_max", "data")  # fmt: skip
+               "hu_max", "data", "augment_phase", "exclude_cases")  # fmt: skip
 
 
 def sample_randomness(
-    seed: int, step: int, positions: np.ndarray, shape: tuple[int, ...], num_timesteps: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    seed: int,
+    step: int,
+    positions: np.ndarray,
+    shape: tuple[int, ...],
+    num_timesteps: int,
+    phase: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Timestep, noise and augmentation parameters of each sample, from its own generator.
 
     Seeded by (seed, step, position in the global batch): a sample gets the same draws
-    whichever process handles it, so N processes reproduce one process's run.
+    whichever process handles it, so N processes reproduce one process's run. The last
+    item is the augmentation noise of ``phase`` augmentation (else None).
     """
-    ts, noises, augs = [], [], []
+    ts, noises, augs, extra = [], [], [], []
     for pos in positions:
         g = torch.Generator().manual_seed(
             int(np.random.SeedSequence([seed, step, int(pos)]).generate_state(1)[0])
         )
         ts.append(torch.randint(0, num_timesteps, (1,), generator=g))
         noises.append(torch.randn(shape, generator=g))
-        augs.append(torch.rand(5, generator=g))
-    return torch.cat(ts), torch.stack(noises), torch.stack(augs)
+        augs.append(torch.rand(AUGMENT_DRAWS, generator=g))
+        if phase:
+            extra.append(torch.randn(shape, generator=g))
+    return (
+        torch.cat(ts),
+        torch.stack(noises),
+        torch.stack(augs),
+        torch.stack(extra) if phase else None,
+    )
 
 
 def _warn(message: str) -> None:
@@ -165,20 +180,31 @@ def train(config: TrainConfig) -> Path:
         )
         # the model first: a stop between the two leaves a state that redoes the last
         # steps, never a finished state with a stale or missing model
-        path = save_checkpoint(trained, out / "model.safetensors")
+        dtype = getattr(torch, config.weights_dtype)
+        path = save_checkpoint(trained, out / "model.safetensors", dtype)
         save_state(state_path, step, config, model=model, ema=ema, optimizer=opt)
+        if config.snapshot_every and step % config.snapshot_every == 0:
+            save_checkpoint(trained, out / "snapshots" / f"step{step:07d}.safetensors", dtype)
         return path
+
+    budget = config.max_minutes * 60 if config.max_minutes else math.inf
+    clock = time.perf_counter()
 
     while step < config.steps:
         positions = np.arange(rank * local, (rank + 1) * local)
         idx = batch_indices(len(train_idx), config.batch_size, step, config.seed)[positions]
         x0 = slice_batch(store, train_idx[idx], intensity, device)
-        t, noise, aug = sample_randomness(
-            config.seed, step, positions, tuple(x0.shape[1:]), diffusion.num_timesteps
+        t, noise, aug, aug_noise = sample_randomness(
+            config.seed,
+            step,
+            positions,
+            tuple(x0.shape[1:]),
+            diffusion.num_timesteps,
+            config.augment and config.augment_phase,
         )
         t, noise = t.to(device), noise.to(device)
         if config.augment:
-            x0 = augment(x0, aug, intensity.hu_per_unit)
+            x0 = augment(x0, aug, intensity, aug_noise)
         ctx = (
             torch.autocast("cuda", dtype=torch.bfloat16)
             if config.bf16 and device.type == "cuda"
@@ -221,13 +247,21 @@ def train(config: TrainConfig) -> Path:
                         writer.add_scalar(f"train/{name}", value, step)
                     writer.add_scalar("train/it_per_s", rate, step)
                 t_window, window_losses = time.perf_counter(), []
-        if step % config.save_every == 0 or step == config.steps:
+        out_of_time = time.perf_counter() - clock > budget
+        if world > 1 and budget < math.inf:  # every rank stops at the same step
+            flag = torch.tensor(float(out_of_time), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            out_of_time = bool(flag.item())
+        if out_of_time and rank == 0:
+            _warn(f"--max-minutes {config.max_minutes:g} reached at step {step}: saved, stopping")
+        if step % config.save_every == 0 or step == config.steps or out_of_time:
             if rank == 0:
                 checkpoint()
                 if (
                     config.preview_every
                     and step % config.preview_every == 0
                     or step == config.steps
+                    or out_of_time
                 ):
                     from .preview import write_preview
 
@@ -242,6 +276,8 @@ def train(config: TrainConfig) -> Path:
                     )
             if world > 1:
                 dist.barrier()
+        if out_of_time:
+            break
     if bar is not None:
         bar.close()
     if writer is not None:

@@ -83,7 +83,7 @@ def train_baseline(config: TrainConfig) -> Path:
             int(np.random.SeedSequence([config.seed, step]).generate_state(1)[0])
         )
         if config.augment:
-            x = augment(x, torch.rand((len(x), 5), generator=g), intensity.hu_per_unit)
+            x = augment(x, torch.rand((len(x), 5), generator=g), intensity)
         terms = training_loss(model, x, g)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
