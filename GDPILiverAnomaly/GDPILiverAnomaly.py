@@ -26,7 +26,7 @@ from GDPILiverAnomalyLib.slicer_display import (
     liverSegmentId,
 )
 from GDPILiverAnomalyLib.slicer_logic import DetectionLogic
-from GDPILiverAnomalyLib.slicer_settings import PANEL_PRESETS, DetectionSettings
+from GDPILiverAnomalyLib.slicer_settings import AME_SIDES, PANEL_PRESETS, DetectionSettings
 from slicer import (
     vtkMRMLLabelMapVolumeNode,
     vtkMRMLScalarVolumeNode,
@@ -137,7 +137,7 @@ class GDPILiverAnomalyParameterNode:
     ]
     batch_size: Annotated[int, WithinRange(0, value_range("batch_size")[1])] = 0
     offset_hu: Annotated[float, WithinRange(*value_range("offset_hu"))] = default("offset_hu")
-    two_sided: bool = default("two_sided")
+    ameSide: Annotated[str, Choice(list(AME_SIDES))] = "auto"
     median_size: Annotated[int, WithinRange(*value_range("median_size"))] = PRESETS["fast"][
         "median_size"
     ]
@@ -394,11 +394,12 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _settings(self) -> DetectionSettings:
         """The panel's settings: the schedule only for ``custom``, batch size 0 = automatic."""
         p = self._parameterNode
-        names = ["offset_hu", "two_sided", "median_size", "threshold_hu", "device"]
+        names = ["offset_hu", "median_size", "threshold_hu", "device"]
         if p.preset == "custom":
             names += ["steps", "jump_length", "jump_n_sample"]
         parameters = {name: getattr(p, name) for name in names}
         parameters["batch_size"] = p.batch_size or None
+        parameters["two_sided"] = AME_SIDES[p.ameSide]
         return DetectionSettings(checkpoint=p.checkpointPath, preset=p.preset, **parameters)
 
     # ---- actions --------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from GDPILiverAnomalyLib import parameters
 from GDPILiverAnomalyLib.parameters import PRESETS
-from GDPILiverAnomalyLib.slicer_settings import PANEL_PRESETS, DetectionSettings
+from GDPILiverAnomalyLib.slicer_settings import AME_SIDES, PANEL_PRESETS, DetectionSettings
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE = REPO / "GDPILiverAnomaly"
@@ -77,8 +77,10 @@ def test_parameter_defaults_match_the_logic_defaults():
     params = defaults.params()
     assert fields["preset"] == defaults.preset
     assert fields["checkpointPath"] == defaults.checkpoint
-    for name in ("offset_hu", "two_sided", "median_size", "threshold_hu", "device"):
+    for name in ("offset_hu", "median_size", "threshold_hu", "device"):
         assert fields[name] == getattr(params, name), name
+    # the AME side: "auto" = two_sided None (decided by the contrast phase)
+    assert AME_SIDES[fields["ameSide"]] is params.two_sided is None
     assert fields["batch_size"] == 0 and params.batch_size is None  # 0 = automatic
     # the schedule fields are the custom preset's: they start at the paper preset
     for name in ("steps", "jump_length", "jump_n_sample"):
@@ -87,7 +89,13 @@ def test_parameter_defaults_match_the_logic_defaults():
     source = MODULE_PY.read_text()
     for name in ("steps", "jump_length", "jump_n_sample", "offset_hu", "median_size"):
         assert f'WithinRange(*value_range("{name}"))' in source, name
-    assert set(fields) >= set(parameters.PARAMETER_NAMES) - {"min_candidate_mm2", "seed", "bf16"}
+    assert set(fields) >= set(parameters.PARAMETER_NAMES) - {
+        "min_candidate_mm2",
+        "seed",
+        "bf16",
+        "two_sided",
+        "samples",
+    }
 
 
 def test_ui_combo_boxes_offer_the_parameter_choices():
@@ -100,6 +108,8 @@ def test_ui_combo_boxes_offer_the_parameter_choices():
     assert items("presetComboBox") == ["fast", "paper", "custom"] == list(PANEL_PRESETS)
     assert set(PRESETS) <= set(items("presetComboBox"))
     assert items("liverSourceComboBox") == ["Segmentation", "Labelmap"]
+    assert items("ameSideComboBox") == list(AME_SIDES)
+    assert "Choice(list(AME_SIDES))" in MODULE_PY.read_text()
     source = MODULE_PY.read_text()
     assert "Choice(list(PANEL_PRESETS))" in source
     assert 'Choice(["Segmentation", "Labelmap"])' in source

@@ -23,6 +23,7 @@ from .checkpoint import init_checkpoint, load_checkpoint, save_checkpoint
 from .errors import Cancelled, GDPIError
 from .grid import InputGrid
 from .parameters import PRESETS, DetectionParams, add_arguments, describe_preset, overrides_from
+from .phase import describe_ame_side
 from .progress import PartialWriter, Reporter
 from .unet import MODEL_SIZES
 
@@ -265,12 +266,15 @@ def _detect(args: argparse.Namespace, should_cancel: Callable[[], bool]) -> int:
         out=str(Path(args.out).absolute()),
         lesions=info["results"]["lesions"],
         nfe=info["nfe"],
+        ame=describe_ame_side(info["stats"]["two_sided"], info["stats"]["phase"]),
         seconds=round(time.perf_counter() - t0, 2),
     )
     if args.progress == "text":
         print(
             f"{info['results']['lesions']} lesion(s), max score {info['results']['max_score_hu']:.1f} HU, "
-            f"{info['nfe']} NFE, {info['timings_s']['wall']:.1f} s; outputs in {args.out}",
+            f"{info['nfe']} NFE, {info['timings_s']['wall']:.1f} s; "
+            f"{describe_ame_side(info['stats']['two_sided'], info['stats']['phase'])}; "
+            f"outputs in {args.out}",
             file=sys.stderr,
         )
     return 0

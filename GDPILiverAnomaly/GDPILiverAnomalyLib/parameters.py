@@ -37,6 +37,14 @@ class DetectionParams:
     jump_n_sample: int = _param(
         10, int, "resamplings (jump_n_sample)", "RePaint resamplings (1 = none)", 1, 100
     )
+    samples: int = _param(
+        1,
+        int,
+        "samples",
+        "inpaintings averaged per slice, each from its own noise (K times the network work)",
+        1,
+        16,
+    )
     offset_hu: float = _param(
         20.0,
         float,
@@ -46,9 +54,10 @@ class DetectionParams:
         500.0,
         "HU",
     )
-    two_sided: bool = _param(
-        False, bool, "two-sided", "AME also flags HU > median + offset (arterial-phase tumours); "
-        "the score becomes |difference|",
+    two_sided: Optional[bool] = _param(  # noqa: UP045 - evaluated on Python 3.9
+        None, bool, "two-sided", "AME also flags HU > median + offset (arterial-phase tumours); "
+        "the score becomes |difference| (default: on for scans found to be arterial phase, "
+        "from the aorta's and the liver's enhancement; see phase.py)",
     )  # fmt: skip
     min_candidate_mm2: float = _param(
         0.0,
@@ -58,6 +67,23 @@ class DetectionParams:
         0.0,
         1e6,
         "mm^2",
+    )
+    calibrate: bool = _param(
+        False,
+        bool,
+        "bias calibration",
+        "re-paint a few healthy liver discs per slice in the same run and subtract the "
+        "prior's bias found there (no extra network work)",
+    )
+    depth_sigma_mm: float = _param(
+        0.0,
+        float,
+        "3-D smoothing",
+        "average the score over neighbouring slices with a Gaussian of this sigma "
+        "(tumours are 3-D, noise is not; 0 = off)",
+        0.0,
+        50.0,
+        "mm",
     )
     median_size: int = _param(
         5,
@@ -113,7 +139,7 @@ class DetectionParams:
         """Raise :class:`ParameterError` naming the first value out of its range."""
         for f in _described_fields():
             value = getattr(self, f.name)
-            if value is None and f.name in ("batch_size", "bf16"):
+            if value is None and f.name in ("batch_size", "bf16", "two_sided"):
                 continue
             low, high = f.metadata["range"] or (None, None)
             if f.name == "steps":

@@ -9,6 +9,7 @@ own index order and geometry.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -20,15 +21,17 @@ import torch
 
 from . import signals
 from .ame import adaptive_mask
+from .calibration import reference_patches, remove_bias
 from .checkpoint import Checkpoint
 from .devices import resolve_device
 from .diffusion import GaussianDiffusion
 from .errors import Cancelled
 from .grid import PlaneMapping
 from .parameters import DetectionParams, default_batch_size
+from .phase import estimate_phase
 from .progress import Progress
 from .repaint import SliceNoise, repaint, slice_seeds
-from .scoring import Lesion, anomaly_mask, find_lesions, finish_score
+from .scoring import Lesion, anomaly_mask, find_lesions, finish_score, smooth_across_slices
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -71,12 +74,22 @@ def detect(
     n_z, height, width = case.ct.shape
     sy, sx = case.spacing_yx
     liver_slices = np.flatnonzero(case.liver.any(axis=(1, 2)))
+    phase = None
+    if params.two_sided is None:  # automatic: two-sided AME on arterial-phase scans
+        phase = estimate_phase(case.ct, case.liver, (sy, sx))
+        params = dataclasses.replace(params, two_sided=phase.arterial)
 
     min_area_px = math.ceil(params.min_candidate_mm2 / (sy * sx)) if params.min_candidate_mm2 else 0
     candidates = adaptive_mask(case.ct, case.liver, params.offset_hu, params.two_sided, min_area_px)
     mapping = PlaneMapping.for_volume(checkpoint.grid, (height, width), (sy, sx), case.liver)
     ct_grid = mapping.to_grid(case.ct[liver_slices], "image")
     cand_grid = mapping.to_grid(candidates[liver_slices], "mask")
+    seeds = [slice_seeds(params.seed, liver_slices, s) for s in range(params.samples)]
+    paint_grid = cand_grid
+    if params.calibrate:
+        liver_grid = mapping.to_grid(case.liver[liver_slices], "label")
+        refs_grid = reference_patches(liver_grid, cand_grid, seeds[0])
+        paint_grid = np.maximum(cand_grid, refs_grid)
     batch_size = params.batch_size or default_batch_size(device.type, checkpoint.grid.size)
     batches = plan_batches(cand_grid, batch_size)
     work = [i for batch in batches for i in batch]
@@ -133,12 +146,12 @@ def detect(
     with signals.cooperative():  # a signal stops at the next network evaluation
         inpaint_grid(
             ct_grid,
-            cand_grid,
+            paint_grid,
             checkpoint,
             params,
             device,
             batches,
-            slice_seeds(params.seed, liver_slices),
+            seeds,
             out=diff_grid,
             on_progress=report,
             on_batch=after_batch,
@@ -149,7 +162,12 @@ def detect(
     t_inpaint = time.perf_counter() - t0
 
     t1 = time.perf_counter()
+    bias = None
+    if params.calibrate:
+        diff_grid, bias = remove_bias(diff_grid, cand_grid, refs_grid)
     score_grid = finish_score(diff_grid, params.two_sided, params.median_size)
+    positions = liver_slices * float(case.ct_lps.GetSpacing()[2])
+    score_grid = smooth_across_slices(score_grid, positions, params.depth_sigma_mm)
     score_lps = np.zeros(case.ct.shape, np.float32)
     diff_lps = np.zeros(case.ct.shape, np.float32)
     if len(liver_slices):
@@ -167,6 +185,9 @@ def detect(
     stats = {
         "device": str(device),
         "bf16": bf16_active(params.bf16, device),
+        "two_sided": params.two_sided,
+        "two_sided_from": "contrast phase" if phase is not None else "parameter",
+        "phase": None if phase is None else phase.to_dict(),
         "cpu_native_bf16": cpu_has_bf16() if device.type == "cpu" else None,
         "slices_total": int(n_z),
         "slices_with_liver": len(liver_slices),
@@ -175,7 +196,15 @@ def detect(
         "batch_size": batch_size,
         "nfe": done["nfe"],
         "nfe_per_batch": nfe_batch,
-        "slice_evaluations": nfe_batch * len(work),
+        "samples": params.samples,
+        "calibration_bias_hu": None
+        if bias is None or not len(work)
+        else {
+            "median": round(float(np.median(bias[work])), 2),
+            "min": round(float(bias[work].min()), 2),
+            "max": round(float(bias[work].max()), 2),
+        },
+        "slice_evaluations": nfe_batch * len(work) * params.samples,
         "model_grid": {"size": mapping.size, "centre_rc": mapping.centre, "step_rc": mapping.step},
         "liver_outside_grid_voxels": _liver_outside_grid(mapping, case.liver[liver_slices]),
         "timings_s": {
@@ -229,7 +258,7 @@ def inpaint_grid(
     params: DetectionParams,
     device: torch.device,
     batches: list[list[int]],
-    seeds: Sequence[int],
+    seeds: Sequence[Sequence[int]],
     out: np.ndarray | None = None,
     prompts: np.ndarray | None = None,
     prompt_level: int | None = None,
@@ -241,7 +270,9 @@ def inpaint_grid(
 
     ``ct_grid`` is ``[N, n, n]`` HU, ``inpaint_mask`` ``[N, n, n]`` (1 = re-paint).
     Only the slices listed in ``batches`` are processed (the others keep 0 in the
-    result); slice ``i`` draws its noise from ``seeds[i]`` whatever its batch.
+    result); ``seeds[k][i]`` seeds slice ``i``'s k-th inpainting whatever its batch:
+    the result is the mean over the ``len(seeds)`` inpaintings (``params.samples``),
+    which run in the same network batch.
     ``prompts`` (HU, like ``ct_grid``) with ``prompt_level`` start each slice from its
     prompt noised to that respaced level (see :func:`repaint`). ``on_progress(nfe)``
     is called during a batch, ``on_batch(number, batch, nfe)`` after it.
@@ -262,14 +293,16 @@ def inpaint_grid(
 
     intensity = checkpoint.intensity
     diff = np.zeros_like(ct_grid, dtype=np.float32) if out is None else out
+    k = len(seeds)
     for number, batch in enumerate(batches, start=1):
-        hu = torch.from_numpy(np.ascontiguousarray(ct_grid[batch], np.float32)[:, None])
+        items = [i for i in batch for _ in range(k)]  # each slice k times, side by side
+        hu = torch.from_numpy(np.ascontiguousarray(ct_grid[items], np.float32)[:, None])
         image = intensity.normalize(hu.to(device))
-        mask = torch.from_numpy(np.ascontiguousarray(inpaint_mask[batch])[:, None]).to(device)
-        noise = SliceNoise([seeds[i] for i in batch], device)
+        mask = torch.from_numpy(np.ascontiguousarray(inpaint_mask[items])[:, None]).to(device)
+        noise = SliceNoise([seeds[s][i] for i in batch for s in range(k)], device)
         start = None
         if prompts is not None and prompt_level is not None:
-            prompt = torch.from_numpy(np.ascontiguousarray(prompts[batch], np.float32)[:, None])
+            prompt = torch.from_numpy(np.ascontiguousarray(prompts[items], np.float32)[:, None])
             start = (intensity.normalize(prompt.to(device)), prompt_level)
         x0, nfe = repaint(
             network,
@@ -283,7 +316,8 @@ def inpaint_grid(
             should_cancel=should_cancel,
             start=start,
         )
-        diff[batch] = ((x0 - image)[:, 0] * intensity.hu_per_unit).cpu().numpy()
+        moved = ((x0 - image)[:, 0] * intensity.hu_per_unit).cpu().numpy()
+        diff[batch] = moved.reshape(len(batch), k, *moved.shape[1:]).mean(axis=1)
         if on_batch is not None:
             on_batch(number, batch, nfe)
     return diff

@@ -38,10 +38,11 @@ class SliceNoise:
         ).to(x.dtype)
 
 
-def slice_seeds(seed: int, slice_ids: Sequence[int]) -> list[int]:
+def slice_seeds(seed: int, slice_ids: Sequence[int], sample: int = 0) -> list[int]:
     """Noise seed of each slice from the run's ``seed`` and the slice's own id (its k
-    index in a CT, its store index in an evaluation), so batching never changes it."""
-    return [seed * 1_000_003 + int(i) for i in slice_ids]
+    index in a CT, its store index in an evaluation), so batching never changes it;
+    ``sample`` k > 0: the k-th further inpainting of the same slice."""
+    return [seed * 1_000_003 + int(i) + sample * 1_000_000_007_000 for i in slice_ids]
 
 
 ProgressFn = Callable[[int, int], None]  # (network evaluations done, total)

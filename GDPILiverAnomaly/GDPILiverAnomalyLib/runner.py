@@ -143,7 +143,7 @@ def run_case(
         },
         "conventions": {
             "score": "|inpainted - test| in HU"
-            if params.two_sided
+            if result.stats["two_sided"]
             else "inpainted - test in HU (positive = darker than the healthy re-painting)",
             "candidates": "1 = inpainted region (AME)",
             "anomaly": f"1 = score > {params.threshold_hu} HU",

@@ -23,11 +23,36 @@ def median_filter_slices(values: np.ndarray, size: int) -> np.ndarray:
     return ndimage.median_filter(values, size=(1, size, size), mode="constant", cval=0.0)
 
 
-def finish_score(difference: np.ndarray, two_sided: bool, median_size: int) -> np.ndarray:
+def finish_score(
+    difference: np.ndarray, two_sided: bool | np.ndarray, median_size: int
+) -> np.ndarray:
     """Score slices ``[Z, H, W]`` from ``inpainted - test`` (HU): its absolute value when
-    AME was two-sided, then the median filter (``median_size`` pixels, <= 1 = off)."""
-    score = np.abs(difference) if two_sided else difference
+    AME was two-sided (``two_sided``: one bool, or one per slice), then the median
+    filter (``median_size`` pixels, <= 1 = off)."""
+    sided = np.asarray(two_sided, bool)
+    sided = sided.reshape(-1, 1, 1) if sided.ndim else sided
+    score = np.where(sided, np.abs(difference), difference)
     return median_filter_slices(score, median_size)
+
+
+def smooth_across_slices(
+    score: np.ndarray, positions_mm: np.ndarray, sigma_mm: float, groups=None
+) -> np.ndarray:
+    """3-D consistency: each slice of ``score`` (``[N, n, n]``, slices on one in-plane
+    grid) becomes the Gaussian-weighted mean (``sigma_mm``) of the slices of its group
+    (default: all) within 2.5 sigma of its position ``positions_mm``; weights are
+    normalised over the slices present, so gaps and volume ends are handled."""
+    if sigma_mm <= 0 or len(score) < 2:
+        return score
+    positions = np.asarray(positions_mm, np.float64)
+    groups = np.zeros(len(score)) if groups is None else np.asarray(groups)
+    out = np.empty_like(score)
+    for i in range(len(score)):
+        d = positions - positions[i]
+        near = (np.abs(d) <= 2.5 * sigma_mm) & (groups == groups[i])
+        w = np.exp(-0.5 * (d[near] / sigma_mm) ** 2)
+        out[i] = np.tensordot(w / w.sum(), score[near], axes=1)
+    return out
 
 
 def anomaly_mask(score: np.ndarray, threshold_hu: float) -> np.ndarray:

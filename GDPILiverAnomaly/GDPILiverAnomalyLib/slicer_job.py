@@ -105,7 +105,8 @@ def formatEvent(event: dict) -> str | None:
             f"({event['nfe_total']} network evaluations, {event['slices_total']} liver slices)"
         )
     if kind == "done":
-        return f"Worker done: {event.get('lesions')} lesion(s), {event.get('seconds')} s"
+        line = f"Worker done: {event.get('lesions')} lesion(s), {event.get('seconds')} s"
+        return line + (f"; {event['ame']}" if event.get("ame") else "")
     if kind == "error":
         return "Error: " + str(event.get("message", ""))
     if kind == "cancelled":

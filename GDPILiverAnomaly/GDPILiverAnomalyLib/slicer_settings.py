@@ -17,6 +17,9 @@ DEFAULT_CHECKPOINT = Path(__file__).parent / "models" / "real_ct_tiny.safetensor
 #: Preset names the panel offers: the engine's presets, and ``custom`` (the paper preset
 #: with the schedule given explicitly).
 PANEL_PRESETS = ("fast", "paper", "custom")
+#: The panel's AME side choices and the ``two_sided`` value each gives: ``auto`` decides
+#: by the scan's contrast phase (two-sided on arterial-phase scans; see phase.py).
+AME_SIDES = {"auto": None, "darker": False, "darker and brighter": True}
 
 
 class DetectionSettings:

@@ -168,7 +168,11 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     e.add_argument(
         "--max-slices", type=_positive_int, help="at most N abnormal and N healthy slices"
     )
-    add_arguments(e, ("offset_hu", "steps", "jump_length", "jump_n_sample", "batch_size"))
+    add_arguments(
+        e,
+        ("offset_hu", "steps", "jump_length", "jump_n_sample", "batch_size", "samples",
+         "calibrate", "depth_sigma_mm", "median_size"),
+    )  # fmt: skip
     e.add_argument("--bank", help="memory-bank store (default: --data's healthy train slices)")
     e.add_argument(
         "--bank-level",
@@ -314,6 +318,11 @@ def _evaluate(args: argparse.Namespace, should_cancel) -> int:
         title=args.title,
         cases=[c for c in (args.cases or "").split(",") if c] or None,
         reuse=args.reuse,
+        params={
+            name: getattr(args, name)
+            for name in ("samples", "calibrate", "depth_sigma_mm", "median_size")
+            if getattr(args, name) is not None
+        },
     )
     evaluate(config, log=lambda m: print(m, file=sys.stderr))
     print(Path(args.out, "results.md").read_text())

@@ -47,14 +47,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from GDPILiverAnomalyLib.ame import adaptive_mask
+from GDPILiverAnomalyLib.calibration import reference_patches, remove_bias
 from GDPILiverAnomalyLib.devices import resolve_device
-from GDPILiverAnomalyLib.errors import InputError, ParameterError
+from GDPILiverAnomalyLib.errors import GDPIError, InputError, ParameterError
 from GDPILiverAnomalyLib.metrics import lesion_detection, pixel_metrics, slice_auroc
 from GDPILiverAnomalyLib.parameters import DetectionParams, default_batch_size
 from GDPILiverAnomalyLib.pipeline import inpaint_grid, plan_batches
 from GDPILiverAnomalyLib.progress import progress_bar
 from GDPILiverAnomalyLib.repaint import slice_seeds
-from GDPILiverAnomalyLib.scoring import finish_score
+from GDPILiverAnomalyLib.scoring import finish_score, smooth_across_slices
 from scipy import ndimage
 
 from .methods import BASELINES, DISPLAY, GDPI_VARIANTS, POOLS, MethodSpec
@@ -189,24 +190,69 @@ def memory_bank_prompts(
     return prompts, chosen
 
 
+def case_phases(test: TestSet) -> dict[str, dict]:
+    """Contrast phase of each test case (``phase.estimate_phase``) from its source CT
+    and label map (any nonzero label counts as liver); cases without readable sources
+    (synthetic layouts) are ``unknown``."""
+    from GDPILiverAnomalyLib.phase import PhaseEstimate, estimate_phase
+    from GDPILiverAnomalyLib.volumes import OrientedCase, read_ct, read_image
+
+    rows = {s["case"]: s for s in test.store.slices}
+    phases = {}
+    for case in sorted({g[0] for g in test.groups}):
+        row = rows[case]
+        try:
+            ct = read_ct(row["ct"])
+            import SimpleITK as sitk
+
+            labels = sitk.GetArrayFromImage(read_image(row["liver"], "liver mask")) > 0
+            oriented = OrientedCase.from_arrays(ct, labels.astype(np.uint8))
+            estimate = estimate_phase(oriented.ct, oriented.liver, oriented.spacing_yx)
+        except (GDPIError, OSError, RuntimeError, KeyError, ValueError):
+            estimate = PhaseEstimate("unknown", float("nan"), None, 0)
+        phases[case] = estimate.to_dict()
+    return phases
+
+
+def two_sided_slices(test: TestSet, params: DetectionParams) -> tuple[np.ndarray, dict | None]:
+    """Whether each test slice uses two-sided AME: the parameter, or when it is None
+    (automatic, as ``gdpi detect``) its case's contrast phase; and the phases found."""
+    if params.two_sided is not None:
+        return np.full(len(test.index), bool(params.two_sided)), None
+    phases = case_phases(test)
+    return np.array([phases[g[0]]["arterial"] for g in test.groups]), phases
+
+
 def gdpi_candidates(
-    test: TestSet, params: DetectionParams, use_ame: bool
+    test: TestSet, params: DetectionParams, use_ame: bool, two_sided: np.ndarray
 ) -> tuple[np.ndarray, str | None]:
     """The inpainting mask of each test slice (1 = re-paint) and where AME ran.
 
     As ``gdpi detect``: AME on the CT's pixels, from the store's margins (any covered CT
     pixel flags a grid pixel); stores without margins fall back to the model grid.
-    Without AME the whole liver is re-painted.
+    ``two_sided``: per slice. Without AME the whole liver is re-painted.
     """
     if not use_ame:
         return (test.liver > 0).astype(np.uint8), None
     if test.ame_dark is not None:
         cand = test.ame_dark > params.offset_hu
-        if params.two_sided:
-            cand |= test.ame_bright > params.offset_hu
+        cand |= (test.ame_bright > params.offset_hu) & two_sided[:, None, None]
         return cand.astype(np.uint8), "CT pixels (store margins), as gdpi detect"
-    cand = adaptive_mask(test.images, test.liver, params.offset_hu, params.two_sided)
+    cand = np.stack(
+        [
+            adaptive_mask(test.images[i], test.liver[i], params.offset_hu, bool(two_sided[i]))
+            for i in range(len(test.images))
+        ]
+    )
     return cand, "model-grid pixels (the store has no AME margins: re-run gdpi prepare)"
+
+
+def slice_positions_mm(test: TestSet) -> np.ndarray:
+    """Position of each test slice along its case's axis (slice number x spacing), mm."""
+    rows = {int(s["index"]): s for s in test.store.slices}
+    return np.array(
+        [int(rows[int(i)]["slice"]) * float(rows[int(i)]["spacing_z_mm"]) for i in test.index]
+    )
 
 
 def memory_bank_start(
@@ -278,7 +324,13 @@ def run_gdpi(
         )
     dev = resolve_device(params.device)
     start = time.perf_counter()
-    cand, ame_source = gdpi_candidates(test, params, use_ame)
+    sided, phases = two_sided_slices(test, params)
+    cand, ame_source = gdpi_candidates(test, params, use_ame, sided)
+    seeds = [slice_seeds(params.seed, test.index, s) for s in range(params.samples)]
+    paint = cand
+    if params.calibrate:
+        refs = reference_patches(test.liver, cand, seeds[0])
+        paint = np.maximum(cand, refs)
     size = params.batch_size or default_batch_size(dev.type, checkpoint.grid.size)
     batches = plan_batches(cand, size)
     work = [i for batch in batches for i in batch]
@@ -288,6 +340,9 @@ def run_gdpi(
         "ame": use_ame,
         "ame_on": ame_source,
         "slices_inpainted": len(work),
+        "samples": params.samples,
+        "two_sided_slices": int(sided.sum()),
+        "phases": phases,
     }
     if memory_bank:
         prompts, level, details["memory_bank"] = memory_bank_start(
@@ -302,18 +357,24 @@ def run_gdpi(
 
     diff = inpaint_grid(
         test.images,
-        cand,
+        paint,
         checkpoint,
         params,
         dev,
         batches,
-        slice_seeds(params.seed, test.index),
+        seeds,
         prompts=prompts,
         prompt_level=level,
         on_batch=after,
     )
     bar.close()
-    score = finish_score(diff, params.two_sided, params.median_size)
+    if params.calibrate:
+        diff, bias = remove_bias(diff, cand, refs)
+        details["calibration_bias_hu"] = [round(float(b), 2) for b in bias]
+    score = finish_score(diff, sided, params.median_size)
+    score = smooth_across_slices(
+        score, slice_positions_mm(test), params.depth_sigma_mm, [g[0] for g in test.groups]
+    )
     score = np.where(test.liver > 0, score, 0.0).astype(np.float32)
     details["checkpoint"] = str(checkpoint_path)
     details["checkpoint_sha256"] = checkpoint.sha256
@@ -437,6 +498,7 @@ class EvaluateConfig:
     title: str = ""
     cases: list[str] | None = None  # only the slices of these cases
     reuse: str | None = None  # an earlier report folder: reuse its scores/ where present
+    params: dict = field(default_factory=dict)  # further detection parameters, by name
 
 
 def evaluate(config: EvaluateConfig, log=print) -> dict:
@@ -487,6 +549,7 @@ def evaluate(config: EvaluateConfig, log=print) -> dict:
                     "steps": config.steps,
                     "jump_length": config.jump_length,
                     "jump_n_sample": config.jump_n_sample,
+                    **config.params,
                 },
             )
         elif spec.name in BASELINES:

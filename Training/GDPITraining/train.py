@@ -106,7 +106,7 @@ def train(config: TrainConfig) -> Path:
         return train_baseline(config)
     rank, world, local_rank = _distributed()
     device = resolve_device(config.device, local_rank if world > 1 else None)
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     if config.batch_size % world:
         raise ParameterError(
