@@ -405,3 +405,44 @@ def test_two_process_ddp_matches_one_process(tmp_path, store):
     diffs = torch.cat([(ddp_model[k] - one_model[k]).abs().flatten() for k in ddp_model])
     assert diffs.max() < 2e-4 and diffs.median() < 1e-6, (diffs.max(), diffs.median())
     assert load_checkpoint(tmp_path / "ddp" / "model.safetensors").training["processes"] == 2
+
+
+def test_fold_training_leaves_out_patients_and_saves_half_precision_snapshots(tmp_path, store):
+    s = SliceStore.open(store)
+    names = sorted({r["case"] for r in s.slices})
+    config = _config(
+        store,
+        tmp_path / "fold",
+        steps=4,
+        save_every=2,
+        snapshot_every=2,
+        weights_dtype="float16",
+        exclude_cases=[names[0]],
+        augment_phase=True,
+    )
+    path = train(config)
+    ckpt = load_checkpoint(path)
+    assert names[0] not in ckpt.training["cases"] and ckpt.training["cases"]
+    assert ckpt.training["config"]["exclude_cases"] == [names[0]]
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
+    snapshots = sorted(p.name for p in (tmp_path / "fold" / "snapshots").iterdir())
+    assert snapshots == ["step0000002.safetensors", "step0000004.safetensors"]
+    # the validation curve of those snapshots on the left-out patient
+    from GDPITraining.curves import run_curve
+
+    curve = run_curve(str(store), str(tmp_path / "fold"), [names[0]], "cpu")
+    assert [p["step"] for p in curve["points"]] == [2, 4] and curve["held_out_slices"] > 0
+    assert all(np.isfinite(p["held_out_loss"]) for p in curve["points"])
+    # a patient the store does not hold is refused
+    with pytest.raises(ParameterError, match="no case"):
+        train(_config(store, tmp_path / "bad", exclude_cases=["nobody"]))
+
+
+def test_max_minutes_stops_and_saves(tmp_path, store):
+    path = train(_config(store, tmp_path / "timed", steps=10_000, save_every=5000,
+                         max_minutes=1e-6))  # fmt: skip
+    assert load_checkpoint(path).training["steps"] == 1
+    assert load_state(tmp_path / "timed" / "state.pt")["step"] == 1

@@ -27,6 +27,7 @@
 #                       equals one of the first two per patient: the summary derives it)
 #   EXTRA=""            further gdpi evaluate options (e.g. "--samples 2")
 #   TAG=""              suffix of the evaluation folders (for EXTRA variants)
+#   VARIANTS="hu2023 subtle bright small"  synthetic tumour variants
 # Then: python -m GDPITraining.crossval --runs RUNS (the tables).
 set -euo pipefail
 RUNS=${RUNS:-runs/cv}
@@ -39,6 +40,7 @@ MAX_SLICES=${MAX_SLICES:-12}
 METHODS=${METHODS:-"gdpi-one-sided gdpi-two-sided darkness"}
 EXTRA=${EXTRA:-}
 TAG=${TAG:-}
+VARIANTS=${VARIANTS:-"hu2023 subtle bright small"}
 HERE=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$RUNS"
 
@@ -54,7 +56,7 @@ fi
 # 2. synthetic tumours in each fold patient's liver (its real tumours -> label 3, left out)
 i=0
 for f in $FOLDS; do
-    for v in hu2023 subtle bright small; do
+    for v in $VARIANTS; do
         i=$((i + 1))
         [ -d "$RUNS/synth_cases/$f-$v" ] || gdpi synth-tumours --ct "$DATA/$f/ct.nii.gz" \
             --seg "$DATA/$f/seg.nii.gz" --out "$RUNS/synth_cases/$f-$v" --variant "$v" \
@@ -88,7 +90,7 @@ for r in $RECIPES; do
         args=(--checkpoint "$m" --preset "$PRESET" --panels 2)
         for x in $METHODS; do args+=(--method "$x"); done
         out="$RUNS/eval/${r}${TAG}/$f"
-        synth=$(for v in hu2023 subtle bright small; do printf "%s," "$f-$v"; done)
+        synth=$(for v in $VARIANTS; do printf "%s," "$f-$v"; done)
         [ -d "$out/real" ] || gdpi evaluate --data "$RUNS/store" --out "$out/real" \
             --cases "$f" --abnormal-split any --healthy-split any "${args[@]}" $EXTRA \
             --title "$r$TAG, fold $f: real" >/dev/null

@@ -1,0 +1,186 @@
+"""The cross-validation tables: per fold and pooled over folds, from the report folders
+that ``Training/crossval/run.sh`` writes (``RUNS/eval/<row>/<fold>/{real,synth}``).
+
+``python -m GDPITraining.crossval --runs runs/cv [--out table.md]``
+
+For every evaluated row (a model recipe, optionally with a tag for other settings) and
+method it pools the saved scores of all folds (each fold's model only ever scores its
+own patient) and computes, on real and on synthetic tumours: pixel AUROC, AP and best
+Dice over liver pixels, lesions found at the best-Dice threshold, slice AUROC, and the
+normal-liver bias (mean score over the liver pixels of healthy slices, HU). Derived
+rows, from the same saved scores:
+
+- ``gdpi (auto)``: per patient the one-sided or two-sided run, as the automatic AME
+  side of ``gdpi detect`` picks it (contrast phase, ``phase.py``); identical to running
+  ``--method gdpi`` because each slice's noise depends only on its seed;
+- ``... + 3-D σ=S``: the score averaged over neighbouring slices (Gaussian, sigma S mm,
+  ``scoring.smooth_across_slices``), as ``--depth-sigma-mm S`` does after the median
+  filter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from GDPILiverAnomalyLib.metrics import lesion_detection, pixel_metrics, slice_auroc
+from GDPILiverAnomalyLib.scoring import smooth_across_slices
+
+from .evaluate import case_phases, load_test_set, slice_positions_mm
+
+SETS = ("real", "synth")
+DEPTH_SIGMAS_MM = (2.5, 5.0)
+
+
+def _load(report: Path) -> tuple:
+    """A report's test set and the scores of each of its methods."""
+    results = json.loads((report / "results.json").read_text())
+    cfg = results["config"]
+    test = load_test_set(
+        cfg["store"], cfg["abnormal_split"], cfg["healthy_split"], cfg["max_slices"], cfg["cases"]
+    )
+    scores = {}
+    for path in sorted((report / "scores").glob("*.npz")):
+        saved = np.load(path)
+        if not np.array_equal(saved["store_index"], test.index):
+            raise ValueError(f"{path}: slices differ from the report's test set")
+        scores[path.stem] = saved["score"]
+    nfe = {m: r["nfe"] for m, r in results["methods"].items()}
+    slices = {m: r["details"].get("slices_inpainted") for m, r in results["methods"].items()}
+    return test, scores, nfe, slices
+
+
+def _with_derived(test, scores: dict) -> dict:
+    """Add the automatic-AME-side and 3-D-smoothed variants of the GDPI scores."""
+    out = dict(scores)
+    if "gdpi-one-sided" in scores and "gdpi-two-sided" in scores:
+        phases = case_phases(test)
+        arterial = np.array([phases[g[0]]["arterial"] for g in test.groups])
+        out["gdpi (auto)"] = np.where(
+            arterial[:, None, None], scores["gdpi-two-sided"], scores["gdpi-one-sided"]
+        )
+    positions = slice_positions_mm(test)
+    cases = [g[0] for g in test.groups]
+    for name in [n for n in out if n.startswith("gdpi")]:
+        for sigma in DEPTH_SIGMAS_MM:
+            smooth = smooth_across_slices(out[name], positions, sigma, cases)
+            out[f"{name} + 3-D σ={sigma:g}"] = np.where(test.liver > 0, smooth, 0.0)
+    return out
+
+
+def metrics(score: np.ndarray, test) -> dict:
+    """The figures of one score stack on one (pooled) test set."""
+    liver = test.liver > 0
+    truth = test.tumour > 0
+    pixel = pixel_metrics(score, truth, liver)
+    lesions = lesion_detection(score, truth, test.groups, pixel["threshold"])
+    slice_scores = np.array([score[i][liver[i]].max() if liver[i].any() else 0.0
+                             for i in range(len(score))])  # fmt: skip
+    healthy = ~test.abnormal
+    return {
+        "auroc": pixel["auroc"],
+        "ap": pixel["ap"],
+        "best_dice": pixel["best_dice"],
+        "lesions_found": lesions.get("found"),
+        "lesions": lesions.get("lesions"),
+        "slice_auroc": slice_auroc(slice_scores, test.abnormal),
+        "normal_bias_hu": float(score[healthy][liver[healthy]].mean()) if healthy.any() else None,
+    }
+
+
+class _Pooled:
+    """Test sets of several folds stacked (cases stay distinct)."""
+
+    def __init__(self, tests: list):
+        self.liver = np.concatenate([t.liver for t in tests])
+        self.tumour = np.concatenate([t.tumour for t in tests])
+        self.abnormal = np.concatenate([t.abnormal for t in tests])
+        self.groups = [g for t in tests for g in t.groups]
+
+
+def summarize(runs: str | Path) -> dict:
+    """``{row: {set: {fold|"pooled": {method: figures}}}}`` plus NFE per inpainted slice."""
+    runs = Path(runs)
+    table: dict = {}
+    for row_dir in sorted(p for p in (runs / "eval").iterdir() if p.is_dir()):
+        row: dict = {}
+        for which in SETS:
+            folds = sorted(p.name for p in row_dir.iterdir() if (p / which / "results.json").is_file())
+            if not folds:
+                continue
+            per_fold, tests, stacks, nfe_info = {}, [], {}, {}
+            for fold in folds:
+                test, scores, nfe, slices = _load(row_dir / fold / which)
+                scores = _with_derived(test, scores)
+                per_fold[fold] = {m: metrics(s, test) for m, s in scores.items()}
+                tests.append(test)
+                for m, s in scores.items():
+                    stacks.setdefault(m, []).append(s)
+                for m in nfe:
+                    if slices.get(m):
+                        nfe_info[m] = nfe[m] and round(nfe[m] / max(1, len(test.index)), 1)
+            pooled = _Pooled(tests)
+            common = [m for m, parts in stacks.items() if len(parts) == len(folds)]
+            per_fold["pooled"] = {m: metrics(np.concatenate(stacks[m]), pooled) for m in common}
+            row[which] = per_fold
+        table[row_dir.name] = row
+    return table
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def markdown(table: dict) -> str:
+    """Pooled table (one line per row and method), then the per-fold AUROC/AP/Dice."""
+    lines = []
+    for which, title in (("real", "Real tumours"), ("synth", "Synthetic tumours")):
+        lines += [f"### {title}, pooled over folds", "",
+                  "| row | method | AUROC | AP | best Dice | lesions found | slice AUROC | "
+                  "normal bias (HU) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for row, sets in table.items():
+            for method, m in sets.get(which, {}).get("pooled", {}).items():
+                found = "-" if m["lesions"] is None else f"{m['lesions_found']}/{m['lesions']}"
+                bias = "-" if m["normal_bias_hu"] is None else f"{m['normal_bias_hu']:.2f}"
+                lines.append(
+                    f"| {row} | {method} | {_pct(m['auroc'])} | {_pct(m['ap'])} | "
+                    f"{_pct(m['best_dice'])} | {found} | {_pct(m['slice_auroc'])} | {bias} |"
+                )
+        lines.append("")
+        lines += [f"### {title}, per fold (AUROC / AP / best Dice)", ""]
+        for row, sets in table.items():
+            folds = [f for f in sets.get(which, {}) if f != "pooled"]
+            if not folds:
+                continue
+            lines += [f"{row}:", "", "| method | " + " | ".join(folds) + " |",
+                      "|---|" + "---|" * len(folds)]  # fmt: skip
+            for method in sets[which]["pooled"]:
+                cells = []
+                for f in folds:
+                    m = sets[which][f].get(method)
+                    cells.append("-" if m is None else
+                                 f"{_pct(m['auroc'])} / {_pct(m['ap'])} / {_pct(m['best_dice'])}")  # fmt: skip
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m GDPITraining.crossval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--runs", required=True, help="RUNS folder of Training/crossval/run.sh")
+    p.add_argument("--out", help="write the markdown table here (and .json beside it)")
+    args = p.parse_args(argv)
+    table = summarize(args.runs)
+    text = markdown(table)
+    if args.out:
+        Path(args.out).write_text(text)
+        Path(args.out).with_suffix(".json").write_text(json.dumps(table, indent=1))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
