@@ -53,6 +53,21 @@ def adaptive_mask(
     return out
 
 
+def denoise_for_ame(
+    ct_hu: np.ndarray, spacing_yx: tuple[float, float], sigma_mm: float
+) -> np.ndarray:
+    """The CT ``[Z, H, W]`` smoothed in-plane by a Gaussian of ``sigma_mm`` (0: as is).
+
+    On thin-pixel CT (0.7 mm, noise ~15 HU) almost every 3.5 mm grid pixel covers some
+    CT pixel more than 20 HU below the liver median, so AME on raw pixels marks most of
+    the liver; a 1-2 mm Gaussian lowers the noise to a few HU and AME then marks
+    tissue that is really darker (or brighter)."""
+    if sigma_mm <= 0:
+        return ct_hu
+    sigma = (0.0, sigma_mm / spacing_yx[0], sigma_mm / spacing_yx[1])
+    return ndimage.gaussian_filter(ct_hu.astype(np.float32), sigma, mode="nearest")
+
+
 def ame_margins(ct_hu: np.ndarray, liver: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-voxel AME margins of a stack ``[Z, H, W]``: ``(median - HU, HU - median)`` in HU,
     the median being the slice's liver median; -10000 outside the liver.

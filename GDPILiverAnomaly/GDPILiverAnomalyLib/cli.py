@@ -22,7 +22,14 @@ from . import signals
 from .checkpoint import init_checkpoint, load_checkpoint, save_checkpoint
 from .errors import Cancelled, GDPIError
 from .grid import InputGrid
-from .parameters import PRESETS, DetectionParams, add_arguments, describe_preset, overrides_from
+from .parameters import (
+    DEFAULT_CHECKPOINT,
+    PRESETS,
+    DetectionParams,
+    add_arguments,
+    describe_preset,
+    overrides_from,
+)
 from .phase import describe_ame_side
 from .progress import PartialWriter, Reporter
 from .unet import MODEL_SIZES
@@ -63,13 +70,17 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
         help="liver label value in a label map (default: nonzero of a binary or "
         "LiTS map; TotalSegmentator: 5)",
     )
-    d.add_argument("--checkpoint", required=True, help="GDPI checkpoint (.safetensors)")
+    d.add_argument(
+        "--checkpoint",
+        default=str(DEFAULT_CHECKPOINT),
+        help="GDPI checkpoint (.safetensors; default: the bundled real-CT model)",
+    )
     d.add_argument("--out", required=True, help="output folder")
     d.add_argument(
         "--preset",
         choices=sorted(PRESETS),
-        default="paper",
-        help="; ".join(describe_preset(name) for name in PRESETS) + " (default paper)",
+        default="fast",
+        help="; ".join(describe_preset(name) for name in PRESETS) + " (default fast)",
     )
     add_arguments(d)
     d.add_argument(

@@ -12,10 +12,15 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Optional
 
 from .errors import ParameterError
 from .schedule import schedule_counts
+
+#: The model ``gdpi detect`` and the Slicer module use when none is given: trained on
+#: every healthy slice of ../shared/data (see its model card beside it).
+DEFAULT_CHECKPOINT = Path(__file__).parent / "models" / "real_ct_tiny.safetensors"
 
 
 def _param(default, kind, label, help, low=None, high=None, unit="", flag=None):
@@ -53,6 +58,16 @@ class DetectionParams:
         0.0,
         500.0,
         "HU",
+    )
+    ame_sigma_mm: float = _param(
+        0.0,
+        float,
+        "AME smoothing",
+        "AME on the CT smoothed in-plane by a Gaussian of this sigma (noise otherwise "
+        "marks most of the liver on thin-pixel CT; 0 = raw pixels)",
+        0.0,
+        10.0,
+        "mm",
     )
     two_sided: Optional[bool] = _param(  # noqa: UP045 - evaluated on Python 3.9
         None, bool, "two-sided", "AME also flags HU > median + offset (arterial-phase tumours); "

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import signals
-from .ame import adaptive_mask
+from .ame import adaptive_mask, denoise_for_ame
 from .calibration import reference_patches, remove_bias
 from .checkpoint import Checkpoint
 from .devices import resolve_device
@@ -80,7 +80,9 @@ def detect(
         params = dataclasses.replace(params, two_sided=phase.arterial)
 
     min_area_px = math.ceil(params.min_candidate_mm2 / (sy * sx)) if params.min_candidate_mm2 else 0
-    candidates = adaptive_mask(case.ct, case.liver, params.offset_hu, params.two_sided, min_area_px)
+    ame_ct = denoise_for_ame(case.ct, (sy, sx), params.ame_sigma_mm)
+    candidates = adaptive_mask(ame_ct, case.liver, params.offset_hu, params.two_sided, min_area_px)
+    del ame_ct
     mapping = PlaneMapping.for_volume(checkpoint.grid, (height, width), (sy, sx), case.liver)
     ct_grid = mapping.to_grid(case.ct[liver_slices], "image")
     cand_grid = mapping.to_grid(candidates[liver_slices], "mask")

@@ -10,10 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .parameters import PARAMETER_NAMES, DetectionParams, cli_arguments
+from .parameters import DEFAULT_CHECKPOINT, PARAMETER_NAMES, DetectionParams, cli_arguments
 
-#: The model used when no checkpoint is chosen: trained on real CT (see its model card).
-DEFAULT_CHECKPOINT = Path(__file__).parent / "models" / "real_ct_tiny.safetensors"
 #: Preset names the panel offers: the engine's presets, and ``custom`` (the paper preset
 #: with the schedule given explicitly).
 PANEL_PRESETS = ("fast", "paper", "custom")

@@ -66,6 +66,13 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--ame-sigma-mm",
+        type=float,
+        default=0.0,
+        help="AME margins on the CT smoothed by this Gaussian sigma (mm), as gdpi detect "
+        "--ame-sigma-mm; gdpi evaluate checks they match (default 0: raw pixels)",
+    )
+    p.add_argument(
         "--synthetic-cases", type=int, default=0, help="--layout synthetic: number of cases"
     )
     p.add_argument(
@@ -171,7 +178,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     add_arguments(
         e,
         ("offset_hu", "steps", "jump_length", "jump_n_sample", "batch_size", "samples",
-         "calibrate", "depth_sigma_mm", "median_size"),
+         "calibrate", "depth_sigma_mm", "median_size", "ame_sigma_mm"),
     )  # fmt: skip
     e.add_argument("--bank", help="memory-bank store (default: --data's healthy train slices)")
     e.add_argument(
@@ -250,6 +257,7 @@ def _prepare(args: argparse.Namespace, should_cancel) -> int:
         synthetic_cases=args.synthetic_cases,
         synthetic_lesions=args.synthetic_lesions,
         ignore_label=args.ignore_label,
+        ame_sigma_mm=args.ame_sigma_mm,
         log=lambda m: print(m, file=sys.stderr),
     )
     print_summary(summary)
@@ -320,7 +328,7 @@ def _evaluate(args: argparse.Namespace, should_cancel) -> int:
         reuse=args.reuse,
         params={
             name: getattr(args, name)
-            for name in ("samples", "calibrate", "depth_sigma_mm", "median_size")
+            for name in ("samples", "calibrate", "depth_sigma_mm", "median_size", "ame_sigma_mm")
             if getattr(args, name) is not None
         },
     )

@@ -107,7 +107,9 @@ def summarize(runs: str | Path) -> dict:
     for row_dir in sorted(p for p in (runs / "eval").iterdir() if p.is_dir()):
         row: dict = {}
         for which in SETS:
-            folds = sorted(p.name for p in row_dir.iterdir() if (p / which / "results.json").is_file())
+            folds = sorted(
+                p.name for p in row_dir.iterdir() if (p / which / "results.json").is_file()
+            )
             if not folds:
                 continue
             per_fold, tests, stacks, nfe_info = {}, [], {}, {}

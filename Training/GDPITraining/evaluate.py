@@ -235,6 +235,14 @@ def gdpi_candidates(
     if not use_ame:
         return (test.liver > 0).astype(np.uint8), None
     if test.ame_dark is not None:
+        made_with = float(test.store.info.get("ame_sigma_mm", 0.0))
+        if made_with != params.ame_sigma_mm:
+            raise ParameterError(
+                f"the store's AME margins were taken with --ame-sigma-mm {made_with:g}, the "
+                f"evaluation asks for {params.ame_sigma_mm:g}: make the store with gdpi "
+                f"prepare --ame-sigma-mm {params.ame_sigma_mm:g} (or evaluate with "
+                f"--ame-sigma-mm {made_with:g})"
+            )
         cand = test.ame_dark > params.offset_hu
         cand |= (test.ame_bright > params.offset_hu) & two_sided[:, None, None]
         return cand.astype(np.uint8), "CT pixels (store margins), as gdpi detect"

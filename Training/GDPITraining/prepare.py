@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from GDPILiverAnomalyLib.ame import ame_margins
+from GDPILiverAnomalyLib.ame import ame_margins, denoise_for_ame
 from GDPILiverAnomalyLib.errors import InputError
 from GDPILiverAnomalyLib.grid import InputGrid, PlaneMapping
 from GDPILiverAnomalyLib.synthetic import synthetic_case
@@ -253,7 +253,7 @@ def assign_splits(
 
 
 def slices_of_case(
-    case: CaseData, grid: InputGrid, min_liver_mm2: float
+    case: CaseData, grid: InputGrid, min_liver_mm2: float, ame_sigma_mm: float = 0.0
 ) -> tuple[np.ndarray, ...] | None:
     """Grid images, liver, tumour and per-slice rows of one case (None: no usable slice)."""
     oriented = OrientedCase.from_arrays(case.ct, case.liver)
@@ -274,7 +274,8 @@ def slices_of_case(
     images = mapping.to_grid(oriented.ct[keep], "image")
     liver = mapping.to_grid(oriented.liver[keep], "label")
     tum = mapping.to_grid(tumour[keep], "label")
-    dark, bright = ame_margins(oriented.ct[keep], oriented.liver[keep])
+    ame_ct = denoise_for_ame(oriented.ct[keep], (sy, sx), ame_sigma_mm)
+    dark, bright = ame_margins(ame_ct, oriented.liver[keep])
     margins = {
         "ame_dark": mapping.to_grid(dark, "max"),
         "ame_bright": mapping.to_grid(bright, "max"),
@@ -312,11 +313,13 @@ def prepare(
     synthetic_cases: int = 0,
     synthetic_lesions: bool = False,
     ignore_label: int | None = None,
+    ame_sigma_mm: float = 0.0,
     log=print,
 ) -> dict:
     """Make a slice store; return its summary (also in ``store.json``).
 
-    ``test_cases`` holds case names, or ``*`` for every case."""
+    ``test_cases`` holds case names, or ``*`` for every case. The AME margins are taken
+    on the CT smoothed by ``ame_sigma_mm`` (``DetectionParams.ame_sigma_mm``)."""
     writer = StoreWriter(out, grid.size)
     per_case, failed = [], []
     for item in iter_cases(
@@ -333,7 +336,7 @@ def prepare(
             failed.append({"case": item[0], "error": str(item[1])})
             log(f"skipped {item[0]}: {item[1]}")
             continue
-        result = slices_of_case(item, grid, min_liver_mm2)
+        result = slices_of_case(item, grid, min_liver_mm2, ame_sigma_mm)
         if result is None:
             failed.append({"case": item.name, "error": "no slice with enough liver"})
             continue
@@ -369,6 +372,7 @@ def prepare(
         "val_fraction": val_fraction,
         "min_liver_mm2": min_liver_mm2,
         "ignore_label": ignore_label,
+        "ame_sigma_mm": ame_sigma_mm,
         "cases": {
             s: sorted(n for n, v in splits.items() if v == s) for s in ("train", "val", "test")
         },
