@@ -136,7 +136,9 @@ class GDPILiverAnomalyParameterNode:
         "jump_n_sample"
     ]
     batch_size: Annotated[int, WithinRange(0, value_range("batch_size")[1])] = 0
-    offset_hu: Annotated[float, WithinRange(*value_range("offset_hu"))] = default("offset_hu")
+    offset_hu: Annotated[float, WithinRange(*value_range("offset_hu"))] = PRESETS["fast"][
+        "offset_hu"
+    ]
     ameSide: Annotated[str, Choice(list(AME_SIDES))] = "auto"
     median_size: Annotated[int, WithinRange(*value_range("median_size"))] = PRESETS["fast"][
         "median_size"

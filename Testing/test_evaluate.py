@@ -149,9 +149,11 @@ def test_prepare_ignore_label_drops_the_slices_that_hold_it(tmp_path):
     assert left < kept and len(kept - left) == 1
 
 
-def test_store_ame_margins_apply_ame_as_detect_does(tmp_path):
-    """Thresholding the store's margins flags the grid pixels gdpi detect would inpaint."""
-    from GDPILiverAnomalyLib.ame import adaptive_mask
+@pytest.mark.parametrize("sigma_mm", [0.0, 2.0])
+def test_store_ame_margins_apply_ame_as_detect_does(tmp_path, sigma_mm):
+    """Thresholding the store's margins flags the grid pixels gdpi detect would inpaint
+    (with the same AME smoothing)."""
+    from GDPILiverAnomalyLib.ame import adaptive_mask, denoise_for_ame
     from GDPILiverAnomalyLib.grid import PlaneMapping
     from GDPILiverAnomalyLib.volumes import OrientedCase
 
@@ -163,17 +165,20 @@ def test_store_ame_margins_apply_ame_as_detect_does(tmp_path):
     ct_image = case.image(case.ct.astype(np.int16))
     sitk.WriteImage(ct_image, str(folder / "ct.nii.gz"))
     sitk.WriteImage(case.image(seg), str(folder / "seg.nii.gz"))
-    prepare("folders", tmp_path / "cases", tmp_path / "s", GRID, log=lambda m: None)
+    prepare(
+        "folders", tmp_path / "cases", tmp_path / "s", GRID, ame_sigma_mm=sigma_mm,
+        log=lambda m: None,
+    )  # fmt: skip
     store = SliceStore.open(tmp_path / "s")
+    assert store.info["ame_sigma_mm"] == sigma_mm
     oriented = OrientedCase.from_arrays(ct_image, (seg > 0).astype(np.uint8))
+    ame_ct = denoise_for_ame(oriented.ct, oriented.spacing_yx, sigma_mm)
     keep = [int(r["slice"]) for r in store.slices]
     mapping = PlaneMapping.for_volume(
         GRID, oriented.ct.shape[1:], oriented.spacing_yx, oriented.liver
     )
     for offset in (10.0, 20.0, 40.0):
-        detect = (
-            mapping.to_grid(adaptive_mask(oriented.ct, oriented.liver, offset)[keep], "mask") > 0
-        )
+        detect = mapping.to_grid(adaptive_mask(ame_ct, oriented.liver, offset)[keep], "mask") > 0
         margins = np.asarray(store.ame_dark) > offset
         assert detect.any()
         np.testing.assert_array_equal(margins, detect)

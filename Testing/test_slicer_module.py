@@ -86,16 +86,16 @@ def test_parameter_defaults_match_the_logic_defaults():
     for name in ("steps", "jump_length", "jump_n_sample"):
         assert fields[name] == PRESETS["paper"][name], name
     assert fields["median_size"] == PRESETS[fields["preset"]]["median_size"]
+    assert fields["offset_hu"] == PRESETS[fields["preset"]]["offset_hu"]
     source = MODULE_PY.read_text()
     for name in ("steps", "jump_length", "jump_n_sample", "offset_hu", "median_size"):
         assert f'WithinRange(*value_range("{name}"))' in source, name
+    # not on the panel: two_sided is the AME-side choice; samples, the AME smoothing,
+    # calibration and 3-D smoothing come from the preset (console: DetectionSettings)
     assert set(fields) >= set(parameters.PARAMETER_NAMES) - {
-        "min_candidate_mm2",
-        "seed",
-        "bf16",
-        "two_sided",
-        "samples",
-    }
+        "min_candidate_mm2", "seed", "bf16", "two_sided", "samples", "ame_sigma_mm",
+        "calibrate", "depth_sigma_mm",
+    }  # fmt: skip
 
 
 def test_ui_combo_boxes_offer_the_parameter_choices():

@@ -68,9 +68,10 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     p.add_argument(
         "--ame-sigma-mm",
         type=float,
-        default=0.0,
+        default=PRESETS["fast"]["ame_sigma_mm"],
         help="AME margins on the CT smoothed by this Gaussian sigma (mm), as gdpi detect "
-        "--ame-sigma-mm; gdpi evaluate checks they match (default 0: raw pixels)",
+        "--ame-sigma-mm; gdpi evaluate checks they match (default: the fast preset's, "
+        f"{PRESETS['fast']['ame_sigma_mm']:g}; the paper preset's AME is 0, raw pixels)",
     )
     p.add_argument(
         "--synthetic-cases", type=int, default=0, help="--layout synthetic: number of cases"
@@ -165,7 +166,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
         "gdpi-memory-bank, ae=PATH, vae=PATH, dae=PATH, darkness (repeat the option)",
     )
     e.add_argument("--checkpoint", help="diffusion checkpoint of the GDPI methods")
-    e.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="GDPI base preset")
+    e.add_argument(
+        "--preset", choices=sorted(PRESETS), default="fast", help="GDPI base preset (default fast)"
+    )
     e.add_argument(
         "--abnormal-split", default="test", help="split of the abnormal slices (or 'any')"
     )

@@ -489,7 +489,7 @@ class EvaluateConfig:
     out: str
     methods: list[str]
     checkpoint: str | None = None
-    preset: str = "paper"
+    preset: str = "fast"
     abnormal_split: str = "test"
     healthy_split: str = "test"
     max_slices: int | None = None

@@ -33,6 +33,7 @@ import SimpleITK as sitk
 from GDPILiverAnomalyLib.ame import ame_margins, denoise_for_ame
 from GDPILiverAnomalyLib.errors import InputError
 from GDPILiverAnomalyLib.grid import InputGrid, PlaneMapping
+from GDPILiverAnomalyLib.parameters import PRESETS
 from GDPILiverAnomalyLib.synthetic import synthetic_case
 from GDPILiverAnomalyLib.volumes import (
     OrientedCase,
@@ -313,7 +314,7 @@ def prepare(
     synthetic_cases: int = 0,
     synthetic_lesions: bool = False,
     ignore_label: int | None = None,
-    ame_sigma_mm: float = 0.0,
+    ame_sigma_mm: float = PRESETS["fast"]["ame_sigma_mm"],
     log=print,
 ) -> dict:
     """Make a slice store; return its summary (also in ``store.json``).
