@@ -47,3 +47,18 @@ def test_cpu_bench_smoke(tmp_path):
     assert [(r["size"], r["batch"]) for r in rows] == [("micro", 1), ("micro", 2)]
     assert all(r["fp32_ms"] > 0 for r in rows)
     assert proc.stdout.count("| micro |") == 2
+
+
+def test_gpu_bench_smoke(tmp_path):
+    """bench/bench_gpu.py (the GPU timing table; here on the CPU) writes every row."""
+    import json
+
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_gpu.py"), "--smoke", "--json",
+         str(tmp_path / "g.json")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "g.json").read_text())["rows"]
+    assert [(r["batch"], r["bf16"]) for r in rows] == [(1, False), (1, True), (2, False), (2, True)]
+    assert all(r["ms_per_slice_per_nfe"] > 0 for r in rows)

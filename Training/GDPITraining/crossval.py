@@ -55,12 +55,16 @@ def _load(report: Path) -> tuple:
 def _with_derived(test, scores: dict) -> dict:
     """Add the automatic-AME-side and 3-D-smoothed variants of the GDPI scores."""
     out = dict(scores)
-    if "gdpi-one-sided" in scores and "gdpi-two-sided" in scores:
+    sides = [m for m in ("gdpi-one-sided", "gdpi-two-sided") if m in scores]
+    if sides:
         phases = case_phases(test)
         arterial = np.array([phases[g[0]]["arterial"] for g in test.groups])
-        out["gdpi (auto)"] = np.where(
-            arterial[:, None, None], scores["gdpi-two-sided"], scores["gdpi-one-sided"]
-        )
+        if len(sides) == 2:
+            out["gdpi (auto)"] = np.where(
+                arterial[:, None, None], scores["gdpi-two-sided"], scores["gdpi-one-sided"]
+            )
+        elif np.all(arterial == (sides[0] == "gdpi-two-sided")):
+            out["gdpi (auto)"] = scores[sides[0]]  # only the side the phase picks was run
     positions = slice_positions_mm(test)
     cases = [g[0] for g in test.groups]
     for name in [n for n in out if n.startswith("gdpi")]:

@@ -1,0 +1,93 @@
+"""GPU speed of the network per model size, batch size, precision and compilation.
+
+Prints (and with ``--json`` writes) milliseconds per slice per network evaluation for
+randomly initialised models of each size at each batch size, in float32 and with
+bfloat16 autocast, eagerly and after ``torch.compile`` (its compile time is printed
+beside), and the peak GPU memory of each setting. Runs on a CPU in ``--smoke`` mode.
+
+    python bench/bench_gpu.py [--sizes tiny medium small] [--batches 1 8 32 64] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GDPILiverAnomaly"))
+
+from GDPILiverAnomalyLib.checkpoint import init_checkpoint  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(size: str, batch: int, bf16: bool, compiled: bool, repeats: int, device) -> dict:
+    """ms per slice per network evaluation, compile seconds and peak memory (MiB)."""
+    model = init_checkpoint(size).model.eval().to(device)
+    n = init_checkpoint(size).grid.size
+    if compiled:
+        model = torch.compile(model)
+    x = torch.randn(batch, 1, n, n, device=device)
+    t = torch.full((batch,), 500, device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    with torch.no_grad(), ctx:
+        start = time.perf_counter()
+        for _ in range(2):  # warm-up (and compilation)
+            model(x, t)
+        _sync(device)
+        warm = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model(x, t)
+        _sync(device)
+    ms = 1000 * (time.perf_counter() - start) / repeats / batch
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"size": size, "grid_px": n, "batch": batch, "bf16": bf16, "compiled": compiled,
+            "ms_per_slice_per_nfe": round(ms, 4), "warmup_s": round(warm, 2),
+            "peak_mib": None if peak is None else round(peak, 1)}  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "medium", "small"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 64])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--compile-sizes", nargs="*", default=["tiny"],
+                        help="sizes also measured with torch.compile")  # fmt: skip
+    parser.add_argument("--smoke", action="store_true", help="CPU, micro model, 1 repeat")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if args.smoke:
+        args.sizes, args.batches, args.repeats, args.compile_sizes = ["micro"], [1, 2], 1, []
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"# {name}, torch {torch.__version__}")
+    print("| model | grid px | batch | bf16 | compiled | ms/slice/NFE | warm-up s | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    for size in args.sizes:
+        for batch in args.batches:
+            for bf16 in (False, True):
+                for compiled in (False, True) if size in args.compile_sizes else (False,):
+                    r = measure(size, batch, bf16, compiled, args.repeats, device)
+                    rows.append(r)
+                    print(f"| {size} | {r['grid_px']} | {batch} | {bf16} | {compiled} | "
+                          f"{r['ms_per_slice_per_nfe']} | {r['warmup_s']} | {r['peak_mib']} |",
+                          flush=True)  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__,
+                                         "rows": rows}, indent=1))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
