@@ -1,5 +1,7 @@
 """Contrast-phase detection (automatic two-sided AME) on constructed and real scans."""
 
+from __future__ import annotations
+
 import numpy as np
 import pytest
 from conftest import shared

@@ -23,11 +23,12 @@ MODULE = REPO / "GDPILiverAnomaly"
 TORCH_FREE_MODULES = (
     "errors", "parameters", "schedule", "files", "worker", "dependencies",
     "slicer_settings", "cases", "volumes", "ame", "grid", "scoring", "synthetic", "progress",
+    "phase", "calibration",
 )  # fmt: skip
 #: Tests that need neither torch nor slicer.
 TORCH_FREE_TESTS = (
     "test_parameters.py", "test_schedule.py", "test_slicer_settings.py", "test_files.py",
-    "test_ame.py", "test_scoring_grid.py", "test_volumes.py",
+    "test_ame.py", "test_scoring_grid.py", "test_volumes.py", "test_phase.py",
 )  # fmt: skip
 
 
