@@ -52,7 +52,7 @@ def test_the_flag_overrides_the_phase_and_the_log_says_why(tmp_path, tiny_checkp
 def test_calibration_and_smoothing_change_only_the_score(tmp_path, tiny_checkpoint):
     ct, seg = shared("hcc_0697", "ct.nii.gz"), shared("hcc_0697", "seg.nii.gz")
     checkpoint = load_checkpoint(tiny_checkpoint)
-    plain = _quick(two_sided=False)
+    plain = _quick(two_sided=False, calibrate=False, depth_sigma_mm=0.0)
     base = run_case(ct, seg, checkpoint, plain, tmp_path / "plain")
     refined = run_case(
         ct,

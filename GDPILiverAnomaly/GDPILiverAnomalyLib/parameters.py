@@ -180,8 +180,9 @@ class DetectionParams:
 
 
 #: ``paper``: the GDPI paper's RePaint setting and AME (2410 network evaluations per
-#: batch); ``fast`` (the default): 140 per batch, with the AME, offset and 3-D smoothing
-#: the patient-level cross-validation chose (README "Detection quality").
+#: batch); ``fast`` (the default): 140 per batch, with the AME smoothing and offset, the
+#: bias calibration and the 3-D smoothing the patient-level cross-validation chose
+#: (README "Detection quality").
 #: ``median_size`` in model-grid pixels.
 PRESETS: dict[str, dict] = {
     "paper": dict(steps=250, jump_length=10, jump_n_sample=10, median_size=5),
@@ -192,6 +193,7 @@ PRESETS: dict[str, dict] = {
         median_size=5,
         ame_sigma_mm=2.0,
         offset_hu=10.0,
+        calibrate=True,
         depth_sigma_mm=5.0,
     ),
 }
