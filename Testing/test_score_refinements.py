@@ -32,17 +32,21 @@ def test_reference_patches_lie_in_free_liver_and_are_seeded_per_slice():
     assert np.array_equal(refs, again)  # a slice's patches depend on its seed, not order
 
 
-def test_remove_bias_subtracts_the_reference_median_on_candidates_only():
+def test_remove_bias_subtracts_the_scans_reference_median_on_candidates_only():
     liver, cand = _liver_and_candidates()
     refs = reference_patches(liver, cand, [1, 2, 3])
-    bias = np.array([-4.0, 3.0, 0.0], np.float32)
     diff = np.zeros(liver.shape, np.float32)
     diff[cand > 0] = 25.0
-    diff += (bias[:, None, None] * ((cand > 0) | (refs > 0))).astype(np.float32)
+    painted = (cand > 0) | (refs > 0)
+    diff[painted] -= 4.0  # the prior paints this scan 4 HU too dark
     corrected, found = remove_bias(diff, cand, refs)
-    assert np.allclose(found, [-4.0, 3.0, 0.0])
+    assert np.allclose(found, -4.0)
     assert np.allclose(corrected[cand > 0], 25.0)  # the tumour's true difference
     assert np.all(corrected[refs > 0] == 0) and np.all(corrected[(cand == 0) & (refs == 0)] == 0)
+    # two scans in one stack (an evaluation): each gets its own bias
+    diff[0][painted[0]] -= 6.0
+    _, found = remove_bias(diff, cand, refs, groups=["a", "b", "b"])
+    assert np.allclose(found, [-10.0, -4.0, -4.0])
 
 
 def test_smoothing_across_slices_has_known_weights_and_respects_groups():

@@ -1,11 +1,13 @@
-"""Per-slice bias correction from healthy reference patches re-painted in the same run.
+"""Bias correction from healthy reference patches re-painted in the same run.
 
 The prior may paint healthy liver a few HU darker or brighter than this scan's liver
 (contrast phase, noise, scanner). Beside the AME candidates, a few small discs of
 liver that AME left alone (so: not darker, nor brighter, than the liver by the offset)
 are re-painted in the same RePaint run at no extra network cost; what the prior
-changes there is its bias on this slice, and it is subtracted from the candidates'
-difference. Everything here is on the model grid: ``[N, n, n]`` arrays, HU.
+changes there (the median over every reference pixel of the scan: thousands of
+pixels, so the estimate is stable) is its bias on this scan, and it is subtracted
+from the candidates' difference. Everything here is on the model grid: ``[N, n, n]``
+arrays, HU.
 """
 
 from __future__ import annotations
@@ -51,16 +53,20 @@ def reference_patches(
 
 
 def remove_bias(
-    difference: np.ndarray, candidates: np.ndarray, references: np.ndarray
+    difference: np.ndarray, candidates: np.ndarray, references: np.ndarray, groups=None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``difference`` (inpainted - input, HU) minus each slice's bias (the median
-    difference over its reference pixels; 0 where a slice has none) on the candidates,
-    and 0 on the references (they are healthy by construction); also the biases."""
+    """``difference`` (inpainted - input, HU) minus its scan's bias (the median
+    difference over the reference pixels of every slice of the same ``groups`` entry,
+    default: all slices are one scan; 0 where there are none) on the candidates, and 0
+    on the references (they are healthy by construction); also each slice's bias."""
+    groups = np.zeros(len(difference)) if groups is None else np.asarray(groups)
     bias = np.zeros(len(difference), np.float32)
     out = np.where(references > 0, 0.0, difference).astype(np.float32)
-    for i in range(len(difference)):
-        ref = references[i] > 0
+    for group in np.unique(groups):
+        members = groups == group
+        ref = references[members] > 0
         if ref.any():
-            bias[i] = float(np.median(difference[i][ref]))
-            out[i][candidates[i] > 0] -= bias[i]
+            bias[members] = float(np.median(difference[members][ref]))
+    for i in range(len(difference)):
+        out[i][candidates[i] > 0] -= bias[i]
     return out, bias

@@ -377,7 +377,7 @@ def run_gdpi(
     )
     bar.close()
     if params.calibrate:
-        diff, bias = remove_bias(diff, cand, refs)
+        diff, bias = remove_bias(diff, cand, refs, [g[0] for g in test.groups])
         details["calibration_bias_hu"] = [round(float(b), 2) for b in bias]
     score = finish_score(diff, sided, params.median_size)
     score = smooth_across_slices(
