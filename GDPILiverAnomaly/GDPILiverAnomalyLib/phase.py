@@ -47,6 +47,11 @@ class PhaseEstimate:
     def to_dict(self) -> dict:
         return {**asdict(self), "arterial": self.arterial, "gap_hu": ARTERIAL_GAP_HU}
 
+    @classmethod
+    def from_dict(cls, values: dict) -> PhaseEstimate:
+        """Back from :meth:`to_dict` (run.json's ``stats.phase``)."""
+        return cls(*(values[f] for f in ("phase", "liver_hu", "aorta_hu", "aorta_slices")))
+
 
 def _round_regions(hu: np.ndarray, spacing_yx: tuple[float, float]) -> list[dict]:
     """Round homogeneous bright regions of one axial slice (see the module docstring)."""
@@ -112,6 +117,4 @@ def describe_ame_side(two_sided: bool, phase: dict | None) -> str:
     side = "darker and brighter tissue" if two_sided else "darker tissue"
     if phase is None:
         return f"re-painted {side} (as set)"
-    estimate = PhaseEstimate(phase["phase"], phase["liver_hu"], phase["aorta_hu"],
-                             phase["aorta_slices"])  # fmt: skip
-    return f"re-painted {side}: {estimate.describe()}"
+    return f"re-painted {side}: {PhaseEstimate.from_dict(phase).describe()}"

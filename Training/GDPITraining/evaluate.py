@@ -194,6 +194,7 @@ def case_phases(test: TestSet) -> dict[str, dict]:
     """Contrast phase of each test case (``phase.estimate_phase``) from its source CT
     and label map (any nonzero label counts as liver); cases without readable sources
     (synthetic layouts) are ``unknown``."""
+    import SimpleITK as sitk
     from GDPILiverAnomalyLib.phase import PhaseEstimate, estimate_phase
     from GDPILiverAnomalyLib.volumes import OrientedCase, read_ct, read_image
 
@@ -203,8 +204,6 @@ def case_phases(test: TestSet) -> dict[str, dict]:
         row = rows[case]
         try:
             ct = read_ct(row["ct"])
-            import SimpleITK as sitk
-
             labels = sitk.GetArrayFromImage(read_image(row["liver"], "liver mask")) > 0
             oriented = OrientedCase.from_arrays(ct, labels.astype(np.uint8))
             estimate = estimate_phase(oriented.ct, oriented.liver, oriented.spacing_yx)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -184,7 +185,8 @@ def train(config: TrainConfig) -> Path:
         path = save_checkpoint(trained, out / "model.safetensors", dtype)
         save_state(state_path, step, config, model=model, ema=ema, optimizer=opt)
         if config.snapshot_every and step % config.snapshot_every == 0:
-            save_checkpoint(trained, out / "snapshots" / f"step{step:07d}.safetensors", dtype)
+            (out / "snapshots").mkdir(exist_ok=True)
+            shutil.copyfile(path, out / "snapshots" / f"step{step:07d}.safetensors")
         return path
 
     budget = config.max_minutes * 60 if config.max_minutes else math.inf
