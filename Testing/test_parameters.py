@@ -44,6 +44,8 @@ def test_presets_and_their_network_evaluations():
         (dict(threshold_hu=-1.0), "threshold must be in 0..500 HU"),
         (dict(min_candidate_mm2=-1.0), "minimum candidate area must be in 0..1e+06 mm^2"),
         (dict(samples=0), "samples must be in 1..16"),
+        (dict(sampler="ddim"), "sampler must be one of repaint, ddnm, got 'ddim'"),
+        (dict(eta=1.5), "DDIM eta must be in 0..1, got 1.5"),
         (dict(ame_sigma_mm=11.0), "AME smoothing must be in 0..10 mm"),
         (dict(depth_sigma_mm=-1.0), "3-D smoothing must be in 0..50 mm"),
     ],
@@ -65,7 +67,8 @@ def test_command_line_options_round_trip():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     given = dict(
-        steps=30, jump_length=3, jump_n_sample=2, samples=2, offset_hu=12.5,
+        steps=30, jump_length=3, jump_n_sample=2, sampler="ddnm", eta=0.5, samples=2,
+        offset_hu=12.5,
         ame_sigma_mm=1.5, two_sided=True, min_candidate_mm2=4.0, calibrate=True,
         depth_sigma_mm=2.5, median_size=3, threshold_hu=7.5, batch_size=4,
         device="cpu", seed=11, bf16=True,

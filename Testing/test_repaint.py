@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 from GDPILiverAnomalyLib.diffusion import DiffusionConfig, GaussianDiffusion
-from GDPILiverAnomalyLib.errors import Cancelled
+from GDPILiverAnomalyLib.errors import Cancelled, ParameterError
 from GDPILiverAnomalyLib.repaint import SliceNoise, repaint
 from GDPILiverAnomalyLib.schedule import schedule_counts
 from GDPILiverAnomalyLib.unet import UNet, UNetConfig
@@ -33,7 +33,7 @@ def _analytic_denoiser(diffusion, mean, tau, sigma):
     return model
 
 
-def _inpaint_constant_images(jump_length, jump_n_sample, steps=50):
+def _inpaint_constant_images(jump_length, jump_n_sample, steps=50, sampler="repaint"):
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(learn_sigma=False), steps=steps)
     model = _analytic_denoiser(diffusion, mean=0.0, tau=0.5, sigma=0.02)
     levels = torch.tensor([-0.6, -0.2, 0.3, 0.7]).reshape(4, 1, 1, 1)
@@ -42,8 +42,9 @@ def _inpaint_constant_images(jump_length, jump_n_sample, steps=50):
     mask = torch.zeros(4, 1, 16, 16)
     mask[:, :, 2:14, 2:14] = 1  # 56% of the image is unknown
     out, nfe = repaint(
-        model, diffusion, image, mask, jump_length, jump_n_sample, SliceNoise(range(4))
-    )
+        model, diffusion, image, mask, jump_length, jump_n_sample, SliceNoise(range(4)),
+        sampler=sampler,
+    )  # fmt: skip
     hole = out[:, 0, 2:14, 2:14]
     return image, mask, out, nfe, hole, levels.flatten()
 
@@ -67,6 +68,28 @@ def test_resampling_harmonizes_better_than_plain_conditioning():
     assert err5 < err1
 
 
+def test_ddnm_fills_the_hole_with_fifty_evaluations_where_repaint_cannot():
+    """DDNM conditions every clean estimate on the known region: 50 steps without
+    resampling find the level the context implies; RePaint with the same 50 network
+    evaluations (no resampling) does not."""
+    image, mask, out, nfe, hole, levels = _inpaint_constant_images(5, 1, 50, sampler="ddnm")
+    assert nfe == 50
+    assert torch.equal(out[mask == 0], image[mask == 0])
+    ddnm_err = (hole.mean(dim=(1, 2)) - levels).abs().max()
+    assert ddnm_err < 0.05, ddnm_err
+    std = hole.std(dim=(1, 2))
+    assert (std > 0.005).all() and (std < 0.04).all()
+    *_, plain, _ = _inpaint_constant_images(5, 1, 50, sampler="repaint")
+    assert (plain.mean(dim=(1, 2)) - levels).abs().max() > 2 * ddnm_err
+
+
+def test_unknown_sampler_is_refused():
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig(learn_sigma=False), steps=5)
+    image, mask = torch.zeros(1, 1, 8, 8), torch.ones(1, 1, 8, 8)
+    with pytest.raises(ParameterError, match="unknown sampler 'ddim'"):
+        repaint(lambda x, t: x, diffusion, image, mask, 1, 1, sampler="ddim")
+
+
 def _random_unet(learn_sigma=True):
     torch.manual_seed(0)
     net = UNet(
@@ -85,31 +108,35 @@ def _random_unet(learn_sigma=True):
     return net.eval()
 
 
+@pytest.mark.parametrize("sampler", ["repaint", "ddnm"])
 @pytest.mark.parametrize("learn_sigma", [True, False])
-def test_known_region_exact_with_a_real_network(learn_sigma):
+def test_known_region_exact_with_a_real_network(learn_sigma, sampler):
     net = _random_unet(learn_sigma)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(learn_sigma=learn_sigma), steps=8)
     image = torch.rand(3, 1, 16, 16) * 2 - 1
     mask = (torch.rand(3, 1, 16, 16) > 0.7).float()
-    out, nfe = repaint(net, diffusion, image, mask, 2, 2, SliceNoise([1, 2, 3]))
+    out, nfe = repaint(net, diffusion, image, mask, 2, 2, SliceNoise([1, 2, 3]), sampler=sampler)
     assert torch.equal(out[mask == 0], image[mask == 0])
     assert not torch.equal(out[mask == 1], image[mask == 1])
     assert out.abs().max() <= 1
     assert nfe == schedule_counts(8, 2, 2)[0]
 
 
-def test_deterministic_and_independent_of_batch_composition():
+@pytest.mark.parametrize("sampler", ["repaint", "ddnm"])
+def test_deterministic_and_independent_of_batch_composition(sampler):
     net = _random_unet()
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(), steps=6)
     image = torch.rand(3, 1, 16, 16) * 2 - 1
     mask = torch.zeros(3, 1, 16, 16)
     mask[:, :, 4:12, 4:12] = 1
-    a, _ = repaint(net, diffusion, image, mask, 2, 2, SliceNoise([10, 11, 12]))
-    b, _ = repaint(net, diffusion, image, mask, 2, 2, SliceNoise([10, 11, 12]))
+    a, _ = repaint(net, diffusion, image, mask, 2, 2, SliceNoise([10, 11, 12]), sampler=sampler)
+    b, _ = repaint(net, diffusion, image, mask, 2, 2, SliceNoise([10, 11, 12]), sampler=sampler)
     assert torch.equal(a, b)
-    single, _ = repaint(net, diffusion, image[1:2], mask[1:2], 2, 2, SliceNoise([11]))
+    single, _ = repaint(
+        net, diffusion, image[1:2], mask[1:2], 2, 2, SliceNoise([11]), sampler=sampler
+    )
     assert torch.allclose(single, a[1:2], atol=1e-4)
-    other, _ = repaint(net, diffusion, image, mask, 2, 2, SliceNoise([20, 21, 22]))
+    other, _ = repaint(net, diffusion, image, mask, 2, 2, SliceNoise([20, 21, 22]), sampler=sampler)
     assert not torch.allclose(other, a)
 
 

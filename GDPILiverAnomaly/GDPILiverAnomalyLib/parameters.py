@@ -23,11 +23,12 @@ from .schedule import schedule_counts
 DEFAULT_CHECKPOINT = Path(__file__).parent / "models" / "real_ct_tiny.safetensors"
 
 
-def _param(default, kind, label, help, low=None, high=None, unit="", flag=None):
+def _param(default, kind, label, help, low=None, high=None, unit="", flag=None, choices=None):
     """A dataclass field with its description (``kind``: int, float, bool or str;
-    ``label``: the name error messages use)."""
+    ``label``: the name error messages use; ``choices``: the valid strings)."""
     metadata = {"kind": kind, "label": label, "help": help, "range": None, "unit": unit}
     metadata["flag"] = flag
+    metadata["choices"] = choices
     if low is not None:
         metadata["range"] = (low, high)
     return field(default=default, metadata=metadata)
@@ -41,6 +42,22 @@ class DetectionParams:
     jump_length: int = _param(10, int, "jump length", "RePaint jump length", 1, 1000)
     jump_n_sample: int = _param(
         10, int, "resamplings (jump_n_sample)", "RePaint resamplings (1 = none)", 1, 100
+    )
+    sampler: str = _param(
+        "repaint",
+        str,
+        "sampler",
+        "denoising step on the jump walk: repaint (RePaint, the paper's) or ddnm (DDNM: the "
+        "known region fixed in every clean estimate, DDIM steps; needs fewer steps)",
+        choices=("repaint", "ddnm"),
+    )
+    eta: float = _param(
+        0.85,
+        float,
+        "DDIM eta",
+        "ddnm sampler: noise of each DDIM step (0 = deterministic, 1 = DDPM-like)",
+        0.0,
+        1.0,
     )
     samples: int = _param(
         1,
@@ -162,6 +179,9 @@ class DetectionParams:
             if f.name == "jump_length":
                 high = self.steps
             label, unit = f.metadata["label"], f.metadata["unit"]
+            choices = f.metadata["choices"]
+            if choices is not None and value not in choices:
+                raise ParameterError(f"{label} must be one of {', '.join(choices)}, got {value!r}")
             if f.metadata["kind"] is float and not math.isfinite(value):
                 raise ParameterError(f"{label} must be a finite number of {unit or 'units'}")
             if low is not None and not low <= value <= high:
@@ -234,10 +254,11 @@ def help_text(name: str) -> str:
 
 
 def describe_preset(name: str) -> str:
-    """E.g. ``fast: 50 steps, jump length 5, 3 resamplings = 140 NFE per batch``."""
+    """E.g. ``paper: repaint, 250 steps, jump length 10, 10 resamplings = 2410 NFE per
+    batch``."""
     p = DetectionParams.from_preset(name)
     return (
-        f"{name}: {p.steps} steps, jump length {p.jump_length}, {p.jump_n_sample} "
+        f"{name}: {p.sampler}, {p.steps} steps, jump length {p.jump_length}, {p.jump_n_sample} "
         f"resamplings = {p.nfe_per_batch()} NFE per batch"
     )
 
@@ -267,6 +288,11 @@ def add_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] = PARA
                 flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
                 help=text,
             )  # fmt: skip
+            continue
+        if meta["choices"] is not None:
+            text += f"; default {PRESETS['paper'].get(name, default(name))} (paper preset)"
+            parser.add_argument(flag(name), dest=name, choices=meta["choices"], default=None,
+                                help=text)  # fmt: skip
             continue
         bounds = meta["range"]
         if bounds is not None:

@@ -317,6 +317,8 @@ def inpaint_grid(
             progress=None if on_progress is None else (lambda n, _total: on_progress(n)),
             should_cancel=should_cancel,
             start=start,
+            sampler=params.sampler,
+            eta=params.eta,
         )
         moved = ((x0 - image)[:, 0] * intensity.hu_per_unit).cpu().numpy()
         diff[batch] = moved.reshape(len(batch), k, *moved.shape[1:]).mean(axis=1)

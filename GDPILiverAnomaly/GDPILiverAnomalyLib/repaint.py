@@ -1,4 +1,5 @@
-"""RePaint inpainting (Lugmayr et al. 2022) with a diffusion prior, batched over slices.
+"""Inpainting with a diffusion prior, batched over slices: RePaint (Lugmayr et al. 2022)
+or DDNM (:mod:`.ddnm`), both on RePaint's jump walk.
 
 Mask convention: ``inpaint_mask`` is 1 where the image is unknown and gets re-painted
 (the AME candidates), 0 where the image is known and kept. Images are in model units
@@ -11,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .ddnm import DEFAULT_ETA, ddnm_step
 from .diffusion import GaussianDiffusion, NoiseModel
 from .errors import Cancelled, ParameterError
 from .schedule import get_schedule_jump, transitions
@@ -47,6 +49,9 @@ def slice_seeds(seed: int, slice_ids: Sequence[int], sample: int = 0) -> list[in
 
 ProgressFn = Callable[[int, int], None]  # (network evaluations done, total)
 
+#: The denoising steps :func:`repaint` can take on its walk.
+SAMPLERS = ("repaint", "ddnm")
+
 
 @torch.no_grad()
 def repaint(
@@ -60,14 +65,18 @@ def repaint(
     progress: ProgressFn | None = None,
     should_cancel: Callable[[], bool] | None = None,
     start: tuple[torch.Tensor, int] | None = None,
+    sampler: str = "repaint",
+    eta: float = DEFAULT_ETA,
 ) -> tuple[torch.Tensor, int]:
     """Re-paint the masked region of ``image``; return ``(x0, network evaluations)``.
 
-    Before every denoising step at level ``t`` the known region is replaced by the
-    input noised to level ``t``; undo steps re-noise the whole image by one step. The
-    known region of the returned image equals ``image`` exactly. The model is any
-    callable ``model(x_t, t_original)`` returning C (fixed variance) or 2C (learned
-    variance) channels.
+    ``sampler="repaint"``: before every denoising step at level ``t`` the known region
+    is replaced by the input noised to level ``t``. ``sampler="ddnm"``: every step
+    replaces the known region of the network's clean estimate instead and takes a DDIM
+    step with ``eta`` (:func:`.ddnm.ddnm_step`). Undo steps of the walk re-noise the
+    whole image by one step. The known region of the returned image equals ``image``
+    exactly. The model is any callable ``model(x_t, t_original)`` returning C (fixed
+    variance) or 2C (learned variance) channels.
 
     ``start = (prompt, level)`` begins the walk at its first visit of respaced ``level``
     from ``prompt`` (model units, shaped like ``image``) noised to that level, instead of
@@ -76,6 +85,8 @@ def repaint(
     """
     if image.ndim != 4 or inpaint_mask.ndim != 4 or inpaint_mask.shape[0] != image.shape[0]:
         raise ParameterError("image must be [N, C, H, W] and the mask [N, 1 or C, H, W]")
+    if sampler not in SAMPLERS:
+        raise ParameterError(f"unknown sampler {sampler!r} ({' or '.join(SAMPLERS)})")
     noise = noise or SliceNoise(range(image.shape[0]), image.device)
     unknown = inpaint_mask.to(image.dtype).expand_as(image)
     known = 1.0 - unknown
@@ -93,16 +104,21 @@ def repaint(
     for t_last, t_cur in transitions(walk):
         if should_cancel is not None and should_cancel():
             raise Cancelled()
-        if t_cur < t_last:
+        if t_cur > t_last:  # undo: one forward noising step
+            x = diffusion.forward_step(x, t_cur, noise.like(image))
+            continue
+        if sampler == "ddnm":
+            out = model(x, diffusion.model_timesteps(t_last, x.shape[0], x.device)).float()
+            step_noise = noise.like(image) if t_last > 0 else None
+            x = ddnm_step(diffusion, out, x, t_last, image, known, eta, step_noise)
+        else:
             known_t = diffusion.q_sample(image, t_last, noise.like(image))
             x = known * known_t + unknown * x
-            out = diffusion.p_mean_variance(model, x, t_last)
-            x = out.mean
+            step = diffusion.p_mean_variance(model, x, t_last)
+            x = step.mean
             if t_last > 0:
-                x = x + torch.exp(0.5 * out.log_variance) * noise.like(image)
-            nfe += 1
-            if progress is not None:
-                progress(nfe, total)
-        else:
-            x = diffusion.forward_step(x, t_cur, noise.like(image))
+                x = x + torch.exp(0.5 * step.log_variance) * noise.like(image)
+        nfe += 1
+        if progress is not None:
+            progress(nfe, total)
     return known * image + unknown * x.clamp(-1, 1), nfe

@@ -181,7 +181,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     add_arguments(
         e,
         ("offset_hu", "steps", "jump_length", "jump_n_sample", "batch_size", "samples",
-         "calibrate", "depth_sigma_mm", "median_size", "ame_sigma_mm"),
+         "calibrate", "depth_sigma_mm", "median_size", "ame_sigma_mm", "sampler", "eta"),
     )  # fmt: skip
     e.add_argument("--bank", help="memory-bank store (default: --data's healthy train slices)")
     e.add_argument(
@@ -331,7 +331,15 @@ def _evaluate(args: argparse.Namespace, should_cancel) -> int:
         reuse=args.reuse,
         params={
             name: getattr(args, name)
-            for name in ("samples", "calibrate", "depth_sigma_mm", "median_size", "ame_sigma_mm")
+            for name in (
+                "samples",
+                "calibrate",
+                "depth_sigma_mm",
+                "median_size",
+                "ame_sigma_mm",
+                "sampler",
+                "eta",
+            )
             if getattr(args, name) is not None
         },
     )
