@@ -1,3 +1,6 @@
+import itertools
+import math
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -97,11 +100,37 @@ def test_orientation_round_trip_is_exact(case, mask, label):
     ct = read_ct(ct_path)
     liver = read_liver_mask(shared(case, mask), ct, label)
     oriented = OrientedCase.from_arrays(ct, liver)
-    # LPS: axis 0 runs inferior -> superior
-    direction = np.array(oriented.ct_lps.GetDirection()).reshape(3, 3)
-    assert np.allclose(np.diag(direction), 1)
+    # LPS: the same arrays as SimpleITK's DICOMOrient, axis 0 inferior -> superior
+    lps = sitk.DICOMOrient(ct, "LPS")
+    assert np.array_equal(oriented.ct, sitk.GetArrayFromImage(lps))
+    assert np.allclose(oriented.spacing_zyx, lps.GetSpacing()[::-1])
     assert np.array_equal(oriented.to_original(oriented.ct), sitk.GetArrayFromImage(ct))
     assert np.array_equal(oriented.to_original(oriented.liver), liver)
+
+
+@pytest.mark.parametrize("oblique_rad", [0.0, 0.2])
+def test_every_axis_order_and_flip_matches_dicom_orient(oblique_rad):
+    """The LPS views (no copy) equal sitk.DICOMOrient for all 48 axis permutations and
+    flips, also for slightly oblique scans; writing through a view writes the original."""
+    values = np.random.default_rng(0).normal(size=(4, 5, 6)).astype(np.float32)
+    c, s = math.cos(oblique_rad), math.sin(oblique_rad)
+    tilt = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product([1, -1], repeat=3):
+            direction = np.zeros((3, 3))
+            for column in range(3):
+                direction[perm[column], column] = signs[column]
+            image = sitk.GetImageFromArray(values)
+            image.SetDirection((tilt @ direction).ravel().tolist())
+            image.SetSpacing((0.7, 0.8, 2.5))
+            reference = sitk.DICOMOrient(image, "LPS")
+            oriented = OrientedCase.from_arrays(image, np.ones(values.shape, np.uint8))
+            assert np.array_equal(oriented.ct, sitk.GetArrayFromImage(reference))
+            assert np.allclose(oriented.spacing_zyx, reference.GetSpacing()[::-1])
+            assert np.array_equal(oriented.to_original(oriented.ct), values)
+            out, view = oriented.new_original(np.float32)
+            view[...] = oriented.ct
+            assert np.array_equal(out, values)
 
 
 def test_ras_volume_is_flipped_to_lps():

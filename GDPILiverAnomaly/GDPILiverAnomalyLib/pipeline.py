@@ -70,26 +70,31 @@ def detect(
     start = time.perf_counter()
     from .volumes import OrientedCase  # SimpleITK: not needed to inpaint store slices
 
-    case = OrientedCase.from_arrays(ct, liver)
+    case = OrientedCase.from_arrays(ct, liver)  # views: nothing copied
     n_z, height, width = case.ct.shape
-    sy, sx = case.spacing_yx
+    sz, sy, sx = case.spacing_zyx
     liver_slices = np.flatnonzero(case.liver.any(axis=(1, 2)))
+    # Everything below works on the liver's slab of slices only (memory: README).
+    z0, z1 = (int(liver_slices[0]), int(liver_slices[-1]) + 1) if len(liver_slices) else (0, 0)
+    slab_ct = np.ascontiguousarray(case.ct[z0:z1], dtype=np.float32)
+    slab_liver = np.ascontiguousarray(case.liver[z0:z1])
+    in_slab = liver_slices - z0
     phase = None
     if params.two_sided is None:  # automatic: two-sided AME on arterial-phase scans
-        phase = estimate_phase(case.ct, case.liver, (sy, sx))
+        phase = estimate_phase(slab_ct, slab_liver, (sy, sx))
         params = dataclasses.replace(params, two_sided=phase.arterial)
 
     min_area_px = math.ceil(params.min_candidate_mm2 / (sy * sx)) if params.min_candidate_mm2 else 0
-    ame_ct = denoise_for_ame(case.ct, (sy, sx), params.ame_sigma_mm)
-    candidates = adaptive_mask(ame_ct, case.liver, params.offset_hu, params.two_sided, min_area_px)
+    ame_ct = denoise_for_ame(slab_ct, (sy, sx), params.ame_sigma_mm)
+    candidates = adaptive_mask(ame_ct, slab_liver, params.offset_hu, params.two_sided, min_area_px)
     del ame_ct
-    mapping = PlaneMapping.for_volume(checkpoint.grid, (height, width), (sy, sx), case.liver)
-    ct_grid = mapping.to_grid(case.ct[liver_slices], "image")
-    cand_grid = mapping.to_grid(candidates[liver_slices], "mask")
+    mapping = PlaneMapping.for_volume(checkpoint.grid, (height, width), (sy, sx), slab_liver)
+    ct_grid = mapping.to_grid(slab_ct[in_slab], "image")
+    cand_grid = mapping.to_grid(candidates[in_slab], "mask")
     seeds = [slice_seeds(params.seed, liver_slices, s) for s in range(params.samples)]
     paint_grid = cand_grid
     if params.calibrate:
-        liver_grid = mapping.to_grid(case.liver[liver_slices], "label")
+        liver_grid = mapping.to_grid(slab_liver[in_slab], "label")
         refs_grid = reference_patches(liver_grid, cand_grid, seeds[0])
         paint_grid = np.maximum(cand_grid, refs_grid)
     batch_size = params.batch_size or default_batch_size(device.type, checkpoint.grid.size)
@@ -120,16 +125,18 @@ def detect(
             )
         )
 
-    inside = case.liver > 0
+    outside = slab_liver == 0
     finished: list[int] = []
     diff_grid = np.zeros_like(ct_grid)
 
     def partial_score() -> np.ndarray:
         grid = finish_score(diff_grid[finished], params.two_sided, params.median_size)
-        volume = np.zeros(case.ct.shape, np.float32)
-        volume[liver_slices[finished]] = mapping.to_slices(grid, (height, width))
-        volume[~inside] = 0.0
-        return case.to_original(volume)
+        slab = np.zeros(slab_ct.shape, np.float32)
+        slab[in_slab[finished]] = mapping.to_slices(grid, (height, width))
+        slab[outside] = 0.0
+        volume, lps = case.new_original(np.float32)
+        lps[z0:z1] = slab
+        return volume
 
     last_partial = time.perf_counter()
 
@@ -168,18 +175,23 @@ def detect(
     if params.calibrate:
         diff_grid, bias = remove_bias(diff_grid, cand_grid, refs_grid)
     score_grid = finish_score(diff_grid, params.two_sided, params.median_size)
-    positions = liver_slices * float(case.ct_lps.GetSpacing()[2])
+    positions = liver_slices * sz
     score_grid = smooth_across_slices(score_grid, positions, params.depth_sigma_mm)
-    score_lps = np.zeros(case.ct.shape, np.float32)
-    diff_lps = np.zeros(case.ct.shape, np.float32)
+    # the outputs: full volumes in the CT's own index order, written through LPS views
+    score, score_lps = case.new_original(np.float32)
+    pseudo = case.to_original(case.ct)  # a copy of the CT in HU
+    cand, cand_lps = case.new_original(np.uint8)
+    cand_lps[z0:z1] = candidates
     if len(liver_slices):
-        score_lps[liver_slices] = mapping.to_slices(score_grid, (height, width))
-        diff_lps[liver_slices] = mapping.to_slices(diff_grid, (height, width))
-    score_lps[~inside] = 0.0
-    diff_lps[~inside] = 0.0
-    score = case.to_original(score_lps)
-    pseudo = case.to_original(case.ct + diff_lps)
-    cand = case.to_original(candidates)
+        slab = np.zeros(slab_ct.shape, np.float32)
+        slab[in_slab] = mapping.to_slices(score_grid, (height, width))
+        slab[outside] = 0.0
+        score_lps[z0:z1] = slab
+        slab[:] = 0.0
+        slab[in_slab] = mapping.to_slices(diff_grid, (height, width))
+        slab[outside] = 0.0
+        case.lps(pseudo)[z0:z1] += slab
+        del slab
     anomaly = anomaly_mask(score, params.threshold_hu)
     lesions = find_lesions(anomaly, score, ct)
     t_score = time.perf_counter() - t1
@@ -192,6 +204,7 @@ def detect(
         "phase": None if phase is None else phase.to_dict(),
         "cpu_native_bf16": cpu_has_bf16() if device.type == "cpu" else None,
         "slices_total": int(n_z),
+        "slab_slices": z1 - z0,
         "slices_with_liver": len(liver_slices),
         "slices_inpainted": len(work),
         "batches": len(batches),
@@ -208,7 +221,7 @@ def detect(
         },
         "slice_evaluations": nfe_batch * len(work) * params.samples,
         "model_grid": {"size": mapping.size, "centre_rc": mapping.centre, "step_rc": mapping.step},
-        "liver_outside_grid_voxels": _liver_outside_grid(mapping, case.liver[liver_slices]),
+        "liver_outside_grid_voxels": _liver_outside_grid(mapping, slab_liver[in_slab]),
         "timings_s": {
             "prepare": round(t_prepare, 3),
             "inpaint": round(t_inpaint, 3),
@@ -216,14 +229,7 @@ def detect(
             "total": round(time.perf_counter() - start, 3),
         },
     }
-    return DetectionResult(
-        score.astype(np.float32),
-        pseudo.astype(np.float32),
-        cand.astype(np.uint8),
-        anomaly,
-        lesions,
-        stats,
-    )
+    return DetectionResult(score, pseudo, cand, anomaly, lesions, stats)
 
 
 def bf16_active(requested: bool | None, device: torch.device) -> bool:

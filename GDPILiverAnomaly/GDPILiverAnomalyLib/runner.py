@@ -65,13 +65,15 @@ def geometry(image: sitk.Image) -> dict:
 
 def _write_result(folder: Path, ct: sitk.Image, result: DetectionResult) -> None:
     volumes = {
-        "score.nrrd": result.score.astype(np.float32),
-        "pseudo_healthy.nrrd": result.pseudo_healthy.astype(np.float32),
-        "candidates.nrrd": result.candidates.astype(np.uint8),
-        "anomaly.nrrd": result.anomaly.astype(np.uint8),
+        "score.nrrd": (result.score, np.float32),
+        "pseudo_healthy.nrrd": (result.pseudo_healthy, np.float32),
+        "candidates.nrrd": (result.candidates, np.uint8),
+        "anomaly.nrrd": (result.anomaly, np.uint8),
     }
-    for name, array in volumes.items():
-        sitk.WriteImage(array_on_grid(array, ct), str(folder / name), useCompression=True)
+    for name, (array, dtype) in volumes.items():  # one volume's copy at a time
+        image = array_on_grid(array.astype(dtype, copy=False), ct)
+        sitk.WriteImage(image, str(folder / name), useCompression=True)
+        del image
     with open(folder / "lesions.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=LESION_FIELDS)
         writer.writeheader()

@@ -122,10 +122,14 @@ def lesion_labels(anomaly: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, i
 def find_lesions(anomaly: np.ndarray, score: np.ndarray, reference: sitk.Image) -> list[Lesion]:
     """Lesions of an anomaly mask ``[k, j, i]`` on ``reference``'s grid, largest first
     (``id`` = the label of :func:`lesion_labels`)."""
-    labels, n = lesion_labels(anomaly, score)
-    if n == 0:
+    box = ndimage.find_objects((anomaly > 0).astype(np.uint8))
+    if not box or box[0] is None:
         return []
-    stats = _component_stats(labels, n, score)
+    box = box[0]  # label only inside the mask's bounding box (memory)
+    labels, n = lesion_labels(anomaly[box], score[box])
+    stats = _component_stats(labels, n, score[box])
+    stats["centroid"] = stats["centroid"] + [s.start for s in box]
+    stats["first"], stats["last"] = stats["first"] + box[0].start, stats["last"] + box[0].start
     voxel_ml = float(np.prod(reference.GetSpacing())) / 1000.0
     lesions = []
     for index in range(n):

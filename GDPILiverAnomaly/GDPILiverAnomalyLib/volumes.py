@@ -232,36 +232,75 @@ def array_on_grid(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
     return image
 
 
+def lps_axes(image: sitk.Image) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+    """How the array of ``image`` (``[k, j, i]``) becomes LPS-ordered: for each LPS array
+    axis (superior, posterior, left: ``[S, P, L]``), the source array axis and whether it
+    runs backwards. The same permutation and flips as ``sitk.DICOMOrient(image, "LPS")``
+    (each index axis goes to the patient axis its direction is closest to)."""
+    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    axes, flips = [0, 0, 0], [False, False, False]
+    for index_axis in range(3):  # SimpleITK index axis i, j, k = array axis 2, 1, 0
+        patient = int(np.argmax(np.abs(direction[:, index_axis])))  # 0 = L, 1 = P, 2 = S
+        axes[2 - patient] = 2 - index_axis
+        flips[2 - patient] = bool(direction[patient, index_axis] < 0)
+    if sorted(axes) != [0, 1, 2]:
+        raise InputError("CT direction cosines do not map its axes to distinct patient axes")
+    return tuple(axes), tuple(flips)
+
+
+def _view(array: np.ndarray, axes: tuple, flips: tuple) -> np.ndarray:
+    view = np.transpose(array, axes)
+    return view[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
+
+
 @dataclass
 class OrientedCase:
-    """A CT and its liver mask in LPS processing orientation, with the way back."""
+    """A CT and its liver mask seen in LPS processing orientation, with the way back.
+
+    ``ct`` and ``liver`` are numpy *views* of the given arrays (transposed and flipped,
+    no copy): read-only, and cheap to slice into the liver's slab.
+    """
 
     original: sitk.Image
-    ct_lps: sitk.Image
-    ct: np.ndarray  # float32 HU, [S, A->P, R->L]
-    liver: np.ndarray  # uint8, same shape
+    ct: np.ndarray  # float32 HU, [S, A->P, R->L], a read-only view
+    liver: np.ndarray  # uint8, same shape, a view
+    axes: tuple[int, int, int]
+    flips: tuple[bool, bool, bool]
 
     @classmethod
     def from_arrays(cls, ct: sitk.Image, liver: np.ndarray) -> OrientedCase:
-        ct_lps = to_lps(ct)
-        liver_lps = to_lps(array_on_grid(liver.astype(np.uint8), ct))
-        return cls(
-            ct,
-            ct_lps,
-            sitk.GetArrayFromImage(ct_lps).astype(np.float32),
-            sitk.GetArrayFromImage(liver_lps),
-        )
+        axes, flips = lps_axes(ct)
+        values = sitk.GetArrayViewFromImage(ct)
+        if values.dtype != np.float32:
+            values = values.astype(np.float32)
+        if liver.shape != values.shape:
+            raise InputError(f"liver mask shape {liver.shape} differs from the CT's {values.shape}")
+        liver = np.asarray(liver, dtype=np.uint8)
+        return cls(ct, _view(values, axes, flips), _view(liver, axes, flips), axes, flips)
+
+    def lps(self, array: np.ndarray) -> np.ndarray:
+        """A view of an array in the original CT's index order, in LPS order: writing
+        into the view writes the original array."""
+        return _view(array, self.axes, self.flips)
+
+    def new_original(self, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+        """A zero volume in the original CT's index order and its LPS view."""
+        array = np.zeros(sitk.GetArrayViewFromImage(self.original).shape, dtype)
+        return array, self.lps(array)
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        """Spacing (slices, rows, columns) of the LPS arrays, in mm."""
+        spacing_kji = self.original.GetSpacing()[::-1]
+        return tuple(float(spacing_kji[a]) for a in self.axes)
 
     @property
     def spacing_yx(self) -> tuple[float, float]:
         """In-plane spacing (row, column) of the LPS arrays, in mm."""
-        sx, sy, _ = self.ct_lps.GetSpacing()
-        return float(sy), float(sx)
+        return self.spacing_zyx[1:]
 
     def to_original(self, array_lps: np.ndarray) -> np.ndarray:
-        """Map an LPS-oriented array back to the original CT's index order exactly."""
-        image = array_on_grid(array_lps, self.ct_lps)
-        back = sitk.DICOMOrient(image, orientation_code(self.original))
-        if back.GetSize() != self.original.GetSize():  # pragma: no cover - defensive
-            raise RuntimeError("orientation round trip changed the image size")
-        return sitk.GetArrayFromImage(back)
+        """An LPS-ordered array back in the original CT's index order (a new array)."""
+        out, view = self.new_original(array_lps.dtype)
+        view[...] = array_lps
+        return out

@@ -37,12 +37,10 @@ from GDPILiverAnomalyLib.parameters import PRESETS
 from GDPILiverAnomalyLib.synthetic import synthetic_case
 from GDPILiverAnomalyLib.volumes import (
     OrientedCase,
-    array_on_grid,
     image_stem,
     mask_on_ct_grid,
     read_ct,
     read_image,
-    to_lps,
 )
 
 from .store import StoreWriter
@@ -258,15 +256,12 @@ def slices_of_case(
 ) -> tuple[np.ndarray, ...] | None:
     """Grid images, liver, tumour and per-slice rows of one case (None: no usable slice)."""
     oriented = OrientedCase.from_arrays(case.ct, case.liver)
-    tumour = sitk.GetArrayFromImage(to_lps(array_on_grid(case.tumour.astype(np.uint8), case.ct)))
-    sy, sx = oriented.spacing_yx
-    sz = oriented.ct_lps.GetSpacing()[2]
+    tumour = oriented.lps(case.tumour.astype(np.uint8))
+    sz, sy, sx = oriented.spacing_zyx
     area = oriented.liver.sum(axis=(1, 2)) * sy * sx
     usable = area >= min_liver_mm2
     if case.ignore is not None:
-        ignore = sitk.GetArrayFromImage(
-            to_lps(array_on_grid(case.ignore.astype(np.uint8), case.ct))
-        )
+        ignore = oriented.lps(case.ignore.astype(np.uint8))
         usable &= ~ignore.any(axis=(1, 2))
     keep = np.flatnonzero(usable)
     if not len(keep):
