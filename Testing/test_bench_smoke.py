@@ -62,3 +62,22 @@ def test_gpu_bench_smoke(tmp_path):
     rows = json.loads((tmp_path / "g.json").read_text())["rows"]
     assert [(r["batch"], r["bf16"]) for r in rows] == [(1, False), (1, True), (2, False), (2, True)]
     assert all(r["ms_per_slice_per_nfe"] > 0 for r in rows)
+
+
+def test_diffusers_bench_smoke(tmp_path):
+    """bench/bench_diffusers.py runs diffusers' RePaint loop and gdpi's inpainting on the
+    same slices with the same schedule: the same number of network evaluations."""
+    import json
+
+    shared("hcc_1720")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_diffusers.py"), "--smoke", "--json",
+         str(tmp_path / "d.json")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["method"]: r for r in json.loads((tmp_path / "d.json").read_text())["rows"]}
+    same = rows["gdpi, RePaint, same schedule"]
+    assert rows["diffusers RePaint, float32"]["network_evaluations"] == same["network_evaluations"]
+    assert same["schedule"] == "repaint 10/2/2"
+    assert all(r["seconds"] > 0 for r in rows.values())

@@ -149,6 +149,13 @@ def test_dicom_case_is_deterministic_and_batch_independent(tmp_path, tiny_checkp
     single, batched = score("single", batch_size=1), score("batched", batch_size=8)
     assert np.allclose(batched, single, atol=0.05) and np.allclose(a, single, atol=0.05)
     assert not np.allclose(score("seed", seed=1), a, atol=0.05)
+    # the DDNM sampler: also deterministic and batch-independent, recorded in run.json
+    ddnm = score("ddnm", sampler="ddnm", steps=10, jump_n_sample=1)
+    assert np.array_equal(ddnm, score("ddnm2", sampler="ddnm", steps=10, jump_n_sample=1))
+    single = score("ddnm1", sampler="ddnm", steps=10, jump_n_sample=1, batch_size=1)
+    assert np.allclose(ddnm, single, atol=0.05) and not np.allclose(ddnm, a, atol=0.05)
+    run = json.loads((tmp_path / "ddnm" / "run.json").read_text())
+    assert run["parameters"]["sampler"] == "ddnm" and run["stats"]["nfe_per_batch"] == 10
 
 
 def test_folder_mode_skips_a_broken_case(tmp_path, tiny_checkpoint):

@@ -28,13 +28,15 @@ from .diffusion import GaussianDiffusion
 from .errors import Cancelled
 from .grid import PlaneMapping
 from .parameters import DetectionParams, default_batch_size
-from .phase import estimate_phase
+from .phase import PhaseEstimate, estimate_phase
 from .progress import Progress
 from .repaint import SliceNoise, repaint, slice_seeds
 from .scoring import Lesion, anomaly_mask, find_lesions, finish_score, smooth_across_slices
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
+
+    from .volumes import OrientedCase
 
 
 @dataclass
@@ -47,6 +49,71 @@ class DetectionResult:
     anomaly: np.ndarray  # uint8, score > threshold
     lesions: list[Lesion]
     stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class SlicePlan:
+    """What a detection inpaints, before any network work (see :func:`plan_slices`).
+
+    Arrays on the liver's slab are LPS-ordered ``[slab slice, row, column]``; grid
+    arrays ``[liver slice, n, n]`` on the model grid. Masks: 1 = re-paint.
+    """
+
+    params: DetectionParams  # with the automatic AME side resolved
+    case: OrientedCase
+    slab: tuple[int, int]  # LPS slice range [z0, z1) holding every liver slice
+    slab_ct: np.ndarray  # float32 HU
+    slab_liver: np.ndarray  # uint8, 1 = liver
+    liver_slices: np.ndarray  # LPS indices of the slices with liver
+    in_slab: np.ndarray  # the same, relative to the slab
+    phase: PhaseEstimate | None  # None when the AME side was given
+    candidates: np.ndarray  # uint8 AME candidates on the slab
+    mapping: PlaneMapping
+    ct_grid: np.ndarray  # float32 HU
+    cand_grid: np.ndarray  # AME candidates
+    paint_grid: np.ndarray  # candidates plus the calibration discs
+    refs_grid: np.ndarray | None  # the calibration discs (``calibrate``)
+    seeds: list[list[int]]  # seeds[k][i]: liver slice i's k-th inpainting
+
+
+def plan_slices(
+    ct: sitk.Image, liver: np.ndarray, checkpoint: Checkpoint, params: DetectionParams
+) -> SlicePlan:
+    """Orientation, liver slab, contrast phase, AME and the model-grid slices of a CT
+    (HU) and its liver mask (uint8 on the CT grid, 1 = liver)."""
+    from .volumes import OrientedCase  # SimpleITK: not needed to inpaint store slices
+
+    case = OrientedCase.from_arrays(ct, liver)  # views: nothing copied
+    height, width = case.ct.shape[1:]
+    sy, sx = case.spacing_yx
+    liver_slices = np.flatnonzero(case.liver.any(axis=(1, 2)))
+    # Everything below works on the liver's slab of slices only (memory: README).
+    z0, z1 = (int(liver_slices[0]), int(liver_slices[-1]) + 1) if len(liver_slices) else (0, 0)
+    slab_ct = np.ascontiguousarray(case.ct[z0:z1], dtype=np.float32)
+    slab_liver = np.ascontiguousarray(case.liver[z0:z1])
+    in_slab = liver_slices - z0
+    phase = None
+    if params.two_sided is None:  # automatic: two-sided AME on arterial-phase scans
+        phase = estimate_phase(slab_ct, slab_liver, (sy, sx))
+        params = dataclasses.replace(params, two_sided=phase.arterial)
+
+    min_area_px = math.ceil(params.min_candidate_mm2 / (sy * sx)) if params.min_candidate_mm2 else 0
+    ame_ct = denoise_for_ame(slab_ct, (sy, sx), params.ame_sigma_mm)
+    candidates = adaptive_mask(ame_ct, slab_liver, params.offset_hu, params.two_sided, min_area_px)
+    del ame_ct
+    mapping = PlaneMapping.for_volume(checkpoint.grid, (height, width), (sy, sx), slab_liver)
+    ct_grid = mapping.to_grid(slab_ct[in_slab], "image")
+    cand_grid = mapping.to_grid(candidates[in_slab], "mask")
+    seeds = [slice_seeds(params.seed, liver_slices, s) for s in range(params.samples)]
+    paint_grid, refs_grid = cand_grid, None
+    if params.calibrate:
+        liver_grid = mapping.to_grid(slab_liver[in_slab], "label")
+        refs_grid = reference_patches(liver_grid, cand_grid, seeds[0])
+        paint_grid = np.maximum(cand_grid, refs_grid)
+    return SlicePlan(
+        params, case, (z0, z1), slab_ct, slab_liver, liver_slices, in_slab, phase, candidates,
+        mapping, ct_grid, cand_grid, paint_grid, refs_grid, seeds,
+    )  # fmt: skip
 
 
 def detect(
@@ -68,35 +135,18 @@ def detect(
     params.validate(checkpoint.diffusion.num_timesteps)
     device = resolve_device(params.device)
     start = time.perf_counter()
-    from .volumes import OrientedCase  # SimpleITK: not needed to inpaint store slices
-
-    case = OrientedCase.from_arrays(ct, liver)  # views: nothing copied
+    plan = plan_slices(ct, liver, checkpoint, params)
+    params, case, slab_ct, slab_liver = plan.params, plan.case, plan.slab_ct, plan.slab_liver
+    liver_slices, in_slab, (z0, z1) = plan.liver_slices, plan.in_slab, plan.slab
+    candidates, mapping, ct_grid, cand_grid = (
+        plan.candidates,
+        plan.mapping,
+        plan.ct_grid,
+        plan.cand_grid,
+    )
+    paint_grid, refs_grid, seeds, phase = plan.paint_grid, plan.refs_grid, plan.seeds, plan.phase
     n_z, height, width = case.ct.shape
-    sz, sy, sx = case.spacing_zyx
-    liver_slices = np.flatnonzero(case.liver.any(axis=(1, 2)))
-    # Everything below works on the liver's slab of slices only (memory: README).
-    z0, z1 = (int(liver_slices[0]), int(liver_slices[-1]) + 1) if len(liver_slices) else (0, 0)
-    slab_ct = np.ascontiguousarray(case.ct[z0:z1], dtype=np.float32)
-    slab_liver = np.ascontiguousarray(case.liver[z0:z1])
-    in_slab = liver_slices - z0
-    phase = None
-    if params.two_sided is None:  # automatic: two-sided AME on arterial-phase scans
-        phase = estimate_phase(slab_ct, slab_liver, (sy, sx))
-        params = dataclasses.replace(params, two_sided=phase.arterial)
-
-    min_area_px = math.ceil(params.min_candidate_mm2 / (sy * sx)) if params.min_candidate_mm2 else 0
-    ame_ct = denoise_for_ame(slab_ct, (sy, sx), params.ame_sigma_mm)
-    candidates = adaptive_mask(ame_ct, slab_liver, params.offset_hu, params.two_sided, min_area_px)
-    del ame_ct
-    mapping = PlaneMapping.for_volume(checkpoint.grid, (height, width), (sy, sx), slab_liver)
-    ct_grid = mapping.to_grid(slab_ct[in_slab], "image")
-    cand_grid = mapping.to_grid(candidates[in_slab], "mask")
-    seeds = [slice_seeds(params.seed, liver_slices, s) for s in range(params.samples)]
-    paint_grid = cand_grid
-    if params.calibrate:
-        liver_grid = mapping.to_grid(slab_liver[in_slab], "label")
-        refs_grid = reference_patches(liver_grid, cand_grid, seeds[0])
-        paint_grid = np.maximum(cand_grid, refs_grid)
+    sz = case.spacing_zyx[0]
     batch_size = params.batch_size or default_batch_size(device.type, checkpoint.grid.size)
     batches = plan_batches(cand_grid, batch_size)
     work = [i for batch in batches for i in batch]
