@@ -17,7 +17,13 @@ import slicer
 import vtk
 from GDPILiverAnomalyLib import dependencies
 from GDPILiverAnomalyLib.errors import GDPIError
-from GDPILiverAnomalyLib.parameters import PRESETS, default, value_range
+from GDPILiverAnomalyLib.parameters import (
+    PRESETS,
+    DetectionParams,
+    choices,
+    default,
+    value_range,
+)
 from GDPILiverAnomalyLib.slicer_display import (
     LESION_TABLE_REFERENCE,
     PSEUDO_HEALTHY_REFERENCE,
@@ -43,6 +49,9 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
+
+#: The schedule fields the panel shows for every preset and edits in ``custom``.
+SCHEDULE_FIELDS = ("sampler", "steps", "jump_length", "jump_n_sample")
 
 
 class GDPILiverAnomaly(ScriptedLoadableModule):
@@ -135,6 +144,9 @@ class GDPILiverAnomalyParameterNode:
     jump_n_sample: Annotated[int, WithinRange(*value_range("jump_n_sample"))] = PRESETS["paper"][
         "jump_n_sample"
     ]
+    sampler: Annotated[str, Choice(list(choices("sampler")))] = PRESETS["paper"].get(
+        "sampler", default("sampler")
+    )
     batch_size: Annotated[int, WithinRange(0, value_range("batch_size")[1])] = 0
     offset_hu: Annotated[float, WithinRange(*value_range("offset_hu"))] = PRESETS["fast"][
         "offset_hu"
@@ -225,6 +237,9 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.connect(
                 "valueChanged(int)", lambda value, n=name: self.onScheduleEdited(n, value)
             )
+        self.ui.samplerComboBox.connect(
+            "currentTextChanged(QString)", lambda text: self.onScheduleEdited("sampler", text)
+        )
         # only score volumes of earlier detections, never the CT itself
         self.ui.resultScoreSelector.addAttribute(
             "vtkMRMLScalarVolumeNode", RESULT_ROLE_ATTRIBUTE, "score"
@@ -346,9 +361,15 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if index >= 0 and index != self.ui.deviceComboBox.currentIndex:
             self.ui.deviceComboBox.setCurrentIndex(index)
         custom = p.preset == "custom"
-        shown = {name: getattr(p, name) for name in ("steps", "jump_length", "jump_n_sample")}
+        shown = {name: getattr(p, name) for name in SCHEDULE_FIELDS}
         if not custom:
-            shown.update({k: v for k, v in PRESETS[p.preset].items() if k in shown})
+            preset = DetectionParams.from_preset(p.preset)
+            shown.update({name: getattr(preset, name) for name in SCHEDULE_FIELDS})
+        self.ui.samplerComboBox.setEnabled(custom)
+        if self.ui.samplerComboBox.currentText != shown["sampler"]:
+            wasBlocked = self.ui.samplerComboBox.blockSignals(True)
+            self.ui.samplerComboBox.currentText = shown["sampler"]
+            self.ui.samplerComboBox.blockSignals(wasBlocked)
         for widget, name in (
             (self.ui.stepsSpinBox, "steps"),
             (self.ui.jumpLengthSpinBox, "jump_length"),
@@ -398,7 +419,7 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         names = ["offset_hu", "median_size", "threshold_hu", "device"]
         if p.preset == "custom":
-            names += ["steps", "jump_length", "jump_n_sample"]
+            names += list(SCHEDULE_FIELDS)
         parameters = {name: getattr(p, name) for name in names}
         parameters["batch_size"] = p.batch_size or None
         parameters["two_sided"] = AME_SIDES[p.ameSide]

@@ -85,6 +85,7 @@ def test_parameter_defaults_match_the_logic_defaults():
     # the schedule fields are the custom preset's: they start at the paper preset
     for name in ("steps", "jump_length", "jump_n_sample"):
         assert fields[name] == PRESETS["paper"][name], name
+    assert fields["sampler"] == PRESETS["paper"].get("sampler", parameters.default("sampler"))
     assert fields["median_size"] == PRESETS[fields["preset"]]["median_size"]
     assert fields["offset_hu"] == PRESETS[fields["preset"]]["offset_hu"]
     source = MODULE_PY.read_text()
@@ -94,7 +95,7 @@ def test_parameter_defaults_match_the_logic_defaults():
     # calibration and 3-D smoothing come from the preset (console: DetectionSettings)
     assert set(fields) >= set(parameters.PARAMETER_NAMES) - {
         "min_candidate_mm2", "seed", "bf16", "two_sided", "samples", "ame_sigma_mm",
-        "calibrate", "depth_sigma_mm",
+        "calibrate", "depth_sigma_mm", "eta",
     }  # fmt: skip
 
 
@@ -109,6 +110,7 @@ def test_ui_combo_boxes_offer_the_parameter_choices():
     assert set(PRESETS) <= set(items("presetComboBox"))
     assert items("liverSourceComboBox") == ["Segmentation", "Labelmap"]
     assert items("ameSideComboBox") == list(AME_SIDES)
+    assert items("samplerComboBox") == list(parameters.choices("sampler"))
     assert "Choice(list(AME_SIDES))" in MODULE_PY.read_text()
     source = MODULE_PY.read_text()
     assert "Choice(list(PANEL_PRESETS))" in source
@@ -225,7 +227,7 @@ def test_panel_wiring_that_only_a_real_slicer_runs():
                  "threshold_hu"):  # fmt: skip
         assert f'"{name}")' in source and "value_range(name)" in source, name
     bound = set(_ui_parameter_names().values())
-    assert not bound & {"steps", "jump_length", "jump_n_sample"}
+    assert not bound & {"sampler", "steps", "jump_length", "jump_n_sample"}
     assert (
         'addAttribute(\n            "vtkMRMLScalarVolumeNode", RESULT_ROLE_ATTRIBUTE, "score"'
         in source

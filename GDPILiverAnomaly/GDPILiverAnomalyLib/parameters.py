@@ -242,6 +242,14 @@ def value_range(name: str) -> tuple[float, float]:
     return bounds
 
 
+def choices(name: str) -> tuple[str, ...]:
+    """The valid values of a string parameter with a fixed set (``sampler``)."""
+    values = _FIELDS[name].metadata["choices"]
+    if values is None:
+        raise KeyError(f"{name} has no fixed choices")
+    return values
+
+
 def default(name: str) -> Any:
     """A parameter's value when neither a preset nor the user sets it."""
     return _FIELDS[name].default

@@ -15,6 +15,7 @@ import torch
 from .ddnm import DEFAULT_ETA, ddnm_step
 from .diffusion import GaussianDiffusion, NoiseModel
 from .errors import Cancelled, ParameterError
+from .parameters import choices
 from .schedule import get_schedule_jump, transitions
 
 
@@ -50,7 +51,7 @@ def slice_seeds(seed: int, slice_ids: Sequence[int], sample: int = 0) -> list[in
 ProgressFn = Callable[[int, int], None]  # (network evaluations done, total)
 
 #: The denoising steps :func:`repaint` can take on its walk.
-SAMPLERS = ("repaint", "ddnm")
+SAMPLERS = choices("sampler")
 
 
 @torch.no_grad()
