@@ -1,19 +1,16 @@
-"""Benchmark ``gdpi detect``: batching versus one slice at a time, per preset.
+"""Benchmark ``gdpi detect`` end to end, per case and preset, as a user runs it.
 
-For each case it runs the real pipeline (read, AME, resampling, RePaint, scoring,
-writing) with a short RePaint schedule (``--sample-nfe`` network evaluations per
-batch), once at ``--batch-size`` and once at batch 1, and measures:
+Each row is one ``gdpi detect`` child process with the bundled model and the CPU/GPU
+defaults (read, AME, inpainting, scoring, writing): wall seconds, the inpainting
+seconds and network evaluations from its ``run.json``, and its peak resident memory
+(``wait4`` of that child). Cases: every case of ``../shared/data`` and a generated
+synthetic CT with liver on 100 slices (``synthetic_100``). The ``paper`` preset is
+extrapolated from the same run's time per network evaluation unless ``--full``
+(2410 NFE per batch: hours per CT on a CPU).
 
-- ms per slice per network evaluation (inpainting time / NFE / slices in a batch),
-- NFE per volume for each preset (batches x network evaluations per batch),
-- seconds per volume for each preset: the measured fixed cost plus the preset's
-  NFE times the measured time per batch evaluation (extrapolated; ``--full`` runs
-  the presets for real instead).
-
-Peak RAM is measured in a child ``gdpi detect`` process on the largest case.
-
-    python bench/bench_detect.py                 # all ../shared/data cases, small model
-    python bench/bench_detect.py --smoke         # one small case, tiny model (CI)
+    python bench/bench_detect.py                     # every case, presets fast (+ paper extrapolated)
+    python bench/bench_detect.py --cases hcc_1211 --full
+    python bench/bench_detect.py --smoke             # ts_small, 3-step schedule (CI)
 """
 
 from __future__ import annotations
@@ -22,17 +19,18 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-from GDPILiverAnomalyLib.checkpoint import init_checkpoint, save_checkpoint
-from GDPILiverAnomalyLib.parameters import PRESETS, DetectionParams
-from GDPILiverAnomalyLib.runner import run_case
+import SimpleITK as sitk
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GDPILiverAnomaly"))
+
+from GDPILiverAnomalyLib.parameters import PRESETS, DetectionParams  # noqa: E402
+from GDPILiverAnomalyLib.synthetic import synthetic_case  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CASES = {  # name: (CT, liver mask, liver label)
@@ -42,184 +40,101 @@ CASES = {  # name: (CT, liver mask, liver label)
     "hcc_1720": ("hcc_1720/ct.nii.gz", "hcc_1720/seg.nii.gz", None),
     "ts_full": ("ts_full/ct.nii.gz", "ts_full/totalseg.nii.gz", 5),
     "hcc_1211": ("hcc_1211/ct.nii.gz", "hcc_1211/seg.nii.gz", None),
+    "chaos_ct3": ("chaos_ct3/ct.nii.gz", "chaos_ct3/seg.nii.gz", None),
+    "synthetic_100": None,  # generated: liver on 100 slices
 }
 
 
-def measure(
-    case: str,
-    ckpt,
-    batch_size: int,
-    sample_nfe: int,
-    device: str,
-    out: Path,
-    preset: str | None = None,
-) -> dict:
-    ct, liver, label = CASES[case]
-    if preset is None:
-        params = DetectionParams.from_preset(
-            "fast",
-            steps=sample_nfe,
-            jump_length=1,
-            jump_n_sample=1,
-            batch_size=batch_size,
-            device=device,
-        )
-    else:
-        params = DetectionParams.from_preset(preset, batch_size=batch_size, device=device)
-    info = run_case(SHARED / ct, SHARED / liver, ckpt, params, out, liver_label=label)
-    stats, timings = info["stats"], info["timings_s"]
-    per_batch_nfe = timings["inpaint"] / max(1, info["nfe"])
-    slices = stats["slices_inpainted"]
-    return {
-        "slices_inpainted": slices,
-        "batches": stats["batches"],
-        "nfe": info["nfe"],
-        "s_per_batch_nfe": per_batch_nfe,
-        "ms_per_slice_nfe": 1000 * timings["inpaint"] / max(1, stats["slice_evaluations"]),
-        "fixed_s": timings["wall"] - timings["inpaint"],
-        "wall_s": timings["wall"],
-    }
+def synthetic_100(folder: Path) -> tuple[Path, Path, None]:
+    """A generated CT (192 x 192 x 100, 2 mm pixels, 2 mm slices) with liver on every slice."""
+    case = synthetic_case(seed=0, n_slices=100, slice_mm=2.0)
+    paths = folder / "ct.nii.gz", folder / "liver.nii.gz"
+    folder.mkdir(parents=True, exist_ok=True)
+    for array, path in ((case.ct, paths[0]), (case.liver, paths[1])):
+        sitk.WriteImage(case.image(array), str(path))
+    return paths[0], paths[1], None
 
 
-def peak_ram(case: str, ckpt_path: Path, batch_size: int, device: str) -> float:
-    """Peak resident memory (GiB) of a child ``gdpi detect`` on ``case``."""
-    ct, liver, label = CASES[case]
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "GDPILiverAnomalyLib",
-            "detect",
-            "--ct",
-            str(SHARED / ct),
-            "--liver",
-            str(SHARED / liver),
-            "--checkpoint",
-            str(ckpt_path),
-            "--out",
-            str(Path(tmp) / "o"),
-            "--steps",
-            "5",
-            "--jump-length",
-            "1",
-            "--jump-n-sample",
-            "1",
-            "--batch-size",
-            str(batch_size),
-            "--device",
-            device,
-            "--progress",
-            "none",
-        ]
-        if label is not None:
-            cmd += ["--liver-label", str(label)]
-        subprocess.run(cmd, check=True, capture_output=True)
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+def run_detect(ct: Path, liver: Path, label, out: Path, options: list[str]) -> dict:
+    """One ``gdpi detect`` child: its run.json stats, wall seconds and peak RSS (GiB)."""
+    cmd = [sys.executable, "-m", "GDPILiverAnomalyLib", "detect", "--ct", str(ct), "--liver",
+           str(liver), "--out", str(out), "--progress", "none", *options]  # fmt: skip
+    if label is not None:
+        cmd += ["--liver-label", str(label)]
+    start = time.perf_counter()
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"gdpi detect failed: {child.stderr.read().decode()[-2000:]}")
+    child.stderr.close()
+    run = json.loads((out / "run.json").read_text())
+    return {"wall_s": round(wall, 2), "rss_gib": round(usage.ru_maxrss / 2**20, 2),
+            "stats": run["stats"]}  # fmt: skip
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="small", choices=("tiny", "small", "base"))
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--sample-nfe", type=int, default=6, help="RePaint steps per measuring run")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument(
-        "--full", action="store_true", help="run every preset completely (slow on CPU)"
-    )
-    parser.add_argument("--smoke", action="store_true", help="ts_small, tiny model, 2 NFE (CI)")
-    parser.add_argument("--json", type=Path, help="also write the figures as JSON")
+    parser.add_argument("--presets", nargs="*", default=[p for p in PRESETS if p != "paper"],
+                        choices=list(PRESETS), help="presets run for real")  # fmt: skip
+    parser.add_argument("--full", action="store_true", help="also run the paper preset for real")
+    parser.add_argument("--smoke", action="store_true", help="ts_small, 3-step schedule (CI)")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()
+    extra: list[str] = []
     if args.smoke:
-        args.size, args.cases, args.sample_nfe = "tiny", ["ts_small"], 2
-    if not SHARED.exists():
-        print(f"{SHARED} not found: the benchmark needs ../shared/data", file=sys.stderr)
-        return 1
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    ckpt = init_checkpoint(args.size, seed=0)
-    device = (
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
-    cpu = platform.processor() or platform.machine()
-    print(
-        f"# gdpi detect benchmark: {args.size} random model "
-        f"({sum(p.numel() for p in ckpt.model.parameters()) / 1e6:.1f} M parameters, "
-        f"{ckpt.grid.size} px grid), device {device}, {os.cpu_count()} CPU cores ({cpu}), "
-        f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
-    )
+        args.cases, args.presets = ["ts_small"], ["fast"]
+        extra = ["--steps", "3", "--jump-length", "1", "--jump-n-sample", "1"]
+    if args.full and "paper" not in args.presets:
+        args.presets.append("paper")
+    print(f"# gdpi detect, bundled model, defaults; {os.cpu_count()} CPU cores "
+          f"({platform.machine()}), {time.strftime('%Y-%m-%d')}")  # fmt: skip
+    print("| case | liver slices | inpainted | preset | NFE per slice | network evaluations | "
+          "inpainting s | total s | peak RAM GiB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt_path = save_checkpoint(ckpt, Path(tmp) / "model.safetensors")
-        header = (
-            "| case | liver slices inpainted | batch | ms/slice/NFE | "
-            + " | ".join(f"{p} NFE/vol | {p} s/vol" for p in PRESETS)
-            + " |"
-        )
-        print(header)
-        print("|" + "---|" * (4 + 2 * len(PRESETS)))
         for case in args.cases:
-            for batch in (args.batch_size, 1):
-                m = measure(
-                    case, ckpt, batch, args.sample_nfe, device, Path(tmp) / f"{case}-{batch}"
-                )
-                row = {"case": case, "batch_size": batch, **m, "presets": {}}
-                for name in PRESETS:
-                    p = DetectionParams.from_preset(name, batch_size=batch)
-                    nfe = m["batches"] * p.nfe_per_batch()
-                    if args.full:
-                        full = measure(
-                            case,
-                            ckpt,
-                            batch,
-                            args.sample_nfe,
-                            device,
-                            Path(tmp) / f"{case}-{batch}-{name}",
-                            preset=name,
-                        )
-                        seconds, how = full["wall_s"], "measured"
-                    else:
-                        seconds, how = m["fixed_s"] + nfe * m["s_per_batch_nfe"], "extrapolated"
-                    row["presets"][name] = {
-                        "nfe_per_volume": nfe,
-                        "seconds_per_volume": seconds,
-                        "how": how,
-                    }
+            if CASES[case] is None:
+                ct, liver, label = synthetic_100(Path(tmp) / case)
+            else:
+                if not SHARED.exists():
+                    print(f"{SHARED} not found: skipping {case}", file=sys.stderr)
+                    continue
+                ct, liver, label = (SHARED / CASES[case][0], SHARED / CASES[case][1],
+                                    CASES[case][2])  # fmt: skip
+            for preset in args.presets:
+                out = Path(tmp) / f"{case}-{preset}"
+                r = run_detect(ct, liver, label, out, ["--preset", preset, *extra])
+                s = r["stats"]
+                row = {"case": case, "preset": preset, "liver_slices": s["slices_with_liver"],
+                       "inpainted": s["slices_inpainted"], "nfe_per_slice": s["nfe_per_batch"],
+                       "network_evaluations": s["nfe"], "inpaint_s": s["timings_s"]["inpaint"],
+                       "total_s": r["wall_s"], "rss_gib": r["rss_gib"], "how": "measured",
+                       "batch_size": s["batch_size"], "bf16": s["bf16"], "device": s["device"]}  # fmt: skip
                 rows.append(row)
-                cells = " | ".join(
-                    f"{row['presets'][p]['nfe_per_volume']} | "
-                    f"{row['presets'][p]['seconds_per_volume']:.0f}"
-                    for p in PRESETS
-                )
-                print(
-                    f"| {case} | {m['slices_inpainted']} | {batch} | {m['ms_per_slice_nfe']:.1f} | "
-                    f"{cells} |",
-                    flush=True,
-                )
-        largest = max(args.cases, key=lambda c: list(CASES).index(c))
-        ram = peak_ram(largest, ckpt_path, args.batch_size, device)
-        print(
-            f"\npeak RAM, {largest} at batch {args.batch_size}: {ram:.2f} GiB "
-            f"(child gdpi detect process, max RSS)"
-        )
-        print(
-            "seconds per volume are "
-            + (
-                "measured"
-                if args.full
-                else "extrapolated: measured fixed cost + preset NFE x measured time per batch NFE"
-            )
-        )
+                if preset == args.presets[0] and not args.full and not args.smoke:
+                    paper = DetectionParams.from_preset("paper").nfe_per_batch()
+                    per_nfe = row["inpaint_s"] / max(1, row["network_evaluations"])
+                    nfe = s["batches"] * paper
+                    rows.append({**row, "preset": "paper", "nfe_per_slice": paper,
+                                 "network_evaluations": nfe,
+                                 "inpaint_s": round(per_nfe * nfe, 1),
+                                 "total_s": round(row["total_s"] - row["inpaint_s"] + per_nfe * nfe, 1),
+                                 "rss_gib": None, "how": "extrapolated"})  # fmt: skip
+        for row in rows:
+            rss = "-" if row["rss_gib"] is None else row["rss_gib"]
+            how = "" if row["how"] == "measured" else " (extrapolated)"
+            print(f"| {row['case']} | {row['liver_slices']} | {row['inpainted']} | "
+                  f"{row['preset']}{how} | {row['nfe_per_slice']} | {row['network_evaluations']} | "
+                  f"{row['inpaint_s']} | {row['total_s']} | {rss} |")  # fmt: skip
+    peak = max((r["rss_gib"] for r in rows if r["rss_gib"] is not None), default=None)
+    print(f"\npeak RAM of any gdpi detect run: {peak} GiB")
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {"rows": rows, "peak_ram_gib": ram, "size": args.size, "device": device}, indent=2
-            )
-        )
+        args.json.write_text(json.dumps({"rows": rows}, indent=2))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
