@@ -173,13 +173,87 @@ def markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
+def schedules(runs: str | Path) -> dict[str, dict]:
+    """Each evaluated row's GDPI sampler and schedule (from one of its reports) and its
+    network evaluations per inpainted slice."""
+    from GDPILiverAnomalyLib.parameters import DetectionParams
+
+    out = {}
+    for report in sorted(Path(runs).glob("eval/*/*/real/results.json")):
+        row = report.parents[2].name
+        method = json.loads(report.read_text())["methods"].get("gdpi")
+        if row in out or method is None:
+            continue
+        params = DetectionParams(**method["details"]["params"])
+        out[row] = {"sampler": params.sampler, "steps": params.steps,
+                    "jump_length": params.jump_length, "jump_n_sample": params.jump_n_sample,
+                    "nfe": params.nfe_per_batch()}  # fmt: skip
+    return out
+
+
+def plot_curve(table: dict, runs: str | Path, path: str | Path, seconds_per_nfe: float,
+               fixed_s: float, method: str = "gdpi") -> None:  # fmt: skip
+    """Quality (pooled AUROC and AP, real and synthetic tumours) against network
+    evaluations per slice and against seconds per CT (``fixed_s + seconds_per_nfe * NFE``,
+    from a measured ``gdpi detect`` run), one line per sampler."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    sched = schedules(runs)
+    folds = max((len(sets.get(w, {})) for sets in table.values() for w in SETS), default=0)
+    complete = {r for r, sets in table.items() if all(len(sets.get(w, {})) == folds for w in SETS)}
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharey="row")
+    for sampler, marker in (("repaint", "o"), ("ddnm", "s")):
+        rows = sorted((r for r in sched if sched[r]["sampler"] == sampler and r in complete),
+                      key=lambda r: sched[r]["nfe"])  # fmt: skip
+        for which, style in (("real", "-"), ("synth", "--")):
+            points = [(sched[r]["nfe"], table[r][which]["pooled"][method]) for r in rows
+                      if method in table[r].get(which, {}).get("pooled", {})]  # fmt: skip
+            if not points:
+                continue
+            nfe = [n for n, _ in points]
+            for i, metric in enumerate(("auroc", "ap")):
+                values = [100 * m[metric] for _, m in points]
+                label = f"{sampler}, {'real' if which == 'real' else 'synthetic'}"
+                axes[i, 0].plot(nfe, values, style, marker=marker, label=label)
+                axes[i, 1].plot([fixed_s + seconds_per_nfe * n for n in nfe], values, style,
+                                marker=marker, label=label)  # fmt: skip
+    for i, metric in enumerate(("pixel AUROC (%)", "AP (%)")):
+        axes[i, 0].set_ylabel(metric)
+        for j in range(2):
+            axes[i, j].set_xscale("log")
+            axes[i, j].xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            axes[i, j].grid(alpha=0.3, which="both")
+    axes[1, 0].set_xlabel("network evaluations per inpainted slice")
+    axes[1, 1].set_xlabel("seconds per 100-liver-slice CT (this CPU)")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle("Quality vs cost, patient-level cross-validation (pooled over 3 folds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m GDPITraining.crossval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--runs", required=True, help="RUNS folder of Training/crossval/run.sh")
     p.add_argument("--out", help="write the markdown table here (and .json beside it)")
+    p.add_argument("--curve", help="also plot quality against cost into this PNG")
+    p.add_argument(
+        "--seconds-per-nfe",
+        type=float,
+        default=0.0,
+        help="--curve: seconds per network evaluation per CT (bench_detect)",
+    )
+    p.add_argument("--fixed-seconds", type=float, default=0.0,
+                   help="--curve: seconds per CT besides the network (bench_detect)")  # fmt: skip
     args = p.parse_args(argv)
     table = summarize(args.runs)
+    if args.curve:
+        plot_curve(table, args.runs, args.curve, args.seconds_per_nfe, args.fixed_seconds)
     text = markdown(table)
     if args.out:
         Path(args.out).write_text(text)
