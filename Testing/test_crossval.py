@@ -48,7 +48,7 @@ def test_cross_validation_script_end_to_end(tmp_path):
     assert again.returncode == 0 and "gdpi train" not in again.stderr
     assert "wrote" not in again.stdout
 
-    from GDPITraining.crossval import main, summarize
+    from GDPITraining.crossval import main, schedules, summarize
 
     table = summarize(runs)
     real = table["tiny"]["real"]
@@ -60,5 +60,10 @@ def test_cross_validation_script_end_to_end(tmp_path):
     assert pooled["gdpi (auto)"] == pooled["gdpi-one-sided"]
     for figures in pooled.values():
         assert 0 <= figures["auroc"] <= 1 and figures["lesions"] == 3  # 2 + 1 real tumours
-    assert main(["--runs", str(runs), "--out", str(tmp_path / "table.md")]) == 0
+    curve = tmp_path / "curve.png"
+    assert main(["--runs", str(runs), "--out", str(tmp_path / "table.md"), "--curve", str(curve),
+                 "--seconds-per-nfe", "0.2", "--fixed-seconds", "3"]) == 0  # fmt: skip
     assert "Real tumours, pooled over folds" in (tmp_path / "table.md").read_text()
+    assert curve.stat().st_size > 10_000 and curve.read_bytes()[:4] == b"\x89PNG"
+    assert schedules(runs)["tiny"] == {"sampler": "repaint", "steps": 4, "jump_length": 1,
+                                       "jump_n_sample": 1, "nfe": 4}  # fmt: skip

@@ -181,7 +181,8 @@ def schedules(runs: str | Path) -> dict[str, dict]:
     out = {}
     for report in sorted(Path(runs).glob("eval/*/*/real/results.json")):
         row = report.parents[2].name
-        method = json.loads(report.read_text())["methods"].get("gdpi")
+        methods = json.loads(report.read_text())["methods"]
+        method = next((m for name, m in methods.items() if name.startswith("gdpi")), None)
         if row in out or method is None:
             continue
         params = DetectionParams(**method["details"]["params"])
@@ -192,10 +193,11 @@ def schedules(runs: str | Path) -> dict[str, dict]:
 
 
 def plot_curve(table: dict, runs: str | Path, path: str | Path, seconds_per_nfe: float,
-               fixed_s: float, method: str = "gdpi") -> None:  # fmt: skip
-    """Quality (pooled AUROC and AP, real and synthetic tumours) against network
-    evaluations per slice and against seconds per CT (``fixed_s + seconds_per_nfe * NFE``,
-    from a measured ``gdpi detect`` run), one line per sampler."""
+               fixed_s: float) -> None:  # fmt: skip
+    """Quality (pooled AUROC and AP, real and synthetic tumours; method ``gdpi``, else the
+    derived ``gdpi (auto)``) against network evaluations per slice and against seconds
+    per CT (``fixed_s + seconds_per_nfe * NFE``, from a measured ``gdpi detect`` run), one
+    line per sampler."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,8 +212,10 @@ def plot_curve(table: dict, runs: str | Path, path: str | Path, seconds_per_nfe:
         rows = sorted((r for r in sched if sched[r]["sampler"] == sampler and r in complete),
                       key=lambda r: sched[r]["nfe"])  # fmt: skip
         for which, style in (("real", "-"), ("synth", "--")):
-            points = [(sched[r]["nfe"], table[r][which]["pooled"][method]) for r in rows
-                      if method in table[r].get(which, {}).get("pooled", {})]  # fmt: skip
+            pooled = {r: table[r].get(which, {}).get("pooled", {}) for r in rows}
+            points = [(sched[r]["nfe"], pooled[r].get("gdpi", pooled[r].get("gdpi (auto)")))
+                      for r in rows]  # fmt: skip
+            points = [(n, m) for n, m in points if m is not None]
             if not points:
                 continue
             nfe = [n for n, _ in points]
