@@ -42,12 +42,12 @@ def test_worker_events_become_readable_log_lines():
     start = {
         "event": "start",
         "nfe_per_batch": 140,
-        "parameters": {"preset": "fast", "steps": 50, "jump_length": 5, "jump_n_sample": 3,
-                       "device": "auto"},
+        "parameters": {"preset": "fast", "sampler": "repaint", "steps": 50, "jump_length": 5,
+                       "jump_n_sample": 3, "device": "auto"},
     }  # fmt: skip
     assert formatEvent(start) == (
-        "Started: preset fast, 50 steps, jump length 5, 3 resamplings = 140 network "
-        "evaluations per batch, device auto"
+        "Started: preset fast, repaint sampler, 50 steps, jump length 5, 3 resamplings = 140 "
+        "network evaluations per batch, device auto"
     )
     estimate = {"event": "estimate", "seconds": 200.0, "device": "cpu", "nfe_total": 4200,
                 "slices_total": 30}  # fmt: skip

@@ -94,7 +94,8 @@ def formatEvent(event: dict) -> str | None:
     if kind == "start":
         p = event.get("parameters", {})
         return (
-            f"Started: preset {p.get('preset')}, {p.get('steps')} steps, jump length "
+            f"Started: preset {p.get('preset')}, {p.get('sampler', 'repaint')} sampler, "
+            f"{p.get('steps')} steps, jump length "
             f"{p.get('jump_length')}, {p.get('jump_n_sample')} resamplings = "
             f"{event.get('nfe_per_batch')} network evaluations per batch, device "
             f"{p.get('device')}"
