@@ -74,3 +74,22 @@ def test_diffusers_bench_smoke(tmp_path):
     assert rows["diffusers RePaint, float32"]["network_evaluations"] == same["network_evaluations"]
     assert same["schedule"] == "repaint 10/2/2"
     assert all(r["seconds"] > 0 for r in rows.values())
+
+
+def test_gpu_check_script_smoke(tmp_path):
+    """bench/gpu_check.sh, the one prepared GPU run, works end to end in its CPU smoke mode
+    and leaves its JSON figures in OUT."""
+    import json
+    import os
+
+    shared("ts_small")
+    proc = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
+        env={**os.environ, "SMOKE": "1", "PYTHON": sys.executable},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 step(s) failed" in proc.stdout
+    assert json.loads((tmp_path / "out" / "bench_gpu.json").read_text())["rows"]
+    (row,) = json.loads((tmp_path / "out" / "presets.json").read_text())["rows"]
+    assert row["case"] == "ts_small" and row["network_evaluations"] > 0

@@ -2,8 +2,9 @@
 
 Prints (and with ``--json`` writes) milliseconds per slice per network evaluation for
 randomly initialised models of each size at each batch size, in float32 and with
-bfloat16 autocast, eagerly and after ``torch.compile`` (its compile time is printed
-beside), and the peak GPU memory of each setting. Runs on a CPU in ``--smoke`` mode.
+bfloat16 autocast, eagerly, after ``torch.compile`` and after
+``torch.compile(mode="reduce-overhead")`` (CUDA graphs; compile time printed beside),
+and the peak GPU memory of each setting. Runs on a CPU in ``--smoke`` mode.
 
     python bench/bench_gpu.py [--sizes tiny medium small] [--batches 1 8 32 64] [--json out.json]
 """
@@ -28,12 +29,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(size: str, batch: int, bf16: bool, compiled: bool, repeats: int, device) -> dict:
+def measure(size: str, batch: int, bf16: bool, compiled: str | None, repeats: int, device) -> dict:
     """ms per slice per network evaluation, compile seconds and peak memory (MiB)."""
     model = init_checkpoint(size).model.eval().to(device)
     n = init_checkpoint(size).grid.size
-    if compiled:
-        model = torch.compile(model)
+    if compiled:  # "default", or "reduce-overhead" = CUDA graphs
+        model = torch.compile(model, mode=compiled)
     x = torch.randn(batch, 1, n, n, device=device)
     t = torch.full((batch,), 500, device=device)
     if device.type == "cuda":
@@ -63,6 +64,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--compile-sizes", nargs="*", default=["tiny"],
                         help="sizes also measured with torch.compile")  # fmt: skip
+    parser.add_argument("--compile-batches", nargs="*", type=int, default=[8, 64],
+                        help="batch sizes also measured compiled")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="CPU, micro model, 1 repeat")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -77,7 +80,13 @@ def main() -> int:
     for size in args.sizes:
         for batch in args.batches:
             for bf16 in (False, True):
-                for compiled in (False, True) if size in args.compile_sizes else (False,):
+                modes = (
+                    [None, "default", "reduce-overhead"]
+                    if device.type == "cuda"
+                    else [None, "default"]
+                )
+                compile_here = size in args.compile_sizes and batch in args.compile_batches
+                for compiled in modes if compile_here else [None]:
                     r = measure(size, batch, bf16, compiled, args.repeats, device)
                     rows.append(r)
                     print(f"| {size} | {r['grid_px']} | {batch} | {bf16} | {compiled} | "

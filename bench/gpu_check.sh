@@ -1,39 +1,47 @@
 #!/usr/bin/env bash
-# One GPU run (a few minutes on an H100/H200): the paper preset on the cross-validation
-# folds (real and synthetic tumours; the fast preset's figures come from the CPU runs),
-# then the network timings. Needs only torch, numpy, scipy, safetensors, scikit-learn.
-#   bash bench/gpu_check.sh OUT            (stores and fold models as below)
-# Smoke mode on a CPU: SMOKE=1 bash bench/gpu_check.sh OUT
+# The GPU check of the speed issue, in one run of at most 8 minutes on an H100/H200
+# machine (no internet there): install what is missing from carried wheels, run the
+# CUDA tests, time the network per model size (batch 1-64, float32/bf16, eager,
+# torch.compile and CUDA graphs, peak GPU memory), and run the presets end to end on a
+# real case. Everything lands in OUT (JSON and logs, each well under 16 MiB).
+#
+#   here, once:   pip download --only-binary :all: --no-deps --dest wheels \
+#                     --python-version 3.11 --platform manylinux2014_x86_64 SimpleITK \
+#                     pytest hypothesis iniconfig pluggy packaging sortedcontainers attrs
+#   on the GPU:   bash bench/gpu_check.sh OUT      (carry: wheels)
+#   smoke (CPU):  SMOKE=1 bash bench/gpu_check.sh OUT
 set -uo pipefail
 OUT=$1
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$ROOT/GDPILiverAnomaly:$ROOT/Training${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
-RUNS=${RUNS:-runs/cv_s2}
-MODELS=${MODELS:-runs/gpu}
-PRESET_ARGS=(--preset paper)
-BENCH=()
-if [ "${SMOKE:-0}" = 1 ]; then
-    PRESET_ARGS=(--preset paper --steps 4 --jump-length 1 --jump-n-sample 1) BENCH=(--smoke)
-fi
 mkdir -p "$OUT"
 failed=0
-for f in hcc_1720 hcc_0697 hcc_1211; do
-    side=gdpi-one-sided
-    [ "$f" = hcc_1211 ] && side=gdpi-two-sided   # what the automatic AME side picks
-    common=(--checkpoint "$MODELS/tiny_$f/model.safetensors" "${PRESET_ARGS[@]}" --method "$side"
-        --ame-sigma-mm 2 --offset-hu 10 --depth-sigma-mm 0 --batch-size 64 --panels 0)
-    "$PY" -m GDPITraining evaluate --data "$RUNS/store" --cases "$f" --abnormal-split any \
-        --healthy-split any --out "$OUT/eval/tiny_off10_paper/$f/real" "${common[@]}" \
-        >"$OUT/eval_$f.log" 2>&1 || failed=$((failed + 1))
-    synth=$(for v in hu2023 subtle bright small; do printf "%s," "$f-$v"; done)
-    "$PY" -m GDPITraining evaluate --data "$RUNS/synth_store" --cases "${synth%,}" \
-        --max-slices 12 --out "$OUT/eval/tiny_off10_paper/$f/synth" "${common[@]}" \
-        >>"$OUT/eval_$f.log" 2>&1 || failed=$((failed + 1))
-    tail -n 2 "$OUT/eval_$f.log"
-done
-tar cf "$OUT/eval.tar" -C "$OUT" eval && rm -rf "$OUT/eval"   # 2 folder levels come back
-timeout "${BENCH_SECONDS:-100}" "$PY" "$ROOT/bench/bench_gpu.py" "${BENCH[@]}" \
-    --json "$OUT/bench_gpu.json" || failed=$((failed + 1))
+step() {  # NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name"
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1 || { failed=$((failed + 1)); echo "   failed"; }
+    tail -n 3 "$OUT/$name.log"
+}
+# 1. what the engine needs beyond torch/numpy/scipy (the GPU image may lack SimpleITK)
+if [ -d "$ROOT/wheels" ]; then
+    step install 120 "$PY" -m pip install --no-index --find-links "$ROOT/wheels" SimpleITK \
+        safetensors pytest hypothesis tqdm
+fi
+"$PY" -c "import torch, sys; print(torch.__version__, torch.cuda.is_available(), sys.version)" \
+    | tee "$OUT/versions.txt"
+if [ "${SMOKE:-0}" = 1 ]; then
+    step bench_gpu 300 "$PY" "$ROOT/bench/bench_gpu.py" --smoke --json "$OUT/bench_gpu.json"
+    step presets 300 "$PY" "$ROOT/bench/bench_detect.py" --smoke --json "$OUT/presets.json"
+else
+    # 2. the CUDA tests (they skip on machines without a GPU)
+    step cuda_tests 120 "$PY" -m pytest -q "$ROOT/Testing/test_cuda.py"
+    # 3. the presets end to end on a real case (gdpi detect child processes)
+    step presets 150 "$PY" "$ROOT/bench/bench_detect.py" --cases hcc_1720 hcc_1211 --full \
+        --json "$OUT/presets.json"
+    # 4. the network per size, batch, precision and compilation
+    step bench_gpu 200 "$PY" "$ROOT/bench/bench_gpu.py" --json "$OUT/bench_gpu.json"
+fi
 echo "$failed step(s) failed"
 exit "$failed"
