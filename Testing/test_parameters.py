@@ -21,8 +21,8 @@ from GDPILiverAnomalyLib.parameters import (
 
 def test_presets_and_their_network_evaluations():
     assert DetectionParams.from_preset("paper").nfe_per_batch() == 2410
-    assert DetectionParams.from_preset("fast").nfe_per_batch() == 140
-    assert describe_preset("fast").endswith("= 140 NFE per batch")
+    assert DetectionParams.from_preset("fast").nfe_per_batch() == 95
+    assert describe_preset("fast").endswith("= 95 NFE per batch")
     params = DetectionParams.from_preset("fast", steps=20, threshold_hu=None)
     assert params.steps == 20 and params.threshold_hu == 20.0 and params.preset == "fast"
     with pytest.raises(ParameterError, match="unknown preset"):

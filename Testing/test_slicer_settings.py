@@ -7,7 +7,7 @@ from GDPILiverAnomalyLib.slicer_settings import DEFAULT_CHECKPOINT, DetectionSet
 
 def test_presets_resolve_to_the_engine_parameters():
     fast = DetectionSettings()
-    assert fast.params().nfe_per_batch() == 140 and fast.checkpointPath() == DEFAULT_CHECKPOINT
+    assert fast.params().nfe_per_batch() == 95 and fast.checkpointPath() == DEFAULT_CHECKPOINT
     custom = DetectionSettings(preset="custom", steps=20, jump_length=2, jump_n_sample=1)
     assert custom.basePreset == "paper" and custom.params().steps == 20
     assert DetectionSettings(preset="paper", threshold_hu=30).value("threshold_hu") == 30

@@ -33,6 +33,7 @@ from GDPILiverAnomalyLib.checkpoint import init_checkpoint, load_checkpoint  # n
 from GDPILiverAnomalyLib.devices import resolve_device  # noqa: E402
 from GDPILiverAnomalyLib.parameters import (  # noqa: E402
     DEFAULT_CHECKPOINT,
+    PRESETS,
     DetectionParams,
     default_batch_size,
 )
@@ -87,7 +88,7 @@ def main() -> int:
         schedule = dict(steps=10, jump_length=2, jump_n_sample=2)
     else:
         checkpoint = load_checkpoint(DEFAULT_CHECKPOINT)
-        schedule = dict(steps=50, jump_length=5, jump_n_sample=3)  # the RePaint fast schedule
+        schedule = {k: PRESETS["fast"][k] for k in ("steps", "jump_length", "jump_n_sample")}
     model = checkpoint.model.eval()
     ct = read_ct(args.case / "ct.nii.gz")
     liver = read_liver_mask(args.case / "seg.nii.gz", ct)
@@ -117,8 +118,9 @@ def main() -> int:
         seconds, nfe = diffusers_repaint(model, image, known, repaint, batches, use_bf16, 0)
         add(f"diffusers RePaint, {'bf16 autocast' if use_bf16 else 'float32'}", seconds, nfe,
             repaint)  # fmt: skip
+    ddnm = dataclasses.replace(default, sampler="ddnm", steps=50, jump_length=5, jump_n_sample=1)
     for name, params in (("gdpi, RePaint, same schedule", repaint),
-                         ("gdpi, default preset", default)):  # fmt: skip
+                         ("gdpi, default preset", default), ("gdpi, DDNM 50 steps", ddnm)):  # fmt: skip
         counted: list[int] = []
         start = time.perf_counter()
         inpaint_grid(plan.ct_grid, plan.paint_grid, checkpoint, params, device, batches,
