@@ -7,7 +7,8 @@ schedule (steps, jump length, resamplings). diffusers runs the loop of its
 channels of the network) at the same batch size, once in float32 (how the pipeline
 runs unless told otherwise) and once under the same bfloat16 autocast ``gdpi detect``
 uses on this CPU. ``gdpi`` rows are ``pipeline.inpaint_grid`` (the one inpainting
-path of ``gdpi detect``), for RePaint with that schedule and for the default preset.
+path of ``gdpi detect``), for RePaint with that schedule (the ``fast`` preset's unless
+``--smoke``) and for DDNM with 50 steps.
 
     .venv/bin/python bench/bench_diffusers.py [--case ../shared/data/hcc_1720] [--smoke]
 
@@ -120,7 +121,7 @@ def main() -> int:
             repaint)  # fmt: skip
     ddnm = dataclasses.replace(default, sampler="ddnm", steps=50, jump_length=5, jump_n_sample=1)
     for name, params in (("gdpi, RePaint, same schedule", repaint),
-                         ("gdpi, default preset", default), ("gdpi, DDNM 50 steps", ddnm)):  # fmt: skip
+                         ("gdpi, DDNM 50 steps", ddnm)):  # fmt: skip
         counted: list[int] = []
         start = time.perf_counter()
         inpaint_grid(plan.ct_grid, plan.paint_grid, checkpoint, params, device, batches,
