@@ -399,7 +399,7 @@ def test_results_are_tagged_and_placed_in_the_cts_study(hcc_scene, labelmap_run)
     assert estimate["seconds"] > 0 and estimate["device"] == "cpu"
     assert estimate["text"].startswith("Estimated time: about")
     start = next(e for e in events if e["event"] == "start")
-    assert start["text"].startswith("Started: preset paper, 10 steps")
+    assert start["text"].startswith("Started: preset paper, repaint sampler, 10 steps")
 
 
 def test_segmentation_follows_the_ct_for_dicom_export(hcc_scene, labelmap_run):
