@@ -1,26 +1,30 @@
 """The benchmark scripts run in their smoke modes and report what they measure."""
 
+import json
 import subprocess
 import sys
 
 from conftest import REPO, shared
 
 
+def _smoke(script: str, out, timeout: int = 300) -> tuple[subprocess.CompletedProcess, object]:
+    """Run ``bench/<script> --smoke --json out``; return the process and the JSON it wrote."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), "--smoke", "--json", str(out)],
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc, json.loads(out.read_text())
+
+
 def test_bench_smoke(tmp_path):
     """bench/bench_detect.py runs gdpi detect as a child per case and preset and reports
     its time, network evaluations and peak memory."""
     shared("ts_small")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench_detect.py"), "--smoke", "--json",
-         str(tmp_path / "b.json")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    proc, data = _smoke("bench_detect.py", tmp_path / "b.json")
     assert len([line for line in proc.stdout.splitlines() if line.startswith("| ts_small |")]) == 1
     assert "peak RAM of any gdpi detect run" in proc.stdout
-    import json
-
-    (row,) = json.loads((tmp_path / "b.json").read_text())["rows"]
+    (row,) = data["rows"]
     assert row["nfe_per_slice"] == 3 and row["network_evaluations"] > 0
     assert 0.1 < row["rss_gib"] < 4 and row["total_s"] > row["inpaint_s"] > 0
 
@@ -28,15 +32,7 @@ def test_bench_smoke(tmp_path):
 def test_cpu_bench_smoke(tmp_path):
     """bench/bench_cpu.py (the table the CPU defaults were chosen from) runs and reports
     every row it was asked for."""
-    import json
-
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench_cpu.py"), "--smoke", "--json",
-         str(tmp_path / "cpu.json")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    rows = json.loads((tmp_path / "cpu.json").read_text())
+    proc, rows = _smoke("bench_cpu.py", tmp_path / "cpu.json")
     assert [(r["size"], r["batch"]) for r in rows] == [("micro", 1), ("micro", 2)]
     assert all(r["fp32_ms"] > 0 for r in rows)
     assert proc.stdout.count("| micro |") == 2
@@ -44,15 +40,8 @@ def test_cpu_bench_smoke(tmp_path):
 
 def test_gpu_bench_smoke(tmp_path):
     """bench/bench_gpu.py (the GPU timing table; here on the CPU) writes every row."""
-    import json
-
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench_gpu.py"), "--smoke", "--json",
-         str(tmp_path / "g.json")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    rows = json.loads((tmp_path / "g.json").read_text())["rows"]
+    _, data = _smoke("bench_gpu.py", tmp_path / "g.json")
+    rows = data["rows"]
     assert [(r["batch"], r["bf16"]) for r in rows] == [(1, False), (1, True), (2, False), (2, True)]
     assert all(r["ms_per_slice_per_nfe"] > 0 for r in rows)
 
@@ -60,16 +49,9 @@ def test_gpu_bench_smoke(tmp_path):
 def test_diffusers_bench_smoke(tmp_path):
     """bench/bench_diffusers.py runs diffusers' RePaint loop and gdpi's inpainting on the
     same slices with the same schedule: the same number of network evaluations."""
-    import json
-
     shared("hcc_1720")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench_diffusers.py"), "--smoke", "--json",
-         str(tmp_path / "d.json")],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    rows = {r["method"]: r for r in json.loads((tmp_path / "d.json").read_text())["rows"]}
+    _, data = _smoke("bench_diffusers.py", tmp_path / "d.json", timeout=600)
+    rows = {r["method"]: r for r in data["rows"]}
     same = rows["gdpi, RePaint, same schedule"]
     assert rows["diffusers RePaint, float32"]["network_evaluations"] == same["network_evaluations"]
     assert same["schedule"] == "repaint 10/2/2"
@@ -79,7 +61,6 @@ def test_diffusers_bench_smoke(tmp_path):
 def test_gpu_check_script_smoke(tmp_path):
     """bench/gpu_check.sh, the one prepared GPU run, works end to end in its CPU smoke mode
     and leaves its JSON figures in OUT."""
-    import json
     import os
 
     shared("ts_small")

@@ -138,12 +138,8 @@ def detect(
     plan = plan_slices(ct, liver, checkpoint, params)
     params, case, slab_ct, slab_liver = plan.params, plan.case, plan.slab_ct, plan.slab_liver
     liver_slices, in_slab, (z0, z1) = plan.liver_slices, plan.in_slab, plan.slab
-    candidates, mapping, ct_grid, cand_grid = (
-        plan.candidates,
-        plan.mapping,
-        plan.ct_grid,
-        plan.cand_grid,
-    )
+    candidates, mapping = plan.candidates, plan.mapping
+    ct_grid, cand_grid = plan.ct_grid, plan.cand_grid
     paint_grid, refs_grid, seeds, phase = plan.paint_grid, plan.refs_grid, plan.seeds, plan.phase
     n_z, height, width = case.ct.shape
     sz = case.spacing_zyx[0]
@@ -179,13 +175,17 @@ def detect(
     finished: list[int] = []
     diff_grid = np.zeros_like(ct_grid)
 
+    def on_slab(grid: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Grid slices (HU) back on the slab's ``rows``, 0 elsewhere and outside the liver."""
+        slab = np.zeros(slab_ct.shape, np.float32)
+        slab[rows] = mapping.to_slices(grid, (height, width))
+        slab[outside] = 0.0
+        return slab
+
     def partial_score() -> np.ndarray:
         grid = finish_score(diff_grid[finished], params.two_sided, params.median_size)
-        slab = np.zeros(slab_ct.shape, np.float32)
-        slab[in_slab[finished]] = mapping.to_slices(grid, (height, width))
-        slab[outside] = 0.0
         volume, lps = case.new_original(np.float32)
-        lps[z0:z1] = slab
+        lps[z0:z1] = on_slab(grid, in_slab[finished])
         return volume
 
     last_partial = time.perf_counter()
@@ -233,15 +233,8 @@ def detect(
     cand, cand_lps = case.new_original(np.uint8)
     cand_lps[z0:z1] = candidates
     if len(liver_slices):
-        slab = np.zeros(slab_ct.shape, np.float32)
-        slab[in_slab] = mapping.to_slices(score_grid, (height, width))
-        slab[outside] = 0.0
-        score_lps[z0:z1] = slab
-        slab[:] = 0.0
-        slab[in_slab] = mapping.to_slices(diff_grid, (height, width))
-        slab[outside] = 0.0
-        case.lps(pseudo)[z0:z1] += slab
-        del slab
+        score_lps[z0:z1] = on_slab(score_grid, in_slab)
+        case.lps(pseudo)[z0:z1] += on_slab(diff_grid, in_slab)
     anomaly = anomaly_mask(score, params.threshold_hu)
     lesions = find_lesions(anomaly, score, ct)
     t_score = time.perf_counter() - t1

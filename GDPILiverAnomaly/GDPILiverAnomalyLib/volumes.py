@@ -4,7 +4,7 @@ Conventions
 - CT intensities are Hounsfield units (HU), read as float32.
 - Masks are uint8 arrays on the CT grid, 1 = liver, 0 = background.
 - Arrays follow SimpleITK: ``array[k, j, i]`` for voxel index ``(i, j, k)``.
-- Processing happens in LPS orientation (:func:`to_lps`): axis 0 runs inferior to
+- Processing happens in LPS orientation (:class:`OrientedCase`): axis 0 runs inferior to
   superior, so ``array[k]`` is an axial slice shown the radiological way (rows anterior
   to posterior, columns patient right to left). Outputs are mapped back exactly.
 """
@@ -213,16 +213,6 @@ def check_hu(ct_array: np.ndarray, liver: np.ndarray, source: str = "CT") -> Non
             f"{lo:.0f}..{hi:.0f} HU: the CT does not look like HU (missing rescale "
             "slope/intercept?); use --allow-non-hu to process it anyway"
         )
-
-
-def to_lps(image: sitk.Image) -> sitk.Image:
-    """Permute and flip axes (no interpolation) so the image is in LPS orientation."""
-    return sitk.DICOMOrient(image, "LPS")
-
-
-def orientation_code(image: sitk.Image) -> str:
-    """Three-letter orientation code of an image's direction cosines (e.g. ``LPS``, ``RAS``)."""
-    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
 
 
 def array_on_grid(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
