@@ -357,6 +357,23 @@ def test_process_folder_continues_past_a_broken_case(tiny_checkpoint, tmp_path):
     with open(tmp_path / "out" / "summary.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 2
     assert [e["case"] for e in events if e["event"] == "case"] == ["a_good", "b_broken"]
+    # the same batch on a local Ray instance (gdpi detect --engine ray): the same rows
+    import SimpleITK as sitk
+
+    ray_events: list[dict] = []
+    on_ray = logic.processFolder(
+        cases, tmp_path / "on_ray", settings=settings, liverLabel=5, onEvent=ray_events.append,
+        engine="ray", workers=1,
+    )  # fmt: skip
+    same = ("case", "status", "error", "lesions", "max_score_hu", "anomaly_ml")
+    assert [[r[k] for k in same] for r in on_ray] == [[r[k] for k in same] for r in rows]
+    assert {e["case"] for e in ray_events if e["event"] == "case_done"} == {"a_good", "b_broken"}
+    local, ray = (
+        sitk.ReadImage(str(tmp_path / d / "a_good" / "score.nrrd")) for d in ("out", "on_ray")
+    )
+    assert np.array_equal(sitk.GetArrayFromImage(local), sitk.GetArrayFromImage(ray))
+    with pytest.raises(GDPIError, match="unknown engine"):
+        logic.processFolder(cases, tmp_path / "out3", settings=settings, engine="spark")
     with pytest.raises(GDPIError, match="no cases found"):
         logic.processFolder(tmp_path / "out" / "a_good", tmp_path / "out2", settings=settings)
 

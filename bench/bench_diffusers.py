@@ -95,7 +95,7 @@ def main() -> int:
     liver = read_liver_mask(args.case / "seg.nii.gz", ct)
     default = DetectionParams.from_preset("fast", device="cpu")
     repaint = dataclasses.replace(default, sampler="repaint", **schedule)
-    plan = plan_slices(ct, liver, checkpoint, repaint)
+    plan = plan_slices(ct, liver, checkpoint.grid, repaint)
     batch_size = default_batch_size("cpu", checkpoint.grid.size)
     batches = plan_batches(plan.paint_grid, batch_size)
     if args.smoke:

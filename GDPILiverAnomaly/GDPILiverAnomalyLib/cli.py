@@ -12,6 +12,7 @@ key: ``start``, ``progress``, ``case``, ``partial`` (with ``--stream-dir``), ``d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from . import signals
 from .checkpoint import init_checkpoint, load_checkpoint, save_checkpoint
-from .errors import Cancelled, GDPIError
+from .errors import Cancelled, GDPIError, ParameterError
 from .grid import InputGrid
 from .parameters import (
     DEFAULT_CHECKPOINT,
@@ -97,6 +98,39 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
         choices=("text", "json", "none"),
         default="text",
         help="text: progress bar on stderr; json: one JSON object per line on stdout",
+    )
+    e = d.add_argument_group(
+        "folder engine", "how folder mode runs: here, case after case (local), or on Ray"
+    )
+    e.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: one case after another in this process (default); ray: slices of many "
+        "cases packed into full batches for model workers on a local Ray instance or a "
+        'cluster (pip install "gdpi-liver-anomaly[ray]")',
+    )
+    e.add_argument(
+        "--address",
+        help="ray: join a running cluster (auto, or HOST:PORT of its head) instead of starting "
+        "a local instance sized to this machine",
+    )
+    e.add_argument(
+        "--workers",
+        type=int,
+        help="ray: model workers, one model each (default: one per GPU of the cluster, else 1)",
+    )
+    e.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        help="ray: GPUs per model worker (default 1 where the cluster has GPUs, else 0: CPU "
+        "workers)",
+    )
+    e.add_argument(
+        "--cpus-per-worker",
+        type=int,
+        help="ray: CPUs a model worker reserves and uses as PyTorch threads (default 1 with "
+        "GPUs; CPU workers: a node's CPUs minus one, left to reading and scoring)",
     )
     d.add_argument(
         "--stream-dir",
@@ -204,6 +238,7 @@ def _detect(args: argparse.Namespace, should_cancel: Callable[[], bool]) -> int:
     ct, liver = Path(args.ct), Path(args.liver)
 
     folder_mode = ct.is_dir() and liver.is_dir() and not _is_dicom_folder(ct)
+    ray_options = _ray_options(args, folder_mode)
     reporter.emit(
         "start",
         ct=str(ct),
@@ -216,26 +251,36 @@ def _detect(args: argparse.Namespace, should_cancel: Callable[[], bool]) -> int:
     t0 = time.perf_counter()
     try:
         if folder_mode:
+            figures = {}
+            if ray_options is not None:
+                from .ray_engine import run_folder_ray
 
-            def on_case(number: int, total: int, name: str) -> None:
-                reporter.start_case(name)
-                reporter.emit("case", number=number, total=total, case=name)
+                # Ray prints its cluster messages on stdout: they go to stderr, stdout
+                # keeps the JSON lines only; Ctrl+C stops the cluster work cleanly
+                reporter.stream = sys.stdout
+                with signals.cooperative(), contextlib.redirect_stdout(sys.stderr):
+                    rows, figures = run_folder_ray(
+                        ct, liver, checkpoint, params, args.out, ray_options, args.liver_label,
+                        args.allow_non_hu,
+                        on_case_done=lambda row: reporter.emit("case_done", **row),
+                        progress=reporter.batch,
+                        should_cancel=should_cancel,
+                        overwrite=args.overwrite,
+                        on_workers=lambda names: reporter.emit("workers", workers=names),
+                    )  # fmt: skip
+            else:
 
-            from .runner import run_folder
+                def on_case(number: int, total: int, name: str) -> None:
+                    reporter.start_case(name)
+                    reporter.emit("case", number=number, total=total, case=name)
 
-            rows = run_folder(
-                ct,
-                liver,
-                checkpoint,
-                params,
-                args.out,
-                args.liver_label,
-                args.allow_non_hu,
-                on_case,
-                reporter,
-                should_cancel,
-                overwrite=args.overwrite,
-            )
+                from .runner import run_folder
+
+                rows = run_folder(
+                    ct, liver, checkpoint, params, args.out, args.liver_label,
+                    args.allow_non_hu, on_case, reporter, should_cancel,
+                    overwrite=args.overwrite,
+                )  # fmt: skip
             reporter.close()
             failed = [r for r in rows if r["status"] != "ok"]
             for r in failed:
@@ -246,6 +291,8 @@ def _detect(args: argparse.Namespace, should_cancel: Callable[[], bool]) -> int:
                 cases=len(rows),
                 failed=len(failed),
                 seconds=round(time.perf_counter() - t0, 2),
+                engine=args.engine,
+                **figures,
             )
             if args.progress == "text":
                 print(
@@ -289,6 +336,32 @@ def _detect(args: argparse.Namespace, should_cancel: Callable[[], bool]) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _ray_options(args: argparse.Namespace, folder_mode: bool):
+    """The Ray engine's options (``None`` for the local engine), checked."""
+    given = [
+        f"--{name.replace('_', '-')}" for name in RAY_OPTIONS if getattr(args, name) is not None
+    ]
+    if args.engine != "ray":
+        if given:
+            raise ParameterError(f"{given[0]} is an option of --engine ray")
+        return None
+    if not folder_mode:
+        raise ParameterError(
+            "--engine ray runs folder mode: give folders of cases to --ct and --liver"
+        )
+    if args.stream_dir is not None:
+        raise ParameterError("--stream-dir streams a single case; not with --engine ray")
+    from .ray_engine import RayOptions
+
+    options = RayOptions(**{name: getattr(args, name) for name in RAY_OPTIONS})
+    options.check()
+    return options
+
+
+#: ``gdpi detect`` options of the Ray engine (argparse names).
+RAY_OPTIONS = ("address", "workers", "gpus_per_worker", "cpus_per_worker")
 
 
 def _is_dicom_folder(folder: Path) -> bool:

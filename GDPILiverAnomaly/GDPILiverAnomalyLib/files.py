@@ -111,4 +111,5 @@ def write_text_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w", newline="") as f:
         f.write(text)
+    give_default_permissions(tmp)
     os.replace(tmp, path)

@@ -26,7 +26,7 @@ from .checkpoint import Checkpoint
 from .devices import resolve_device
 from .diffusion import GaussianDiffusion
 from .errors import Cancelled
-from .grid import PlaneMapping
+from .grid import InputGrid, PlaneMapping
 from .parameters import DetectionParams, default_batch_size
 from .phase import PhaseEstimate, estimate_phase
 from .progress import Progress
@@ -75,12 +75,43 @@ class SlicePlan:
     refs_grid: np.ndarray | None  # the calibration discs (``calibrate``)
     seeds: list[list[int]]  # seeds[k][i]: liver slice i's k-th inpainting
 
+    def on_slab(self, grid: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Grid slices (HU) back on the slab's ``rows``, 0 elsewhere and outside the liver."""
+        slab = np.zeros(self.slab_liver.shape, np.float32)
+        height, width = self.slab_liver.shape[1:]
+        slab[rows] = self.mapping.to_slices(grid, (height, width))
+        slab[self.slab_liver == 0] = 0.0
+        return slab
+
+    def detached(self) -> SlicePlan:
+        """The plan without the volumes and grid images (the CT, its slab, ``ct_grid``,
+        ``paint_grid``): what scoring needs besides the CT itself, small enough to pass
+        between processes. :meth:`attach` puts the CT back."""
+        return dataclasses.replace(
+            self, case=None, slab_ct=None, slab_liver=None, ct_grid=None, paint_grid=None
+        )
+
+    def attach(self, ct: sitk.Image, liver: np.ndarray) -> SlicePlan:
+        """A detached plan with its CT (HU) and liver mask read again."""
+        from .volumes import OrientedCase
+
+        case = OrientedCase.from_arrays(ct, liver)
+        return dataclasses.replace(self, case=case, **_slab(case, *self.slab))
+
+
+def _slab(case: OrientedCase, z0: int, z1: int) -> dict:
+    """The CT (float32 HU) and liver mask on LPS slices [z0, z1), contiguous."""
+    return {
+        "slab_ct": np.ascontiguousarray(case.ct[z0:z1], dtype=np.float32),
+        "slab_liver": np.ascontiguousarray(case.liver[z0:z1]),
+    }
+
 
 def plan_slices(
-    ct: sitk.Image, liver: np.ndarray, checkpoint: Checkpoint, params: DetectionParams
+    ct: sitk.Image, liver: np.ndarray, grid: InputGrid, params: DetectionParams
 ) -> SlicePlan:
-    """Orientation, liver slab, contrast phase, AME and the model-grid slices of a CT
-    (HU) and its liver mask (uint8 on the CT grid, 1 = liver)."""
+    """Orientation, liver slab, contrast phase, AME and the slices on the model's ``grid``
+    of a CT (HU) and its liver mask (uint8 on the CT grid, 1 = liver)."""
     from .volumes import OrientedCase  # SimpleITK: not needed to inpaint store slices
 
     case = OrientedCase.from_arrays(ct, liver)  # views: nothing copied
@@ -89,8 +120,8 @@ def plan_slices(
     liver_slices = np.flatnonzero(case.liver.any(axis=(1, 2)))
     # Everything below works on the liver's slab of slices only (memory: README).
     z0, z1 = (int(liver_slices[0]), int(liver_slices[-1]) + 1) if len(liver_slices) else (0, 0)
-    slab_ct = np.ascontiguousarray(case.ct[z0:z1], dtype=np.float32)
-    slab_liver = np.ascontiguousarray(case.liver[z0:z1])
+    slab = _slab(case, z0, z1)
+    slab_ct, slab_liver = slab["slab_ct"], slab["slab_liver"]
     in_slab = liver_slices - z0
     phase = None
     if params.two_sided is None:  # automatic: two-sided AME on arterial-phase scans
@@ -101,7 +132,7 @@ def plan_slices(
     ame_ct = denoise_for_ame(slab_ct, (sy, sx), params.ame_sigma_mm)
     candidates = adaptive_mask(ame_ct, slab_liver, params.offset_hu, params.two_sided, min_area_px)
     del ame_ct
-    mapping = PlaneMapping.for_volume(checkpoint.grid, (height, width), (sy, sx), slab_liver)
+    mapping = PlaneMapping.for_volume(grid, (height, width), (sy, sx), slab_liver)
     ct_grid = mapping.to_grid(slab_ct[in_slab], "image")
     cand_grid = mapping.to_grid(candidates[in_slab], "mask")
     seeds = [slice_seeds(params.seed, liver_slices, s) for s in range(params.samples)]
@@ -135,22 +166,17 @@ def detect(
     params.validate(checkpoint.diffusion.num_timesteps)
     device = resolve_device(params.device)
     start = time.perf_counter()
-    plan = plan_slices(ct, liver, checkpoint, params)
-    params, case, slab_ct, slab_liver = plan.params, plan.case, plan.slab_ct, plan.slab_liver
-    liver_slices, in_slab, (z0, z1) = plan.liver_slices, plan.in_slab, plan.slab
-    candidates, mapping = plan.candidates, plan.mapping
-    ct_grid, cand_grid = plan.ct_grid, plan.cand_grid
-    paint_grid, refs_grid, seeds, phase = plan.paint_grid, plan.refs_grid, plan.seeds, plan.phase
-    n_z, height, width = case.ct.shape
-    sz = case.spacing_zyx[0]
+    plan = plan_slices(ct, liver, checkpoint.grid, params)
+    params = plan.params
     batch_size = params.batch_size or default_batch_size(device.type, checkpoint.grid.size)
-    batches = plan_batches(cand_grid, batch_size)
+    batches = plan_batches(plan.cand_grid, batch_size)
     work = [i for batch in batches for i in batch]
     t_prepare = time.perf_counter() - start
 
     nfe_batch = params.nfe_per_batch()
     nfe_total = nfe_batch * len(batches)
-    done = {"nfe": 0, "slices": len(liver_slices) - len(work)}
+    n_liver = len(plan.liver_slices)
+    done = {"nfe": 0, "slices": n_liver - len(work)}
     t0 = time.perf_counter()
 
     def report(nfe_in_batch: int = 0) -> None:
@@ -162,7 +188,7 @@ def detect(
         progress(
             Progress(
                 done["slices"],
-                len(liver_slices),
+                n_liver,
                 nfe,
                 nfe_total,
                 round(elapsed, 3),
@@ -171,21 +197,13 @@ def detect(
             )
         )
 
-    outside = slab_liver == 0
     finished: list[int] = []
-    diff_grid = np.zeros_like(ct_grid)
-
-    def on_slab(grid: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Grid slices (HU) back on the slab's ``rows``, 0 elsewhere and outside the liver."""
-        slab = np.zeros(slab_ct.shape, np.float32)
-        slab[rows] = mapping.to_slices(grid, (height, width))
-        slab[outside] = 0.0
-        return slab
+    diff_grid = np.zeros_like(plan.ct_grid)
 
     def partial_score() -> np.ndarray:
         grid = finish_score(diff_grid[finished], params.two_sided, params.median_size)
-        volume, lps = case.new_original(np.float32)
-        lps[z0:z1] = on_slab(grid, in_slab[finished])
+        volume, lps = plan.case.new_original(np.float32)
+        lps[slice(*plan.slab)] = plan.on_slab(grid, plan.in_slab[finished])
         return volume
 
     last_partial = time.perf_counter()
@@ -204,13 +222,13 @@ def detect(
     report()
     with signals.cooperative():  # a signal stops at the next network evaluation
         inpaint_grid(
-            ct_grid,
-            paint_grid,
+            plan.ct_grid,
+            plan.paint_grid,
             checkpoint,
             params,
             device,
             batches,
-            seeds,
+            plan.seeds,
             out=diff_grid,
             on_progress=report,
             on_batch=after_batch,
@@ -218,41 +236,63 @@ def detect(
         )
     if should_cancel is not None and should_cancel():
         raise Cancelled()
-    t_inpaint = time.perf_counter() - t0
+    inpainting = {
+        "device": str(device),
+        "bf16": bf16_active(params.bf16, device),
+        "batches": len(batches),
+        "batch_size": batch_size,
+        "nfe": done["nfe"],
+        "timings_s": {
+            "prepare": round(t_prepare, 3),
+            "inpaint": round(time.perf_counter() - t0, 3),
+        },
+    }
+    return finish_detection(plan, diff_grid, work, inpainting, start)
 
+
+def finish_detection(
+    plan: SlicePlan, diff_grid: np.ndarray, work: list[int], inpainting: dict, start: float
+) -> DetectionResult:
+    """Score a plan whose grid slices ``work`` were inpainted (``diff_grid``: inpainted -
+    input, HU, ``[liver slice, n, n]``) and build the outputs. ``inpainting`` holds how
+    (device, bf16, batches, batch_size, nfe, timings_s of prepare and inpaint); ``start``
+    is the ``time.perf_counter()`` the detection began at. Local and Ray engines alike."""
+    params, case, (z0, z1) = plan.params, plan.case, plan.slab
     t1 = time.perf_counter()
     bias = None
     if params.calibrate:
-        diff_grid, bias = remove_bias(diff_grid, cand_grid, refs_grid)
+        diff_grid, bias = remove_bias(diff_grid, plan.cand_grid, plan.refs_grid)
     score_grid = finish_score(diff_grid, params.two_sided, params.median_size)
-    positions = liver_slices * sz
+    positions = plan.liver_slices * case.spacing_zyx[0]
     score_grid = smooth_across_slices(score_grid, positions, params.depth_sigma_mm)
     # the outputs: full volumes in the CT's own index order, written through LPS views
     score, score_lps = case.new_original(np.float32)
     pseudo = case.to_original(case.ct)  # a copy of the CT in HU
     cand, cand_lps = case.new_original(np.uint8)
-    cand_lps[z0:z1] = candidates
-    if len(liver_slices):
-        score_lps[z0:z1] = on_slab(score_grid, in_slab)
-        case.lps(pseudo)[z0:z1] += on_slab(diff_grid, in_slab)
+    cand_lps[z0:z1] = plan.candidates
+    if len(plan.liver_slices):
+        score_lps[z0:z1] = plan.on_slab(score_grid, plan.in_slab)
+        case.lps(pseudo)[z0:z1] += plan.on_slab(diff_grid, plan.in_slab)
     anomaly = anomaly_mask(score, params.threshold_hu)
-    lesions = find_lesions(anomaly, score, ct)
+    lesions = find_lesions(anomaly, score, case.original)
     t_score = time.perf_counter() - t1
 
+    device = inpainting["device"]
+    nfe_batch = params.nfe_per_batch()
     stats = {
-        "device": str(device),
-        "bf16": bf16_active(params.bf16, device),
+        "device": device,
+        "bf16": inpainting["bf16"],
         "two_sided": params.two_sided,
-        "two_sided_from": "contrast phase" if phase is not None else "parameter",
-        "phase": None if phase is None else phase.to_dict(),
-        "cpu_native_bf16": cpu_has_bf16() if device.type == "cpu" else None,
-        "slices_total": int(n_z),
+        "two_sided_from": "contrast phase" if plan.phase is not None else "parameter",
+        "phase": None if plan.phase is None else plan.phase.to_dict(),
+        "cpu_native_bf16": cpu_has_bf16() if device.startswith("cpu") else None,
+        "slices_total": int(case.ct.shape[0]),
         "slab_slices": z1 - z0,
-        "slices_with_liver": len(liver_slices),
+        "slices_with_liver": len(plan.liver_slices),
         "slices_inpainted": len(work),
-        "batches": len(batches),
-        "batch_size": batch_size,
-        "nfe": done["nfe"],
+        "batches": inpainting["batches"],
+        "batch_size": inpainting["batch_size"],
+        "nfe": inpainting["nfe"],
         "nfe_per_batch": nfe_batch,
         "samples": params.samples,
         "calibration_bias_hu": None
@@ -263,11 +303,16 @@ def detect(
             "max": round(float(bias[work].max()), 2),
         },
         "slice_evaluations": nfe_batch * len(work) * params.samples,
-        "model_grid": {"size": mapping.size, "centre_rc": mapping.centre, "step_rc": mapping.step},
-        "liver_outside_grid_voxels": _liver_outside_grid(mapping, slab_liver[in_slab]),
+        "model_grid": {
+            "size": plan.mapping.size,
+            "centre_rc": plan.mapping.centre,
+            "step_rc": plan.mapping.step,
+        },
+        "liver_outside_grid_voxels": _liver_outside_grid(
+            plan.mapping, plan.slab_liver[plan.in_slab]
+        ),
         "timings_s": {
-            "prepare": round(t_prepare, 3),
-            "inpaint": round(t_inpaint, 3),
+            **inpainting["timings_s"],
             "score": round(t_score, 3),
             "total": round(time.perf_counter() - start, 3),
         },

@@ -38,6 +38,25 @@ class Progress:
         return {**asdict(self), "fraction": round(self.fraction, 4)}
 
 
+@dataclass
+class BatchProgress:
+    """Progress of a folder run over all cases (the Ray engine). ``slices_total`` is
+    estimated until every case is prepared (cases not yet read count as the mean)."""
+
+    cases_done: int
+    cases_failed: int
+    cases_total: int
+    slices_done: int
+    slices_total: int
+    slices_per_s: float
+    eta_s: float | None
+    batch_fill: float
+    workers: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 class LineProgress:
     """A progress bar for logs: one plain line every ``every_s`` seconds (and at the end)
     instead of the carriage-return updates a terminal bar writes. Implements the part of
@@ -95,6 +114,7 @@ class Reporter:
 
     def __init__(self, mode: str):
         self.mode = mode
+        self.stream = None  # where JSON lines go: sys.stdout at the time of each line
         self.bar = None
         self.last = 0.0
         self.case: str | None = None
@@ -103,7 +123,9 @@ class Reporter:
     def emit(self, event: str, **fields) -> None:
         """One JSON event line on stdout (``json`` mode only)."""
         if self.mode == "json":
-            print(json.dumps({"event": event, **fields}), flush=True)
+            print(
+                json.dumps({"event": event, **fields}), file=self.stream or sys.stdout, flush=True
+            )
 
     def start_case(self, name: str | None) -> None:
         self.close()
@@ -138,6 +160,26 @@ class Reporter:
             self.bar.refresh()
             if p.nfe_done == p.nfe_total and p.slices_done == p.slices_total:
                 self.close()  # the last line before whatever the command prints next
+
+    def batch(self, p: BatchProgress) -> None:
+        """One bar over all cases and slices (``text``) or throttled ``batch`` events."""
+        if self.mode == "json":
+            now = time.monotonic()
+            if now - self.last >= 0.25 or p.cases_done == p.cases_total:
+                self.last = now
+                self.emit("batch", **p.to_dict())
+        elif self.mode == "text":
+            if self.bar is None:
+                self.bar = progress_bar(p.slices_total, "slices", "slice")
+            self.bar.total = max(p.slices_total, p.slices_done)
+            self.bar.n = p.slices_done
+            failed = f", {p.cases_failed} failed" if p.cases_failed else ""
+            self.bar.set_postfix_str(
+                f"cases {p.cases_done}/{p.cases_total}{failed}, {p.slices_per_s:.2f} slices/s, "
+                f"batch fill {100 * p.batch_fill:.0f}%, {p.workers} worker(s)",
+                refresh=False,
+            )
+            self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:

@@ -276,17 +276,27 @@ class DetectionLogic(ResultDisplay):
         liverLabel: int | None = None,
         onEvent: Callable[[dict], None] | None = None,
         overwrite: bool = False,
+        engine: str = "local",
+        address: str | None = None,
+        workers: int | None = None,
+        gpusPerWorker: float | None = None,
     ) -> list[dict]:
         """Every case of a folder (the pairing rules of ``gdpi detect``) into ``outputDir``.
 
         ``liverDir`` defaults to ``inputDir`` (LiTS names or case subfolders). A broken
         case is recorded in ``outputDir/summary.csv`` and skipped. ``outputDir`` must be
-        new or empty, or hold an earlier batch with ``overwrite`` (``gdpi detect
-        --overwrite``). Blocks; returns the
-        summary rows. Raises :class:`GDPIError` when nothing could run at all, or when
-        the batch was cancelled (:meth:`cancelAll`, Ctrl+C, Slicer quitting); cases
-        finished before that keep their outputs and summary rows.
+        new or empty, hold an earlier batch of the same settings (resumed: its finished
+        cases are kept), or an earlier batch with ``overwrite`` (``gdpi detect
+        --overwrite``). ``engine="ray"`` runs it on Ray (``gdpi detect --engine ray``;
+        Ray must be installed in the worker's Python): a local Ray instance, or the
+        cluster at ``address`` (``"auto"`` or ``HOST:PORT``), with ``workers`` model
+        workers of ``gpusPerWorker`` GPUs each. Blocks; returns the summary rows. Raises
+        :class:`GDPIError` when nothing could run at all, or when the batch was cancelled
+        (:meth:`cancelAll`, Ctrl+C, Slicer quitting); cases finished before that keep
+        their outputs and summary rows.
         """
+        if engine not in ("local", "ray"):
+            raise GDPIError(f"unknown engine {engine!r}: local or ray")
         settings = settings or DetectionSettings()
         args = ["detect", "--ct", str(inputDir), "--liver", str(liverDir or inputDir)]
         args += ["--out", str(outputDir), "--progress", "json", *settings.workerArguments()]
@@ -294,6 +304,11 @@ class DetectionLogic(ResultDisplay):
             args += ["--liver-label", str(liverLabel)]
         if overwrite:
             args.append("--overwrite")
+        args += ["--engine", engine]
+        for flag, value in (("--address", address), ("--workers", workers),
+                            ("--gpus-per-worker", gpusPerWorker)):  # fmt: skip
+            if value is not None:
+                args += [flag, str(value)]
         code, stderr = self._runWorker(args, onEvent)
         if code in (130, -15, -9):
             raise GDPIError("folder processing was cancelled")
