@@ -58,6 +58,22 @@ def test_diffusers_bench_smoke(tmp_path):
     assert all(r["seconds"] > 0 for r in rows.values())
 
 
+def test_ray_bench_smoke(tmp_path):
+    """bench/bench_ray.py runs the local and the Ray engine on the same folder and
+    reports cases per hour, slices per second and batch fill for each."""
+    import pytest
+
+    pytest.importorskip("ray")
+    shared("hcc_0697")
+    proc, rows = _smoke("bench_ray.py", tmp_path / "r.json", timeout=600)
+    local, ray = rows
+    assert (local["engine"], ray["engine"]) == ("local", "ray")
+    assert local["cases"] == ray["cases"] == 2 and local["slices"] == ray["slices"] > 0
+    assert 0 < local["batch_fill"] <= ray["batch_fill"] <= 1  # packing fills batches
+    assert all(r["cases_per_hour"] > 0 and r["slices_per_s"] > 0 for r in rows)
+    assert proc.stdout.count("| cpu") == 2
+
+
 def test_gpu_check_script_smoke(tmp_path):
     """bench/gpu_check.sh, the one prepared GPU run, works end to end in its CPU smoke mode
     and leaves its JSON figures in OUT."""
@@ -74,3 +90,9 @@ def test_gpu_check_script_smoke(tmp_path):
     assert json.loads((tmp_path / "out" / "bench_gpu.json").read_text())["rows"]
     (row,) = json.loads((tmp_path / "out" / "presets.json").read_text())["rows"]
     assert row["case"] == "ts_small" and row["network_evaluations"] > 0
+    try:
+        import ray  # noqa: F401  # the [ray] extra: the script then compares the engines
+    except ImportError:
+        return
+    packing = json.loads((tmp_path / "out" / "packing.json").read_text())
+    assert [r["engine"] for r in packing] == ["local", "ray"]

@@ -59,10 +59,11 @@ def _gdpi(cases: Path, out: Path, *args: str, timeout: float = 300):
 
 
 def _start(cases: Path, out: Path, *args: str) -> subprocess.Popen:
+    """``gdpi detect --engine ray`` in its own process group, as a terminal starts it."""
     return subprocess.Popen(
         [sys.executable, "-m", "GDPITraining", "detect", "--ct", str(cases), "--liver",
          str(cases), "--out", str(out), "--progress", "json", "--engine", "ray", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
 
 
@@ -148,6 +149,8 @@ def test_ray_gives_the_local_outputs_summary_and_resumes(batch):
     assert (
         proc.returncode == 2 and "made with other settings (steps: 5 now, 4 there)" in proc.stderr
     )
+    proc = _gdpi(batch["cases"], out, *batch["options"], "--liver-label", "1")
+    assert proc.returncode == 2 and "(liver_label: 1 now, None there)" in proc.stderr
 
 
 def test_a_killed_model_worker_is_replaced_and_nothing_is_lost(batch):
@@ -178,7 +181,7 @@ def test_ctrl_c_stops_the_cluster_work_and_the_rerun_completes(batch):
     for line in proc.stdout:
         event = json.loads(line)
         if event["event"] == "batch" and event["slices_done"] >= 8:
-            proc.send_signal(signal.SIGINT)
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl+C: the whole process group, Ray's too
             break
     rest = proc.stdout.read()
     assert proc.wait(timeout=120) == 130
@@ -214,3 +217,36 @@ def test_engine_options_are_checked_before_anything_runs(batch, tmp_path, monkey
     monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed
     with pytest.raises(GDPIError, match=r'needs Ray: pip install "gdpi-liver-anomaly\[ray\]"'):
         ray_engine.import_ray()
+
+
+def test_a_case_with_nothing_to_inpaint_is_scored_and_written_like_locally(
+    tmp_path, tiny_checkpoint
+):
+    """The read and score tasks as plain functions (what Ray runs), for a case whose AME
+    finds no candidate: no model work, the same outputs as the local engine."""
+    from datetime import datetime, timezone
+
+    from GDPILiverAnomalyLib.checkpoint import load_checkpoint
+    from GDPILiverAnomalyLib.parameters import DetectionParams
+    from GDPILiverAnomalyLib.ray_engine import finish_case, prepare_case
+    from GDPILiverAnomalyLib.runner import CaseInputs, run_case
+
+    checkpoint = load_checkpoint(tiny_checkpoint)
+    params = DetectionParams.from_preset("fast", offset_hu=400, two_sided=False, device="cpu")
+    inputs = CaseInputs(shared("hcc_0697", "ct.nii.gz"), shared("hcc_0697", "seg.nii.gz"))
+    work, plan = prepare_case(inputs, checkpoint.grid, params)
+    assert work["work"] == [] and work["ct"].shape[0] == 0
+    inpainting = {"device": "cpu", "bf16": False, "batches": 0, "batch_size": 8, "nfe": 0,
+                  "timings_s": {"prepare": work["prepare_s"], "inpaint": 0.0}}  # fmt: skip
+    timings = {"read": 0.1, "started": datetime.now(timezone.utc), "elapsed_s": 1.0}
+    info = finish_case(inputs, plan, work["ct"], [], inpainting, tmp_path / "ray", params,
+                       checkpoint.identity(), timings, {"name": "ray"}, False)  # fmt: skip
+    assert "error" not in info and info["nfe"] == 0 and info["results"]["candidate_voxels"] == 0
+    run_case(inputs.ct, inputs.liver, checkpoint, params, tmp_path / "local")
+    for volume in VOLUMES:
+        a, b = (sitk.ReadImage(str(tmp_path / d / volume)) for d in ("local", "ray"))
+        assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b)), volume
+    # a retried score task (its worker died after writing) returns the written case
+    again = finish_case(inputs, plan, work["ct"], [], inpainting, tmp_path / "ray", params,
+                        checkpoint.identity(), timings, {"name": "ray"}, False)  # fmt: skip
+    assert again == json.loads((tmp_path / "ray" / "run.json").read_text())

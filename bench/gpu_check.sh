@@ -2,8 +2,9 @@
 # The GPU check of the speed issue, in one run of at most 8 minutes on an H100/H200
 # machine (no internet there): install what is missing from carried wheels, run the
 # CUDA tests, time the network per model size (batch 1-64, float32/bf16, eager,
-# torch.compile and CUDA graphs, peak GPU memory), and run the presets end to end on a
-# real case. Everything lands in OUT (JSON and logs, each well under 16 MiB).
+# torch.compile and CUDA graphs, peak GPU memory), run the presets end to end on a
+# real case, and compare cross-case packing (Ray engine) with per-case batching.
+# Everything lands in OUT (JSON and logs, each well under 16 MiB).
 #
 #   here, once:   pip download --only-binary :all: --no-deps --dest wheels \
 #                     --python-version 3.11 --platform manylinux2014_x86_64 SimpleITK \
@@ -34,6 +35,9 @@ fi
 if [ "${SMOKE:-0}" = 1 ]; then
     step bench_gpu 300 "$PY" "$ROOT/bench/bench_gpu.py" --smoke --json "$OUT/bench_gpu.json"
     step presets 300 "$PY" "$ROOT/bench/bench_detect.py" --smoke --json "$OUT/presets.json"
+    if "$PY" -c "import ray" 2>/dev/null; then
+        step packing 300 "$PY" "$ROOT/bench/bench_ray.py" --smoke --json "$OUT/packing.json"
+    fi
 else
     # 2. the CUDA tests (they skip on machines without a GPU)
     step cuda_tests 120 "$PY" -m pytest -q "$ROOT/Testing/test_cuda.py"
@@ -42,6 +46,14 @@ else
         --json "$OUT/presets.json"
     # 4. the network per size, batch, precision and compilation
     step bench_gpu 200 "$PY" "$ROOT/bench/bench_gpu.py" --json "$OUT/bench_gpu.json"
+    # 5. cross-case packing (Ray engine, one GPU worker) vs per-case batching (local), when
+    #    the GPU image has Ray (its wheel, ~70 MB, does not fit the 64 MiB carry)
+    if "$PY" -c "import ray" 2>/dev/null; then
+        step packing 200 "$PY" "$ROOT/bench/bench_ray.py" --copies 2 --device cuda \
+            --ray-args "--gpus-per-worker 1" --json "$OUT/packing.json"
+    else
+        echo "== packing: skipped, Ray is not installed on this machine" | tee "$OUT/packing.log"
+    fi
 fi
 echo "$failed step(s) failed"
 exit "$failed"

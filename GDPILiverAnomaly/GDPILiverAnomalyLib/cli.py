@@ -6,7 +6,8 @@ Exit codes: 0 success; 2 bad input, parameter, checkpoint or output folder (one-
 failed case; 130 cancelled (SIGINT/SIGTERM; nothing written for the running case).
 With ``--progress json`` every line on stdout is one JSON object with an ``event``
 key: ``start``, ``progress``, ``case``, ``partial`` (with ``--stream-dir``), ``done``,
-``error``, ``cancelled``.
+``error``, ``cancelled``; with ``--engine ray`` also ``workers``, ``batch`` (progress over
+all cases) and ``case_done``.
 """
 
 from __future__ import annotations

@@ -96,13 +96,21 @@ class Packer:
         (they leave the packer)."""
         done = []
         for (name, w), d in zip(batch.jobs, diff):
-            case = self.cases[name]
+            case = self.cases.get(name)
+            if case is None:  # dropped meanwhile
+                continue
             case.diff[w] = d
             case.missing -= 1
             case.workers.add(worker)
             if case.complete:
                 done.append(self.cases.pop(name))
         return done
+
+    def drop(self, names: set[str]) -> list[CaseSlices]:
+        """Take cases out (their model work failed): queued slices are forgotten and
+        results still coming for them are ignored. Returns the cases dropped."""
+        self.queue = deque(job for job in self.queue if job[0] not in names)
+        return [self.cases.pop(name) for name in names if name in self.cases]
 
     @property
     def fill(self) -> float:

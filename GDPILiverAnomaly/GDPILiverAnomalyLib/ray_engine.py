@@ -43,6 +43,10 @@ from .progress import BatchProgress
 QUEUE_PER_WORKER = 1
 #: Slices kept prepared ahead, in batches per worker.
 PREFETCH_BATCHES = 3
+#: Retries of a batch whose model worker died (Ray restarts the worker each time).
+WORKER_RETRIES = 3
+#: Seconds the model workers may take to start (placement, loading the model).
+WORKER_START_S = 600
 
 
 @dataclass
@@ -120,14 +124,18 @@ def finish_case(
     run.json's content, or ``{"error": ...}``. ``timings["elapsed_s"]`` is the time the
     case has taken before this task (its wall clock goes on from there)."""
     from .pipeline import finish_detection
-    from .runner import write_case
+    from .runner import complete_result, write_case
 
     start = time.perf_counter() - timings["elapsed_s"]
+    written = None if overwrite else complete_result(out)
+    if written is not None:  # this task ran before and died after moving the case in place
+        return written
     try:
         ct, liver = inputs.read()
         plan = plan.attach(ct, liver)
         diff_grid = np.zeros((len(plan.liver_slices), *plan.cand_grid.shape[1:]), np.float32)
-        diff_grid[work] = diff
+        if work:  # a case whose AME found nothing has no slices to inpaint
+            diff_grid[work] = diff
         result = finish_detection(plan, diff_grid, work, inpainting, start)
         case_timings = {"read": timings["read"], "started": timings["started"], "t0": start}
         return write_case(
@@ -185,9 +193,14 @@ def _node_ip() -> str:
 # ---- the driver ---------------------------------------------------------------------
 
 
+def _message(exc: BaseException) -> str:
+    """The last line of an exception's text (Ray's wrap the task's own error last)."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
 @dataclass
 class _Case:
-    number: int
     case: object  # cases.Case
     inputs: object  # runner.CaseInputs
     plan: object = None  # ObjectRef of the detached plan
@@ -227,8 +240,13 @@ def run_folder_ray(
 
     options.check()
     params.validate(checkpoint.diffusion.num_timesteps)
-    batch = start_batch(ct_dir, liver_dir, params, checkpoint.sha256, out, overwrite)
     ray = import_ray()
+    batch = start_batch(
+        ct_dir, liver_dir, params, checkpoint.sha256, out, overwrite, liver_label, allow_non_hu
+    )
+    if not batch.todo:  # everything done already: no cluster needed
+        batch.open()
+        return [batch.done[c.name] for c in batch.cases], {}
     started_here = not ray.is_initialized()
     if started_here:
         _init_ray(ray, options.address)
@@ -251,12 +269,13 @@ def _run(ray, started_here, batch, checkpoint, params, options, liver_label, all
         batch_size = params.batch_size or default_batch_size(
             "cuda" if gpus else "cpu", checkpoint.grid.size
         )
+        batch.open()
         actor = ray.remote(InpaintWorker).options(
-            num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=-1
+            num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=WORKER_RETRIES
         )
         checkpoint_ref = ray.put(checkpoint)
         workers = [actor.remote(checkpoint_ref, worker_params, threads) for _ in range(count)]
-        described = ray.get([w.describe.remote() for w in workers])
+        described = _wait_for_workers(ray, workers, should_cancel)
         if on_workers is not None:
             on_workers([d["name"] for d in described])
         engine = {
@@ -267,7 +286,11 @@ def _run(ray, started_here, batch, checkpoint, params, options, liver_label, all
         }
         loop = _Loop(
             ray, batch, batch_size, workers, params, checkpoint, engine, overwrite,
-            [CaseInputs(c.ct, c.liver, liver_label, allow_non_hu) for c in batch.todo],
+            [  # absolute: the tasks run anywhere in the cluster
+                CaseInputs(Path(c.ct).absolute(), Path(c.liver).absolute(), liver_label,
+                           allow_non_hu)
+                for c in batch.todo
+            ],  # fmt: skip
             on_case_done, progress, should_cancel, cpus, described[0],
         )  # fmt: skip
         rows, figures = loop.run(error_row, summary_row)
@@ -281,13 +304,39 @@ def _run(ray, started_here, batch, checkpoint, params, options, liver_label, all
     return [every[c.name] for c in batch.cases if c.name in every], figures
 
 
+def _wait_for_workers(ray, workers: list, should_cancel) -> list[dict]:
+    """The model workers' :meth:`InpaintWorker.describe`, once every one is up."""
+    pending = {w.describe.remote(): i for i, w in enumerate(workers)}
+    described: list = [None] * len(workers)
+    deadline = time.monotonic() + WORKER_START_S
+    while pending:
+        if should_cancel is not None and should_cancel():
+            raise Cancelled()
+        if time.monotonic() > deadline:
+            raise GDPIError(
+                f"the model workers did not start within {WORKER_START_S} s: the cluster "
+                "lacks the CPUs/GPUs they ask for (--workers, --cpus-per-worker, "
+                "--gpus-per-worker)"
+            )
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+        for ref in ready:
+            try:
+                described[pending.pop(ref)] = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                raise GDPIError(f"a model worker could not start: {_message(exc)}") from None
+    kinds = {(d["device"].split(":")[0], d["bf16"]) for d in described}
+    if len(kinds) > 1:
+        raise GDPIError(f"model workers of different kinds (device, bf16): {sorted(kinds)}")
+    return described
+
+
 def _init_ray(ray, address: str | None) -> None:
     import logging
 
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:
         if address is None:
-            ray.init(num_cpus=os.cpu_count(), **kwargs)
+            ray.init(**kwargs)  # a local instance with this machine's CPUs and GPUs
         else:
             ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -296,38 +345,48 @@ def _init_ray(ray, address: str | None) -> None:
 
 
 def _size_workers(ray, options: RayOptions, params: DetectionParams):
-    """(GPUs, CPUs and threads per worker, number of workers, device) for the cluster."""
+    """(GPUs, CPUs and threads per worker, number of workers, device) for the cluster.
+
+    At least one CPU of the cluster stays free for the read and score tasks: model
+    workers that take every CPU would starve them and the run would never end."""
     resources = ray.cluster_resources()
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    node_cpus = min((n["Resources"].get("CPU", 0) for n in nodes), default=0)
-    cluster_gpus = resources.get("GPU", 0)
+    cpu_nodes = [
+        n["Resources"]["CPU"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")
+    ]
+    cluster_cpus, cluster_gpus = int(resources.get("CPU", 0)), resources.get("GPU", 0)
     device = params.device
     gpus = options.gpus_per_worker
     if gpus is None:
         gpus = 1 if cluster_gpus and device in ("auto", "cuda") else 0
     if gpus and device not in ("auto", "cuda"):
-        raise ParameterError(f"--gpus-per-worker {gpus} needs --device auto or cuda, not {device}")
+        raise ParameterError(
+            f"--gpus-per-worker {gpus:g} needs --device auto or cuda, not {device}"
+        )
     if not gpus and device not in ("auto", "cpu"):
         raise ParameterError(
             f"--device {device}: the Ray engine's CPU workers run on cpu; for GPUs give "
             "--gpus-per-worker (Ray assigns the GPU)"
         )
-    if gpus and gpus > cluster_gpus:
+    if cluster_cpus < 2:
         raise ParameterError(
-            f"--gpus-per-worker {gpus}, but the cluster has {cluster_gpus:g} GPU(s)"
+            f"the Ray cluster has {cluster_cpus} CPU(s): the engine needs at least 2 (model "
+            "workers, and reading and scoring)"
         )
-    cpus = options.cpus_per_worker or (1 if gpus else max(1, int(node_cpus) - 1))
-    if not gpus and cpus >= node_cpus and cpus > 1:
-        raise ParameterError(
-            f"--cpus-per-worker {cpus} leaves no CPU of a {node_cpus:g}-CPU node for the "
-            f"read and score tasks: at most {node_cpus - 1:g}"
-        )
+    biggest = int(max(cpu_nodes, default=cluster_cpus))
+    cpus = options.cpus_per_worker or (1 if gpus else max(1, biggest - 1))
     count = options.workers
     if count is None:
-        count = (
-            max(1, int(cluster_gpus // gpus))
-            if gpus
-            else max(1, int(resources.get("CPU", 1) // (cpus + 1)))
+        count = int(cluster_gpus // gpus) if gpus else (cluster_cpus - 1) // cpus
+        count = max(1, min(count, (cluster_cpus - 1) // cpus))
+    if cpus > biggest or count * cpus > cluster_cpus - 1:
+        raise ParameterError(
+            f"{count} model worker(s) of {cpus} CPU(s) leave no CPU of this {cluster_cpus}-CPU "
+            f"cluster (largest node {biggest}) for reading and scoring: lower --workers or "
+            "--cpus-per-worker"
+        )
+    if gpus and count * gpus > cluster_gpus:
+        raise ParameterError(
+            f"{count} model worker(s) of {gpus:g} GPU(s), but the cluster has {cluster_gpus:g}"
         )
     return gpus, cpus, (0 if gpus else cpus), count, ("cuda" if gpus else "cpu")
 
@@ -344,12 +403,14 @@ class _Loop:
         self.grid = checkpoint.grid
         self.nfe_batch = params.nfe_per_batch()
         self.packer = Packer(batch_size)
-        self.todo = [_Case(n, c, i) for n, (c, i) in enumerate(zip(batch.todo, inputs))]
+        self.todo = [_Case(c, i) for c, i in zip(batch.todo, inputs)]
         self.todo.reverse()  # pop() takes the first case
         self.cases_total = len(batch.todo)
         self.on_case_done, self.progress, self.should_cancel = on_case_done, progress, should_cancel
         free_cpus = ray.cluster_resources().get("CPU", 1) - worker_cpus * len(workers)
-        self.max_preparing = max(1, int(free_cpus))
+        self.max_preparing = max(1, min(int(free_cpus), 2 * len(workers) + 2))
+        self.prepare = ray.remote(prepare_case).options(num_cpus=1, num_returns=2)
+        self.finish = ray.remote(finish_case).options(num_cpus=1)
         self.preparing: dict = {}  # work ref -> _Case
         self.running: dict = {}  # result ref -> (worker index, packing.Batch)
         self.finishing: dict = {}  # result ref -> _Case
@@ -385,6 +446,9 @@ class _Loop:
         except (Cancelled, KeyboardInterrupt):
             self._stop()
             raise Cancelled() from None
+        except BaseException:
+            self._stop()
+            raise
         self.batch.write_summary(self.rows)
         elapsed = time.perf_counter() - (self.t_first or self.t0)
         figures = {
@@ -404,8 +468,7 @@ class _Loop:
             case = self.todo.pop()
             case.submitted = time.perf_counter()
             case.started = datetime.now(timezone.utc)
-            task = self.ray.remote(prepare_case).options(num_cpus=1, num_returns=2)
-            work_ref, case.plan = task.remote(case.inputs, self.grid, self.params)
+            work_ref, case.plan = self.prepare.remote(case.inputs, self.grid, self.params)
             self.preparing[work_ref] = case
 
     def _dispatch(self) -> None:
@@ -439,8 +502,7 @@ class _Loop:
         engine = {**self.engine, "workers": sorted(slices.workers) if slices else []}
         timings = {"read": case.read_s, "started": case.started, "elapsed_s": now - case.submitted}
         diff = np.zeros((0,), np.float32) if slices is None else slices.diff
-        task = self.ray.remote(finish_case).options(num_cpus=1)
-        ref = task.remote(
+        ref = self.finish.remote(
             case.inputs, case.plan, diff, work, inpainting, self.batch.out / case.case.name,
             self.params, self.identity, timings, engine, self.overwrite,
         )  # fmt: skip
@@ -448,7 +510,7 @@ class _Loop:
 
     # -- receiving
     def _prepared(self, ref, case: _Case) -> None:
-        work = self.ray.get(ref)
+        work = self._get(ref)
         if "error" in work:
             self.failed_unread += 1
             self._record(case, None, work["error"])
@@ -465,14 +527,35 @@ class _Loop:
 
     def _inpainted(self, ref, index: int, packed) -> None:
         self.queued[index] -= 1
-        diff, worker = self.ray.get(ref)
+        try:
+            diff, worker = self.ray.get(ref)
+        except self.ray.exceptions.RayError as exc:  # not a crash (Ray retries those)
+            self._fail_batch(packed, f"model work failed: {_message(exc)}")
+            return
         self.slices_done += len(packed.jobs)
         for slices in self.packer.receive(packed, diff, worker):
             self._finish(self.packed_cases.pop(slices.name), slices)
 
+    def _fail_batch(self, packed, error: str) -> None:
+        """A batch failed past its retries: its cases fail, the others go on."""
+        names = {name for name, _ in packed.jobs}
+        self.packer.drop(names)
+        for name in names:
+            case = self.packed_cases.pop(name, None)
+            if case is not None:
+                self._record(case, None, error)
+
     def _finished(self, ref, case: _Case) -> None:
-        info = self.ray.get(ref)
+        info = self._get(ref)
         self._record(case, info, info.get("error"))
+
+    def _get(self, ref) -> dict:
+        """A read or score task's result; a task that failed past Ray's retries (its
+        worker killed, out of memory, a bug) fails its case only."""
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayError as exc:
+            return {"error": f"task failed: {_message(exc)}"}
 
     def _record(self, case: _Case, info: dict | None, error: str | None) -> None:
         seconds = round(time.perf_counter() - case.submitted, 2)

@@ -13,7 +13,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -218,6 +218,21 @@ class Batch:
     out: Path
     cases: list[Case]
     done: dict[str, dict]  # case name -> summary row
+    incomplete: list[Path] = field(default_factory=list)  # case folders missing a file
+
+    def open(self) -> None:
+        """Make the folder ready: an interrupted run's temporary folders and incomplete
+        case folders (only ever of an older version) removed, ``summary.csv`` there from
+        the start (so that a run killed early is resumed too)."""
+        for leftover in self.out.iterdir() if self.out.is_dir() else []:
+            if _is_leftover(leftover) and leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            elif _is_leftover(leftover):
+                leftover.unlink()
+        for folder in self.incomplete:
+            shutil.rmtree(folder)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.write_summary({})
 
     @property
     def todo(self) -> list[Case]:
@@ -243,15 +258,17 @@ def start_batch(
     checkpoint_sha256: str | None,
     out: str | Path,
     overwrite: bool = False,
+    liver_label: int | None = None,
+    allow_non_hu: bool = False,
 ) -> Batch:
-    """Check ``out`` and pair the cases of a folder run; nothing is written but the
-    removal of an interrupted run's hidden temporary folders.
+    """Check ``out`` and pair the cases of a folder run; nothing is written (that is
+    :meth:`Batch.open`).
 
     ``out`` follows :func:`files.check_output_dir` (an earlier batch is recognised by its
-    ``summary.csv``). Without ``overwrite`` an earlier batch of the same parameters and
-    checkpoint is resumed: its complete cases are kept and skipped; one made with other
-    settings is refused (device, batch size and bf16 may change: :data:`HOW_NOT_WHAT`).
-    With ``overwrite`` every case is redone and replaced.
+    ``summary.csv``). Without ``overwrite`` an earlier batch of the same inputs,
+    parameters and checkpoint is resumed: its complete cases are kept and skipped; one
+    made with other settings is refused (device, batch size and bf16 may change:
+    :data:`HOW_NOT_WHAT`). With ``overwrite`` every case is redone and replaced.
     """
     path = Path(out).absolute()
     resuming = (
@@ -263,17 +280,14 @@ def start_batch(
     path = check_output_dir(path, overwrite or resuming, "summary.csv", _in_batch)
     batch = Batch(path, pair_cases(ct_dir, liver_dir), {})
     for case in batch.cases if resuming else []:
-        info = _complete_result(path / case.name)
+        info = complete_result(path / case.name)
         if info is not None:
-            _check_same_settings(path / case.name, info, params, checkpoint_sha256)
+            inputs = CaseInputs(Path(case.ct), Path(case.liver), liver_label, allow_non_hu)
+            _check_same_settings(path / case.name, info, params, checkpoint_sha256, inputs)
             wall = info.get("timings_s", {}).get("wall", "")
             batch.done[case.name] = summary_row(batch.row(case), info, wall)
-    for leftover in path.iterdir() if path.is_dir() else []:
-        if _is_leftover(leftover) and leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        elif _is_leftover(leftover):
-            leftover.unlink()
-    path.mkdir(parents=True, exist_ok=True)
+        elif _is_case_result(path / case.name):
+            batch.incomplete.append(path / case.name)
     return batch
 
 
@@ -319,7 +333,10 @@ def run_folder(
     is replaced as a whole. Returns the summary rows in case order.
     """
     params.validate(checkpoint.diffusion.num_timesteps)
-    batch = start_batch(ct_dir, liver_dir, params, checkpoint.sha256, out, overwrite)
+    batch = start_batch(
+        ct_dir, liver_dir, params, checkpoint.sha256, out, overwrite, liver_label, allow_non_hu
+    )
+    batch.open()
     todo = batch.todo
     rows: dict[str, dict] = {}
     for number, case in enumerate(todo, start=1):
@@ -363,7 +380,7 @@ def _in_batch(path: Path) -> bool:
     return path.name == "summary.csv" or _is_case_result(path) or _is_leftover(path)
 
 
-def _complete_result(folder: Path) -> dict | None:
+def complete_result(folder: Path) -> dict | None:
     """run.json's content when ``folder`` holds every output of a case, else None."""
     if not _is_case_result(folder) or {p.name for p in folder.iterdir()} != set(OUTPUT_FILES):
         return None
@@ -374,13 +391,27 @@ def _complete_result(folder: Path) -> dict | None:
 
 
 def _check_same_settings(
-    folder: Path, info: dict, params: DetectionParams, checkpoint_sha256: str | None
+    folder: Path,
+    info: dict,
+    params: DetectionParams,
+    checkpoint_sha256: str | None,
+    inputs: CaseInputs,
 ) -> None:
     here = json.loads(json.dumps(params.to_dict(), default=_json_default))
     there = info.get("parameters", {})
     differ = [k for k in here if k not in HOW_NOT_WHAT and here[k] != there.get(k)]
     if info.get("checkpoint", {}).get("sha256") != checkpoint_sha256:
         differ.insert(0, "checkpoint")
+    read = info.get("inputs", {})
+    for key, value in (
+        ("ct", str(inputs.ct.absolute())),
+        ("liver", str(inputs.liver.absolute())),
+        ("liver_label", inputs.liver_label),
+        ("allow_non_hu", inputs.allow_non_hu),
+    ):
+        if read.get(key) != value:
+            here[key], there[key] = value, read.get(key)
+            differ.insert(0, key)
     if differ:
         name = differ[0]
         detail = "" if name == "checkpoint" else f": {here[name]!r} now, {there.get(name)!r} there"
