@@ -46,6 +46,16 @@ def test_batches_are_full_across_cases_and_every_slice_returns_to_its_case():
     assert (a.batches, b.batches, c.batches) == (1, 3, 1)  # b: 1 + 4 + 1 slices
 
 
+def test_model_workers_batch_64_px_slices_by_64_on_a_gpu():
+    from GDPILiverAnomalyLib.parameters import default_batch_size
+    from GDPILiverAnomalyLib.ray_engine import worker_batch_size
+
+    assert worker_batch_size(gpu=True, image_size=64) == 64  # packing keeps them full
+    assert worker_batch_size(gpu=True, image_size=128) == default_batch_size("cuda", 128)
+    assert worker_batch_size(gpu=False, image_size=64) == default_batch_size("cpu", 64) == 8
+    assert worker_batch_size(gpu=False, image_size=128) == 2
+
+
 def test_batch_fill_of_per_case_and_packed_batching():
     assert batch_fill([9, 9, 9], 8, packed=False) == pytest.approx(27 / 48)
     assert batch_fill([9, 9, 9], 8, packed=True) == pytest.approx(27 / 32)

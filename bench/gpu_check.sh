@@ -50,7 +50,8 @@ else
     #    the GPU image has Ray (its wheel, ~70 MB, does not fit the 64 MiB carry)
     if "$PY" -c "import ray" 2>/dev/null; then
         step packing 200 "$PY" "$ROOT/bench/bench_ray.py" --copies 2 --device cuda \
-            --ray-args "--gpus-per-worker 1" --json "$OUT/packing.json"
+            --detect-args "--batch-size 64" --ray-args "--gpus-per-worker 1" \
+            --json "$OUT/packing.json"
     else
         echo "== packing: skipped, Ray is not installed on this machine" | tee "$OUT/packing.log"
     fi
