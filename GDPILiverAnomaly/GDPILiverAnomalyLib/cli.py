@@ -356,9 +356,7 @@ def _ray_options(args: argparse.Namespace, folder_mode: bool):
         raise ParameterError("--stream-dir streams a single case; not with --engine ray")
     from .ray_engine import RayOptions
 
-    options = RayOptions(**{name: getattr(args, name) for name in RAY_OPTIONS})
-    options.check()
-    return options
+    return RayOptions(**{name: getattr(args, name) for name in RAY_OPTIONS})  # checked by run
 
 
 #: ``gdpi detect`` options of the Ray engine (argparse names).

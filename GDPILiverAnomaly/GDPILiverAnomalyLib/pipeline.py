@@ -340,10 +340,15 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+def slices_to_inpaint(inpaint_mask: np.ndarray) -> list[int]:
+    """Indices of the slices whose ``inpaint_mask`` (``[N, n, n]``) is not empty; slices
+    with nothing to re-paint need no network work."""
+    return [i for i in range(len(inpaint_mask)) if inpaint_mask[i].any()]
+
+
 def plan_batches(inpaint_mask: np.ndarray, batch_size: int) -> list[list[int]]:
-    """Batches of the slice indices whose ``inpaint_mask`` (``[N, n, n]``) is not empty;
-    slices with nothing to re-paint need no network work."""
-    work = [i for i in range(len(inpaint_mask)) if inpaint_mask[i].any()]
+    """:func:`slices_to_inpaint` in batches of ``batch_size`` (one case on its own)."""
+    work = slices_to_inpaint(inpaint_mask)
     return [work[i : i + batch_size] for i in range(0, len(work), batch_size)]
 
 

@@ -37,7 +37,22 @@ from .errors import Cancelled, GDPIError, ParameterError
 from .grid import InputGrid
 from .packing import CaseSlices, Packer
 from .parameters import DetectionParams, default_batch_size
+from .pipeline import (
+    bf16_active,
+    finish_detection,
+    inpaint_grid,
+    plan_slices,
+    slices_to_inpaint,
+)
 from .progress import BatchProgress
+from .runner import (
+    CaseInputs,
+    complete_result,
+    error_row,
+    start_batch,
+    summary_row,
+    write_case,
+)
 
 #: Batches queued per model worker beyond the running one (keeps a GPU busy).
 QUEUE_PER_WORKER = 1
@@ -99,8 +114,6 @@ def import_ray():
 def prepare_case(inputs, grid: InputGrid, params: DetectionParams) -> tuple[dict, object]:
     """CPU task: read and plan one case. Returns ``(work, plan)``: ``work`` holds the
     grid slices to inpaint (or ``error``), ``plan`` the detached :class:`SlicePlan`."""
-    from .pipeline import plan_batches, plan_slices
-
     t0 = time.perf_counter()
     try:
         ct, liver = inputs.read()
@@ -108,7 +121,7 @@ def prepare_case(inputs, grid: InputGrid, params: DetectionParams) -> tuple[dict
         plan = plan_slices(ct, liver, grid, params)
     except GDPIError as exc:
         return {"error": str(exc)}, None
-    work = [i for batch in plan_batches(plan.cand_grid, 1) for i in batch]
+    work = slices_to_inpaint(plan.cand_grid)
     return {
         "ct": plan.ct_grid[work],
         "mask": plan.paint_grid[work],
@@ -126,9 +139,6 @@ def finish_case(
     """CPU task: score a case whose slices came back and write its folder. Returns
     run.json's content, or ``{"error": ...}``. ``timings["elapsed_s"]`` is the time the
     case has taken before this task (its wall clock goes on from there)."""
-    from .pipeline import finish_detection
-    from .runner import complete_result, write_case
-
     start = time.perf_counter() - timings["elapsed_s"]
     written = None if overwrite else complete_result(out)
     if written is not None:  # this task ran before and died after moving the case in place
@@ -166,8 +176,6 @@ class InpaintWorker:
 
     def describe(self) -> dict:
         """This worker's name (node:pid device), device and whether bf16 autocast runs."""
-        from .pipeline import bf16_active
-
         return {
             "name": self.name,
             "device": str(self.device),
@@ -176,8 +184,6 @@ class InpaintWorker:
 
     def inpaint(self, ct: np.ndarray, mask: np.ndarray, seeds: list[list[int]]):
         """``(inpainted - input in HU, this worker's name)`` for a batch."""
-        from .pipeline import inpaint_grid
-
         diff = inpaint_grid(
             ct, mask, self.checkpoint, self.params, self.device, [list(range(len(ct)))], seeds
         )
@@ -239,8 +245,6 @@ def run_folder_ray(
     (``should_cancel``, Ctrl+C) stops the cluster work; cases being written finish, no
     case is left half-written, and the summary holds what is done.
     """
-    from .runner import start_batch
-
     options.check()
     params.validate(checkpoint.diffusion.num_timesteps)
     ray = import_ray()
@@ -253,54 +257,42 @@ def run_folder_ray(
     started_here = not ray.is_initialized()
     if started_here:
         _init_ray(ray, options.address)
+    workers: list = []
     # ray.init sets its own SIGTERM handler: gdpi's (if installed) are put back
     with signals.cooperative():
-        return _run(ray, started_here, batch, checkpoint, params, options, liver_label,
-                    allow_non_hu, on_case_done, progress, should_cancel, overwrite, on_workers)  # fmt: skip
-
-
-def _run(ray, started_here, batch, checkpoint, params, options, liver_label, allow_non_hu,
-         on_case_done, progress, should_cancel, overwrite, on_workers):  # fmt: skip
-    from .runner import CaseInputs, error_row, summary_row
-
-    figures: dict = {}
-    rows: dict[str, dict] = {}
-    workers: list = []
-    try:
-        gpus, cpus, threads, count, device = _size_workers(ray, options, params)
-        worker_params = dataclasses.replace(params, device=device)
-        batch_size = params.batch_size or worker_batch_size(bool(gpus), checkpoint.grid.size)
-        batch.open()
-        actor = ray.remote(InpaintWorker).options(
-            num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=WORKER_RETRIES
-        )
-        checkpoint_ref = ray.put(checkpoint)
-        workers = [actor.remote(checkpoint_ref, worker_params, threads) for _ in range(count)]
-        described = _wait_for_workers(ray, workers, should_cancel)
-        if on_workers is not None:
-            on_workers([d["name"] for d in described])
-        engine = {
-            "name": "ray",
-            "ray": ray.__version__,
-            "address": options.address or "local",
-            "batch_size": batch_size,
-        }
-        loop = _Loop(
-            ray, batch, batch_size, workers, params, checkpoint, engine, overwrite,
-            [  # absolute: the tasks run anywhere in the cluster
+        try:
+            gpus, cpus, threads, count, device = _size_workers(ray, options, params)
+            batch_size = params.batch_size or worker_batch_size(bool(gpus), checkpoint.grid.size)
+            batch.open()
+            actor = ray.remote(InpaintWorker).options(
+                num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=WORKER_RETRIES
+            )
+            checkpoint_ref = ray.put(checkpoint)
+            worker_params = dataclasses.replace(params, device=device)
+            workers = [actor.remote(checkpoint_ref, worker_params, threads) for _ in range(count)]
+            described = _wait_for_workers(ray, workers, should_cancel)
+            if on_workers is not None:
+                on_workers([d["name"] for d in described])
+            engine = {
+                "name": "ray",
+                "ray": ray.__version__,
+                "address": options.address or "local",
+                "batch_size": batch_size,
+            }
+            inputs = [  # absolute: the tasks run anywhere in the cluster
                 CaseInputs(Path(c.ct).absolute(), Path(c.liver).absolute(), liver_label,
                            allow_non_hu)
                 for c in batch.todo
-            ],  # fmt: skip
-            on_case_done, progress, should_cancel, cpus, described[0],
-        )  # fmt: skip
-        rows, figures = loop.run(error_row, summary_row)
-    finally:
-        for w in workers:
-            with contextlib.suppress(Exception):  # already gone with a dying cluster
-                ray.kill(w)
-        if started_here:
-            ray.shutdown()
+            ]  # fmt: skip
+            loop = _Loop(ray, batch, batch_size, workers, params, checkpoint, engine, overwrite,
+                         inputs, on_case_done, progress, should_cancel, cpus, described[0])  # fmt: skip
+            rows, figures = loop.run()
+        finally:
+            for w in workers:
+                with contextlib.suppress(Exception):  # already gone with a dying cluster
+                    ray.kill(w)
+            if started_here:
+                ray.shutdown()
     every = {**batch.done, **rows}
     return [every[c.name] for c in batch.cases if c.name in every], figures
 
@@ -434,8 +426,7 @@ class _Loop:
         self.t0 = time.perf_counter()
         self.t_first: float | None = None
 
-    def run(self, error_row, summary_row) -> tuple[dict, dict]:
-        self.error_row, self.summary_row = error_row, summary_row
+    def run(self) -> tuple[dict, dict]:
         ray = self.ray
         try:
             while self.todo or self.preparing or len(self.packer) or self.running or self.finishing:
@@ -459,7 +450,6 @@ class _Loop:
         except BaseException:
             self._stop()
             raise
-        self.batch.write_summary(self.rows)
         elapsed = time.perf_counter() - (self.t_first or self.t0)
         figures = {
             "slices_inpainted": self.slices_done,
@@ -570,11 +560,11 @@ class _Loop:
     def _record(self, case: _Case, info: dict | None, error: str | None) -> None:
         seconds = round(time.perf_counter() - case.submitted, 2)
         if error is not None:
-            row = self.error_row(self.batch, case.case, error, self.overwrite)
+            row = error_row(self.batch, case.case, error, self.overwrite)
             row["seconds"] = seconds
             self.failed += 1
         else:
-            row = self.summary_row(self.batch.row(case.case), info, seconds)
+            row = summary_row(self.batch.row(case.case), info, seconds)
         self.rows[case.case.name] = row
         self.batch.write_summary(self.rows)
         if self.on_case_done is not None:

@@ -355,7 +355,6 @@ def run_folder(
         batch.write_summary(rows)
         if should_cancel is not None and should_cancel():
             raise Cancelled()
-    batch.write_summary(rows)
     every = {**batch.done, **rows}
     return [every[c.name] for c in batch.cases]
 
