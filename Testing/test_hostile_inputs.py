@@ -130,6 +130,18 @@ def world(tmp_path_factory) -> Path:
     nii = bytearray((w / "ct.nii").read_bytes())
     nii[70:74] = struct.pack("<2h", 16, 8)  # float32 voxels of 8 bits
     (w / "float_bits.nii").write_bytes(bytes(nii))
+    nii = bytearray((w / "ct.nii").read_bytes())
+    nii[3] = 0x1A  # header size field broken (ITK reads on by the magic, unchecked)
+    nii[80:84] = struct.pack("<f", float("nan"))  # ... so a NaN spacing became 1 mm
+    (w / "sizeof_hdr.nii").write_bytes(bytes(nii))
+    nii = bytearray((w / "ct.nii").read_bytes())
+    nii[70:74] = struct.pack("<2h", 32, 64)  # complex64 voxels (found by the fuzzer)
+    (w / "complex.nii").write_bytes(bytes(nii) + bytes(3 * (len(nii) - 352)))  # 4x int16
+    nii = bytearray((w / "ct.nii").read_bytes())
+    nii[42:44] = struct.pack("<h", -119)  # a negative size (ITK read on for seconds)
+    (w / "negative_dim.nii").write_bytes(bytes(nii))
+    mha = (w / "ct.mha").read_bytes().replace(b"NDims = 3", b"NDims = 3.2e158", 1)
+    (w / "no_data_line.mha").write_bytes(mha.replace(b"ElementDataFile", b"ElementDataFiles", 1))
     mha = (w / "ct.mha").read_bytes().replace(b"NDims = 3", b"NDims = 100000", 1)
     (w / "ndims_huge.mha").write_bytes(mha)
     (w / "result_and_notes").mkdir()
@@ -203,6 +215,10 @@ CASES = [
     ("broken nrrd header", _detect("garbage.nrrd"), "CT"),
     ("NIfTI offset NaN", _detect("offset_nan.nii"), "header is inconsistent"),
     ("NIfTI float of 8 bits", _detect("float_bits.nii"), "header is inconsistent"),
+    ("NIfTI header size field", _detect("sizeof_hdr.nii"), "header size field"),
+    ("NIfTI complex voxels", _detect("complex.nii"), "complex voxels"),
+    ("NIfTI negative size", _detect("negative_dim.nii"), "header is inconsistent"),
+    ("MetaImage without ElementDataFile", _detect("no_data_line.mha"), "no ElementDataFile"),
     ("MetaImage NDims 100000", _detect("ndims_huge.mha"), "header is inconsistent"),
     ("CT missing", _detect("missing.nrrd"), "CT not found"),
     ("liver missing", _detect(liver="missing.nrrd"), "liver mask not found"),

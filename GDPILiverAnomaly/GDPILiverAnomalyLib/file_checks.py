@@ -109,10 +109,18 @@ def _nifti_layout(header: bytes) -> tuple[int, int, str | None] | None:
             offset = struct.unpack(order + "q", header[168:176])[0]
             break
     else:
+        # ITK reads a file with NIfTI's magic whatever its header size field says, and
+        # then none of these checks would run (NaN spacing silently became 1 mm)
+        if header[344:348] in (b"n+1\0", b"ni1\0") or header[4:8] in (b"n+2\0", b"ni2\0"):
+            size = struct.unpack("<i", header[:4])[0] if len(header) >= 4 else None
+            raise ValueError(f"header size field {size}, not 348 (NIfTI-1) or 540 (NIfTI-2)")
         return None
     n = dims[0]
     if not 1 <= n <= 7 or bitpix <= 0 or any(d < 0 for d in dims[1 : n + 1]):
-        return None
+        # ITK reads on with such sizes (a dimension of -119: seconds, gigabytes)
+        raise ValueError(
+            f"dimensions {list(dims[: n + 1] if 1 <= n <= 7 else dims[:1])}, {bitpix} bits"
+        )
     if len(header) < 540 or struct.unpack(order + "i", header[:4])[0] == 348:
         # NIfTI-1 geometry: pixdim, quaternion, offsets, sform rows (NaN upsets ITK)
         geometry = struct.unpack(order + "8f", header[76:108]) + struct.unpack(
@@ -206,8 +214,8 @@ def _check_metaimage(path: Path, what: str) -> None:
         if key.strip() == "ElementDataFile":
             offset = position
             break
-    if offset is None:
-        return
+    if offset is None:  # ITK reads it all the same, unchecked (an NDims of 1e158: crash)
+        raise _inconsistent(path, what, "no ElementDataFile line ending the header")
     # ITK's MetaImage reader trusts these fields (an NDims of 371 corrupts its heap)
     try:
         ndims = int(fields.get("NDims", ""))

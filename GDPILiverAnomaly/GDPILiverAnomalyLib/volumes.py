@@ -61,6 +61,8 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
             detail = str(exc).strip().splitlines()
             reason = detail[-1] if detail else "unknown reason"
             raise InputError(f"cannot read {what} {p}: {reason}") from None
+    if "complex" in image.GetPixelIDTypeAsString():
+        raise InputError(f"{what} {p} has complex voxels; a real-valued image is required")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(
             f"{what} {p} has {image.GetNumberOfComponentsPerPixel()} components "
