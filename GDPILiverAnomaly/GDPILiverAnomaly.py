@@ -1,7 +1,7 @@
 """GDPI Liver Anomaly: unsupervised liver tumour detection in CT (Slicer scripted module).
 
 The widget is thin: settings live in a parameter node, every action goes to
-``GDPILiverAnomalyLib.slicer_logic.DetectionLogic`` (importable and tested without Qt),
+``GDPILiverAnomalyLib.slicer_side.logic.DetectionLogic`` (importable and tested without Qt),
 and detection runs in a background ``PythonSlicer`` process polled from a timer.
 """
 
@@ -15,24 +15,24 @@ from typing import Annotated
 import qt
 import slicer
 import vtk
-from GDPILiverAnomalyLib import dependencies
 from GDPILiverAnomalyLib.errors import GDPIError
-from GDPILiverAnomalyLib.parameters import (
+from GDPILiverAnomalyLib.method.parameters import (
     PRESETS,
     DetectionParams,
     choices,
     default,
     value_range,
 )
-from GDPILiverAnomalyLib.slicer_display import (
+from GDPILiverAnomalyLib.slicer_side import dependencies
+from GDPILiverAnomalyLib.slicer_side.display import (
     LESION_TABLE_REFERENCE,
     PSEUDO_HEALTHY_REFERENCE,
     RESULT_ROLE_ATTRIBUTE,
     defaultCtNode,
     liverSegmentId,
 )
-from GDPILiverAnomalyLib.slicer_logic import DetectionLogic
-from GDPILiverAnomalyLib.slicer_settings import AME_SIDES, PANEL_PRESETS, DetectionSettings
+from GDPILiverAnomalyLib.slicer_side.logic import DetectionLogic
+from GDPILiverAnomalyLib.slicer_side.settings import AME_SIDES, PANEL_PRESETS, DetectionSettings
 from slicer import (
     vtkMRMLLabelMapVolumeNode,
     vtkMRMLScalarVolumeNode,
@@ -125,7 +125,7 @@ def loadSyntheticSample(source=None):
 @parameterNodeWrapper
 class GDPILiverAnomalyParameterNode:
     """Panel settings; saved with the scene. The detection parameters carry the names,
-    ranges and defaults of ``GDPILiverAnomalyLib.parameters`` (HU for intensities,
+    ranges and defaults of ``GDPILiverAnomalyLib.method.parameters`` (HU for intensities,
     model-grid pixels for the median filter); the schedule fields are the ``custom``
     preset's (they start at the paper preset's values); batch size 0 = automatic."""
 
@@ -214,7 +214,7 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
         self.ui.showVersionsButton.connect("clicked(bool)", self.onShowVersions)
         self.ui.cancelAllButton.connect("clicked(bool)", self.onCancelAll)
-        # ranges from GDPILiverAnomalyLib.parameters (0 batch size = automatic)
+        # ranges from GDPILiverAnomalyLib.method.parameters (0 batch size = automatic)
         for widget, name in (
             (self.ui.stepsSpinBox, "steps"),
             (self.ui.jumpLengthSpinBox, "jump_length"),
@@ -738,7 +738,7 @@ class GDPILiverAnomalyTest(ScriptedLoadableModuleTest):
         self.test_panel_state()
 
     def _syntheticNodes(self):
-        from GDPILiverAnomalyLib.synthetic import synthetic_case
+        from GDPILiverAnomalyLib.files.synthetic import synthetic_case
 
         case = synthetic_case(seed=7)
         ct, liver = DetectionLogic(slicer.mrmlScene).loadSyntheticCase(seed=7)
@@ -746,7 +746,7 @@ class GDPILiverAnomalyTest(ScriptedLoadableModuleTest):
 
     def test_detect_synthetic_case(self):
         import numpy as np
-        from GDPILiverAnomalyLib.demo import DEMO_MODEL
+        from GDPILiverAnomalyLib.running.demo import DEMO_MODEL
         from scipy.stats import rankdata
 
         self.delayDisplay("Detection on a synthetic case with the demo model")

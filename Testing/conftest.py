@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
-from GDPILiverAnomalyLib.parameters import DetectionParams
+from GDPILiverAnomalyLib.method.parameters import DetectionParams
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -29,7 +29,7 @@ def shared(*parts: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A randomly initialised tiny checkpoint (64 px grid at 5 mm, learned sigma)."""
-    from GDPILiverAnomalyLib.checkpoint import init_checkpoint, save_checkpoint  # torch
+    from GDPILiverAnomalyLib.files.checkpoint import init_checkpoint, save_checkpoint  # torch
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     return save_checkpoint(init_checkpoint("tiny", seed=0), path)

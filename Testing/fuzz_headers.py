@@ -48,7 +48,7 @@ def write_corpus(folder: Path) -> dict[str, Path]:
                            ("seed_gz.nrrd", True), ("seed.mha", False), ("seed_z.mha", True)):  # fmt: skip
         sitk.WriteImage(image, str(folder / name), useCompression=compress)
         seeds[name] = folder / name
-    from GDPILiverAnomalyLib.checkpoint import init_checkpoint, save_checkpoint
+    from GDPILiverAnomalyLib.files.checkpoint import init_checkpoint, save_checkpoint
 
     seeds["seed.safetensors"] = save_checkpoint(
         init_checkpoint("micro") if _has_micro() else init_checkpoint("tiny"),
@@ -58,7 +58,7 @@ def write_corpus(folder: Path) -> dict[str, Path]:
 
 
 def _has_micro() -> bool:
-    from GDPILiverAnomalyLib.unet import MODEL_SIZES
+    from GDPILiverAnomalyLib.method.unet import MODEL_SIZES
 
     return "micro" in MODEL_SIZES
 
@@ -138,8 +138,8 @@ def _mutate_safetensors(data: bytes, draw) -> bytes:
 
 def check_one(path: Path) -> None:
     """Read ``path`` the way ``gdpi detect`` does; only our own errors are allowed."""
-    from GDPILiverAnomalyLib.checkpoint import load_checkpoint
-    from GDPILiverAnomalyLib.volumes import read_ct
+    from GDPILiverAnomalyLib.files.checkpoint import load_checkpoint
+    from GDPILiverAnomalyLib.files.volumes import read_ct
 
     started = time.monotonic()
     try:

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest import shared
-from GDPILiverAnomalyLib.ame import adaptive_mask
 from GDPILiverAnomalyLib.errors import ParameterError
+from GDPILiverAnomalyLib.method.ame import adaptive_mask
 
 
 def test_darker_than_median_by_more_than_offset():

@@ -3,14 +3,14 @@ import struct
 
 import pytest
 import torch
-from GDPILiverAnomalyLib.checkpoint import (
+from GDPILiverAnomalyLib.errors import CheckpointError, ParameterError
+from GDPILiverAnomalyLib.files.checkpoint import (
     Intensity,
     init_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from GDPILiverAnomalyLib.errors import CheckpointError, ParameterError
-from GDPILiverAnomalyLib.unet import UNet, UNetConfig
+from GDPILiverAnomalyLib.method.unet import UNet, UNetConfig
 from safetensors.torch import save_file
 
 

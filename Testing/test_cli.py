@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from GDPILiverAnomalyLib import cli as engine_cli
+from GDPILiverAnomalyLib.running import cli as engine_cli
 from GDPITraining import cli as training_cli
 
 ENGINE = {"detect", "demo", "init-model", "devices"}
@@ -24,7 +24,7 @@ def test_engine_and_training_commands():
 
 def test_engine_module_never_imports_training():
     code = (
-        "import sys, GDPILiverAnomalyLib.cli\n"
+        "import sys, GDPILiverAnomalyLib.running.cli\n"
         "assert not [m for m in sys.modules if m.startswith('GDPITraining')]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

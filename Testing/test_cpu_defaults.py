@@ -6,11 +6,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 from conftest import REPO, shared
-from GDPILiverAnomalyLib.checkpoint import load_checkpoint
-from GDPILiverAnomalyLib.metrics import pixel_metrics
-from GDPILiverAnomalyLib.parameters import DetectionParams, default_batch_size
-from GDPILiverAnomalyLib.pipeline import bf16_active, cpu_has_bf16, detect
-from GDPILiverAnomalyLib.volumes import read_ct, read_liver_mask
+from GDPILiverAnomalyLib.files.checkpoint import load_checkpoint
+from GDPILiverAnomalyLib.files.volumes import read_ct, read_liver_mask
+from GDPILiverAnomalyLib.method.metrics import pixel_metrics
+from GDPILiverAnomalyLib.method.parameters import DetectionParams, default_batch_size
+from GDPILiverAnomalyLib.running.pipeline import bf16_active, cpu_has_bf16, detect
 
 REAL_MODEL = (
     REPO / "GDPILiverAnomaly" / "GDPILiverAnomalyLib" / "models" / "real_ct_tiny.safetensors"

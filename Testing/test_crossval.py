@@ -35,7 +35,7 @@ def test_cross_validation_script_end_to_end(tmp_path):
         # each fold's model never saw its patient, and is tested on that patient only
         assert model["test_set"]["cases"] == [fold]
         trained = subprocess.run(
-            [sys.executable, "-c", "import sys, json; from GDPILiverAnomalyLib.checkpoint "
+            [sys.executable, "-c", "import sys, json; from GDPILiverAnomalyLib.files.checkpoint "
              "import load_checkpoint as l; print(json.dumps(l(sys.argv[1]).training['cases']))",
              str(runs / "models" / f"tiny_{fold}" / "model.safetensors")],
             capture_output=True, text=True, check=True,

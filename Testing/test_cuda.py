@@ -5,10 +5,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 from conftest import shared
-from GDPILiverAnomalyLib.checkpoint import load_checkpoint
-from GDPILiverAnomalyLib.devices import resolve_device
-from GDPILiverAnomalyLib.parameters import DetectionParams
-from GDPILiverAnomalyLib.runner import run_case
+from GDPILiverAnomalyLib.files.checkpoint import load_checkpoint
+from GDPILiverAnomalyLib.method.parameters import DetectionParams
+from GDPILiverAnomalyLib.running.devices import resolve_device
+from GDPILiverAnomalyLib.running.runner import run_case
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 

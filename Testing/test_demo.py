@@ -4,8 +4,8 @@ import json
 import subprocess
 import sys
 
-from GDPILiverAnomalyLib.checkpoint import load_checkpoint
-from GDPILiverAnomalyLib.demo import DEMO_MODEL
+from GDPILiverAnomalyLib.files.checkpoint import load_checkpoint
+from GDPILiverAnomalyLib.running.demo import DEMO_MODEL
 
 
 def test_bundled_demo_model_is_small_and_trained():

@@ -2,7 +2,7 @@
 
 import importlib.metadata
 
-from GDPILiverAnomalyLib import dependencies
+from GDPILiverAnomalyLib.slicer_side import dependencies
 
 
 def test_dependency_plan_never_touches_slicers_numpy_or_simpleitk():

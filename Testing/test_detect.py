@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest import shared
-from GDPILiverAnomalyLib.cases import pair_cases
-from GDPILiverAnomalyLib.checkpoint import file_sha256, load_checkpoint
-from GDPILiverAnomalyLib.parameters import DetectionParams
-from GDPILiverAnomalyLib.runner import OUTPUT_FILES, run_case
-from GDPILiverAnomalyLib.volumes import read_ct, read_liver_mask
+from GDPILiverAnomalyLib.files.cases import pair_cases
+from GDPILiverAnomalyLib.files.checkpoint import file_sha256, load_checkpoint
+from GDPILiverAnomalyLib.files.volumes import read_ct, read_liver_mask
+from GDPILiverAnomalyLib.method.parameters import DetectionParams
+from GDPILiverAnomalyLib.running.runner import OUTPUT_FILES, run_case
 from scipy import ndimage
 
 VOLUMES = ("score.nrrd", "pseudo_healthy.nrrd", "candidates.nrrd", "anomaly.nrrd")

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
-from GDPILiverAnomalyLib.devices import available_devices, resolve_device
 from GDPILiverAnomalyLib.errors import ParameterError
+from GDPILiverAnomalyLib.running.devices import available_devices, resolve_device
 
 
 def test_resolve_device_names():

@@ -3,13 +3,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from GDPILiverAnomalyLib.diffusion import (
+from GDPILiverAnomalyLib.errors import ParameterError
+from GDPILiverAnomalyLib.method.diffusion import (
     DiffusionConfig,
     GaussianDiffusion,
     beta_schedule,
     space_timesteps,
 )
-from GDPILiverAnomalyLib.errors import ParameterError
 
 
 def test_linear_schedule_is_the_papers():
@@ -122,7 +122,7 @@ class _TwoParamModel(torch.nn.Module):
 
 
 def test_hybrid_loss_terms():
-    from GDPILiverAnomalyLib.diffusion import training_losses
+    from GDPILiverAnomalyLib.method.diffusion import training_losses
 
     d = GaussianDiffusion.from_config(DiffusionConfig(learn_sigma=True))
     g = torch.Generator().manual_seed(0)

@@ -13,13 +13,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 from conftest import REPO, shared
-from GDPILiverAnomalyLib.diffusion import DiffusionConfig, GaussianDiffusion
 from GDPILiverAnomalyLib.errors import OutputError, ParameterError
-from GDPILiverAnomalyLib.grid import InputGrid
-from GDPILiverAnomalyLib.metrics import pixel_metrics
-from GDPILiverAnomalyLib.repaint import SliceNoise, repaint
-from GDPILiverAnomalyLib.schedule import schedule_counts
-from GDPILiverAnomalyLib.synthetic import synthetic_case
+from GDPILiverAnomalyLib.files.synthetic import synthetic_case
+from GDPILiverAnomalyLib.method.diffusion import DiffusionConfig, GaussianDiffusion
+from GDPILiverAnomalyLib.method.grid import InputGrid
+from GDPILiverAnomalyLib.method.metrics import pixel_metrics
+from GDPILiverAnomalyLib.method.repaint import SliceNoise, repaint
+from GDPILiverAnomalyLib.method.schedule import schedule_counts
 from GDPITraining.baselines import load_baseline
 from GDPITraining.evaluate import EvaluateConfig, evaluate, memory_bank_prompts
 from GDPITraining.loop import TrainConfig
@@ -153,9 +153,9 @@ def test_prepare_ignore_label_drops_the_slices_that_hold_it(tmp_path):
 def test_store_ame_margins_apply_ame_as_detect_does(tmp_path, sigma_mm):
     """Thresholding the store's margins flags the grid pixels gdpi detect would inpaint
     (with the same AME smoothing)."""
-    from GDPILiverAnomalyLib.ame import adaptive_mask, denoise_for_ame
-    from GDPILiverAnomalyLib.grid import PlaneMapping
-    from GDPILiverAnomalyLib.volumes import OrientedCase
+    from GDPILiverAnomalyLib.files.volumes import OrientedCase
+    from GDPILiverAnomalyLib.method.ame import adaptive_mask, denoise_for_ame
+    from GDPILiverAnomalyLib.method.grid import PlaneMapping
 
     case = synthetic_case(4, n_slices=6, size=128, pixel_mm=2.0, slice_mm=5.0)
     folder = tmp_path / "cases" / "c1"

@@ -4,7 +4,7 @@ import os
 
 import pytest
 from GDPILiverAnomalyLib.errors import OutputError
-from GDPILiverAnomalyLib.files import atomic_dir, check_output_dir, write_text_atomic
+from GDPILiverAnomalyLib.files.outputs import atomic_dir, check_output_dir, write_text_atomic
 
 
 def test_atomic_dir_creates_the_folder_only_on_success(tmp_path):

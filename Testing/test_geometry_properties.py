@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from GDPILiverAnomalyLib.errors import InputError
-from GDPILiverAnomalyLib.file_checks import PLAUSIBLE_SPACING_MM
-from GDPILiverAnomalyLib.volumes import OrientedCase, read_ct, read_liver_mask
+from GDPILiverAnomalyLib.files.checks import PLAUSIBLE_SPACING_MM
+from GDPILiverAnomalyLib.files.volumes import OrientedCase, read_ct, read_liver_mask
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 

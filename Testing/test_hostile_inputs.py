@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest import shared
-from GDPILiverAnomalyLib.checkpoint import init_checkpoint, save_checkpoint
+from GDPILiverAnomalyLib.files.checkpoint import init_checkpoint, save_checkpoint
 from GDPITraining.cli import main
 
 
@@ -559,10 +559,10 @@ def test_a_second_signal_ends_the_run_at_once(world, tmp_path):
 def test_a_cancel_while_outputs_are_written_moves_nothing_into_place(world, tmp_path):
     """The last cancellation check runs after every output file is written into the
     temporary folder and before it becomes --out: a signal there leaves nothing."""
-    from GDPILiverAnomalyLib.checkpoint import load_checkpoint
     from GDPILiverAnomalyLib.errors import Cancelled
-    from GDPILiverAnomalyLib.parameters import DetectionParams
-    from GDPILiverAnomalyLib.runner import run_case
+    from GDPILiverAnomalyLib.files.checkpoint import load_checkpoint
+    from GDPILiverAnomalyLib.method.parameters import DetectionParams
+    from GDPILiverAnomalyLib.running.runner import run_case
 
     finished = {"network": False, "checks_after": 0}
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from GDPILiverAnomalyLib.checkpoint import Intensity
 from GDPILiverAnomalyLib.errors import ParameterError
+from GDPILiverAnomalyLib.files.checkpoint import Intensity
 from GDPITraining.loop import (
     STATE_VERSION,
     TrainConfig,

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from GDPILiverAnomalyLib.metrics import lesion_detection, pixel_metrics, slice_auroc
+from GDPILiverAnomalyLib.method.metrics import lesion_detection, pixel_metrics, slice_auroc
 
 
 def _brute_force_best_f1(score, truth):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from GDPILiverAnomalyLib.checkpoint import load_checkpoint
-from GDPILiverAnomalyLib.packing import CaseSlices, Packer, batch_fill
-from GDPILiverAnomalyLib.pipeline import inpaint_grid
+from GDPILiverAnomalyLib.files.checkpoint import load_checkpoint
+from GDPILiverAnomalyLib.running.packing import CaseSlices, Packer, batch_fill
+from GDPILiverAnomalyLib.running.pipeline import inpaint_grid
 
 
 def _case(name: str, slices: int, n: int = 4, seed: int = 0) -> CaseSlices:
@@ -47,8 +47,8 @@ def test_batches_are_full_across_cases_and_every_slice_returns_to_its_case():
 
 
 def test_model_workers_batch_64_px_slices_by_64_on_a_gpu():
-    from GDPILiverAnomalyLib.parameters import default_batch_size
-    from GDPILiverAnomalyLib.ray_engine import worker_batch_size
+    from GDPILiverAnomalyLib.method.parameters import default_batch_size
+    from GDPILiverAnomalyLib.running.ray_engine import worker_batch_size
 
     assert worker_batch_size(gpu=True, image_size=64) == 64  # packing keeps them full
     assert worker_batch_size(gpu=True, image_size=128) == default_batch_size("cuda", 128)

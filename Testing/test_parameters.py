@@ -5,7 +5,7 @@ import math
 
 import pytest
 from GDPILiverAnomalyLib.errors import ParameterError
-from GDPILiverAnomalyLib.parameters import (
+from GDPILiverAnomalyLib.method.parameters import (
     PARAMETER_NAMES,
     PRESETS,
     DetectionParams,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import shared
-from GDPILiverAnomalyLib.phase import ARTERIAL_GAP_HU, describe_ame_side, estimate_phase
+from GDPILiverAnomalyLib.method.phase import ARTERIAL_GAP_HU, describe_ame_side, estimate_phase
 
 
 def _abdomen(aorta_hu: float | None, liver_hu: float, slices: int = 20) -> tuple:
@@ -44,7 +44,7 @@ def test_the_aorta_liver_gap_decides():
 
 
 def _real(case: str, seg: str = "seg.nii.gz", label=None):
-    from GDPILiverAnomalyLib.volumes import OrientedCase, read_ct, read_liver_mask
+    from GDPILiverAnomalyLib.files.volumes import OrientedCase, read_ct, read_liver_mask
 
     ct = read_ct(shared(case, "ct.nii.gz"))
     oriented = OrientedCase.from_arrays(ct, read_liver_mask(shared(case, seg), ct, label))

@@ -2,7 +2,7 @@
 
 import io
 
-from GDPILiverAnomalyLib.progress import LineProgress, Progress, Reporter, progress_bar
+from GDPILiverAnomalyLib.running.progress import LineProgress, Progress, Reporter, progress_bar
 
 
 def test_line_progress_writes_plain_periodic_lines():

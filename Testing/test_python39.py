@@ -21,9 +21,10 @@ from conftest import REPO
 MODULE = REPO / "GDPILiverAnomaly"
 #: Modules the Slicer GUI process and the worker import before or without torch.
 TORCH_FREE_MODULES = (
-    "errors", "parameters", "schedule", "files", "worker", "dependencies",
-    "slicer_settings", "cases", "volumes", "ame", "grid", "scoring", "synthetic", "progress",
-    "phase", "calibration",
+    "errors", "method.parameters", "method.schedule", "files.outputs", "running.worker",
+    "slicer_side.dependencies", "slicer_side.settings", "files.cases", "files.volumes",
+    "method.ame", "method.grid", "method.scoring", "files.synthetic", "running.progress",
+    "method.phase", "method.calibration",
 )  # fmt: skip
 #: Tests that need neither torch nor slicer.
 TORCH_FREE_TESTS = (

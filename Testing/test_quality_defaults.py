@@ -8,10 +8,10 @@ import sys
 
 import numpy as np
 from conftest import shared
-from GDPILiverAnomalyLib.checkpoint import load_checkpoint
-from GDPILiverAnomalyLib.parameters import DetectionParams
-from GDPILiverAnomalyLib.runner import run_case
-from GDPILiverAnomalyLib.slicer_settings import DEFAULT_CHECKPOINT
+from GDPILiverAnomalyLib.files.checkpoint import load_checkpoint
+from GDPILiverAnomalyLib.method.parameters import DetectionParams
+from GDPILiverAnomalyLib.running.runner import run_case
+from GDPILiverAnomalyLib.slicer_side.settings import DEFAULT_CHECKPOINT
 
 
 def _quick(**kw) -> DetectionParams:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest import shared
-from GDPILiverAnomalyLib.runner import OUTPUT_FILES
+from GDPILiverAnomalyLib.running.runner import OUTPUT_FILES
 
 pytest.importorskip("ray")  # the [ray] extra; README command 2 installs it
 
@@ -211,8 +211,8 @@ def test_engine_options_are_checked_before_anything_runs(batch, tmp_path, monkey
     assert proc.returncode == 2 and "--cpus-per-worker must be at least 1" in proc.stderr
     assert not (tmp_path / "o").exists()
 
-    from GDPILiverAnomalyLib import ray_engine
     from GDPILiverAnomalyLib.errors import GDPIError
+    from GDPILiverAnomalyLib.running import ray_engine
 
     monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed
     with pytest.raises(GDPIError, match=r'needs Ray: pip install "gdpi-liver-anomaly\[ray\]"'):
@@ -226,10 +226,10 @@ def test_a_case_with_nothing_to_inpaint_is_scored_and_written_like_locally(
     finds no candidate: no model work, the same outputs as the local engine."""
     from datetime import datetime, timezone
 
-    from GDPILiverAnomalyLib.checkpoint import load_checkpoint
-    from GDPILiverAnomalyLib.parameters import DetectionParams
-    from GDPILiverAnomalyLib.ray_engine import finish_case, prepare_case
-    from GDPILiverAnomalyLib.runner import CaseInputs, run_case
+    from GDPILiverAnomalyLib.files.checkpoint import load_checkpoint
+    from GDPILiverAnomalyLib.method.parameters import DetectionParams
+    from GDPILiverAnomalyLib.running.ray_engine import finish_case, prepare_case
+    from GDPILiverAnomalyLib.running.runner import CaseInputs, run_case
 
     checkpoint = load_checkpoint(tiny_checkpoint)
     params = DetectionParams.from_preset("fast", offset_hu=400, two_sided=False, device="cpu")

@@ -2,11 +2,11 @@ import math
 
 import pytest
 import torch
-from GDPILiverAnomalyLib.diffusion import DiffusionConfig, GaussianDiffusion
 from GDPILiverAnomalyLib.errors import Cancelled, ParameterError
-from GDPILiverAnomalyLib.repaint import SliceNoise, repaint
-from GDPILiverAnomalyLib.schedule import schedule_counts
-from GDPILiverAnomalyLib.unet import UNet, UNetConfig
+from GDPILiverAnomalyLib.method.diffusion import DiffusionConfig, GaussianDiffusion
+from GDPILiverAnomalyLib.method.repaint import SliceNoise, repaint
+from GDPILiverAnomalyLib.method.schedule import schedule_counts
+from GDPILiverAnomalyLib.method.unet import UNet, UNetConfig
 
 
 def _analytic_denoiser(diffusion, mean, tau, sigma):

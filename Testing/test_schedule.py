@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from GDPILiverAnomalyLib.schedule import get_schedule_jump, schedule_counts, transitions
+from GDPILiverAnomalyLib.method.schedule import get_schedule_jump, schedule_counts, transitions
 
 
 def test_schedule_small_case_by_hand():
@@ -29,7 +29,7 @@ def test_transitions_are_consecutive_pairs():
 def test_schedule_and_parameters_import_without_torch():
     """The Slicer panel counts NFE before torch is installed."""
     code = (
-        "import sys, GDPILiverAnomalyLib.schedule, GDPILiverAnomalyLib.parameters\n"
+        "import sys, GDPILiverAnomalyLib.method.schedule, GDPILiverAnomalyLib.method.parameters\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

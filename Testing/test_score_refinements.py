@@ -2,12 +2,12 @@
 
 import numpy as np
 import pytest
-from GDPILiverAnomalyLib.calibration import (
+from GDPILiverAnomalyLib.method.calibration import (
     REFERENCE_MARGIN_PX,
     reference_patches,
     remove_bias,
 )
-from GDPILiverAnomalyLib.scoring import finish_score, smooth_across_slices
+from GDPILiverAnomalyLib.method.scoring import finish_score, smooth_across_slices
 from scipy import ndimage
 
 
@@ -73,9 +73,9 @@ def test_two_sided_scoring_per_slice():
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_k_samples_average_independent_inpaintings(tiny_checkpoint, quick_params, batch_size):
     import torch
-    from GDPILiverAnomalyLib.checkpoint import load_checkpoint
-    from GDPILiverAnomalyLib.pipeline import inpaint_grid
-    from GDPILiverAnomalyLib.repaint import slice_seeds
+    from GDPILiverAnomalyLib.files.checkpoint import load_checkpoint
+    from GDPILiverAnomalyLib.method.repaint import slice_seeds
+    from GDPILiverAnomalyLib.running.pipeline import inpaint_grid
 
     ckpt = load_checkpoint(tiny_checkpoint)
     rng = np.random.default_rng(0)

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from GDPILiverAnomalyLib.grid import InputGrid, PlaneMapping
-from GDPILiverAnomalyLib.scoring import anomaly_mask, find_lesions, median_filter_slices
+from GDPILiverAnomalyLib.method.grid import InputGrid, PlaneMapping
+from GDPILiverAnomalyLib.method.scoring import anomaly_mask, find_lesions, median_filter_slices
 
 
 def test_lesion_list_from_a_constructed_mask():

@@ -6,8 +6,8 @@ import pytest
 
 def test_failure_hints_retry_and_status_line():
     pytest.importorskip("slicer")
-    from GDPILiverAnomalyLib.slicer_job import failureHint, formatProgress, retryBatchSize
-    from GDPILiverAnomalyLib.slicer_settings import DetectionSettings
+    from GDPILiverAnomalyLib.slicer_side.job import failureHint, formatProgress, retryBatchSize
+    from GDPILiverAnomalyLib.slicer_side.settings import DetectionSettings
 
     oom = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
     assert "smaller batch" in failureHint(oom)
@@ -36,7 +36,7 @@ def test_failure_hints_retry_and_status_line():
 
 def test_worker_events_become_readable_log_lines():
     pytest.importorskip("slicer")
-    from GDPILiverAnomalyLib.slicer_job import formatDuration, formatEvent
+    from GDPILiverAnomalyLib.slicer_side.job import formatDuration, formatEvent
 
     assert formatDuration(125.4) == "2 min 05 s" and formatDuration(9) == "9 s"
     start = {

@@ -22,10 +22,10 @@ vtk = pytest.importorskip("vtk")
 
 from conftest import shared  # noqa: E402
 from GDPILiverAnomalyLib.errors import GDPIError  # noqa: E402
-from GDPILiverAnomalyLib.slicer_display import LESION_COLUMNS, SCORE_WINDOW_HU  # noqa: E402
-from GDPILiverAnomalyLib.slicer_logic import DetectionLogic  # noqa: E402
-from GDPILiverAnomalyLib.slicer_settings import DetectionSettings  # noqa: E402
-from GDPILiverAnomalyLib.worker import group_members  # noqa: E402
+from GDPILiverAnomalyLib.running.worker import group_members  # noqa: E402
+from GDPILiverAnomalyLib.slicer_side.display import LESION_COLUMNS, SCORE_WINDOW_HU  # noqa: E402
+from GDPILiverAnomalyLib.slicer_side.logic import DetectionLogic  # noqa: E402
+from GDPILiverAnomalyLib.slicer_side.settings import DetectionSettings  # noqa: E402
 
 QUICK = dict(preset="custom", steps=10, jump_length=2, jump_n_sample=2, device="cpu")
 
@@ -390,7 +390,11 @@ def test_devices_are_listed_by_a_worker_not_in_slicers_process(tmp_path):
 
 
 def test_results_are_tagged_and_placed_in_the_cts_study(hcc_scene, labelmap_run):
-    from GDPILiverAnomalyLib.slicer_display import RESULT_ROLE_ATTRIBUTE, defaultCtNode, isResult
+    from GDPILiverAnomalyLib.slicer_side.display import (
+        RESULT_ROLE_ATTRIBUTE,
+        defaultCtNode,
+        isResult,
+    )
 
     scene, ct, labelmap, _, _ = hcc_scene
     _, outputs, events, _, _ = labelmap_run
@@ -421,7 +425,7 @@ def test_results_are_tagged_and_placed_in_the_cts_study(hcc_scene, labelmap_run)
 
 
 def test_segmentation_follows_the_ct_for_dicom_export(hcc_scene, labelmap_run):
-    from GDPILiverAnomalyLib.slicer_display import LESION_TERMINOLOGY
+    from GDPILiverAnomalyLib.slicer_side.display import LESION_TERMINOLOGY
 
     scene, ct, _, _, _ = hcc_scene
     logic, outputs, _, _, _ = labelmap_run
@@ -532,7 +536,7 @@ def test_labelmap_checks_use_the_value_range(tmp_path):
 
 
 def test_the_liver_segment_is_chosen_by_name():
-    from GDPILiverAnomalyLib.slicer_display import liverSegmentId
+    from GDPILiverAnomalyLib.slicer_side.display import liverSegmentId
 
     scene = slicer.vtkMRMLScene()
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
@@ -554,7 +558,7 @@ def test_the_liver_segment_is_chosen_by_name():
 
 
 def test_synthetic_sample_case_has_the_demo_geometry(tmp_path):
-    from GDPILiverAnomalyLib.synthetic import synthetic_case
+    from GDPILiverAnomalyLib.files.synthetic import synthetic_case
 
     scene = slicer.vtkMRMLScene()
     logic = DetectionLogic(scene, tempRoot=str(tmp_path))

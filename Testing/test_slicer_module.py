@@ -9,9 +9,9 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from GDPILiverAnomalyLib import parameters
-from GDPILiverAnomalyLib.parameters import PRESETS
-from GDPILiverAnomalyLib.slicer_settings import AME_SIDES, PANEL_PRESETS, DetectionSettings
+from GDPILiverAnomalyLib.method import parameters
+from GDPILiverAnomalyLib.method.parameters import PRESETS
+from GDPILiverAnomalyLib.slicer_side.settings import AME_SIDES, PANEL_PRESETS, DetectionSettings
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE = REPO / "GDPILiverAnomaly"
@@ -34,7 +34,7 @@ def _ui_parameter_names() -> dict[str, str]:
 
 def _parameter_node_fields() -> dict[str, object]:
     """Annotated fields of the parameter node class and their defaults (None if none),
-    evaluated with what the module imports from ``GDPILiverAnomalyLib.parameters``."""
+    evaluated with what the module imports from ``GDPILiverAnomalyLib.method.parameters``."""
     tree = ast.parse(MODULE_PY.read_text())
     cls = next(
         n
@@ -128,7 +128,10 @@ def _cmake_list(name: str) -> list[str]:
 def test_module_cmakelists_lists_every_file():
     scripts = set(_cmake_list("MODULE_PYTHON_SCRIPTS"))
     resources = set(_cmake_list("MODULE_PYTHON_RESOURCES"))
-    lib = {f"GDPILiverAnomalyLib/{p.name}" for p in (MODULE / "GDPILiverAnomalyLib").glob("*.py")}
+    lib_dir = MODULE / "GDPILiverAnomalyLib"
+    lib = {
+        f"GDPILiverAnomalyLib/{p.relative_to(lib_dir).as_posix()}" for p in lib_dir.rglob("*.py")
+    }
     assert scripts == lib | {"GDPILiverAnomaly.py"}
     models = {
         f"GDPILiverAnomalyLib/models/{p.name}"
@@ -154,10 +157,10 @@ def test_logic_modules_import_without_qt_or_torch():
     import sys
 
     code = (
-        "import sys; import GDPILiverAnomalyLib.dependencies, GDPILiverAnomalyLib.worker, "
-        "GDPILiverAnomalyLib.parameters, GDPILiverAnomalyLib.schedule, "
-        "GDPILiverAnomalyLib.slicer_settings\n"
-        "try:\n    import GDPILiverAnomalyLib.slicer_logic\nexcept ModuleNotFoundError as e:\n"
+        "import sys; import GDPILiverAnomalyLib.slicer_side.dependencies, GDPILiverAnomalyLib.running.worker, "
+        "GDPILiverAnomalyLib.method.parameters, GDPILiverAnomalyLib.method.schedule, "
+        "GDPILiverAnomalyLib.slicer_side.settings\n"
+        "try:\n    import GDPILiverAnomalyLib.slicer_side.logic\nexcept ModuleNotFoundError as e:\n"
         "    assert e.name in ('slicer', 'vtk'), e\n"
         "bad = [m for m in ('torch', 'qt', 'PythonQt') if m in sys.modules]\n"
         "assert not bad, bad\n"
@@ -197,7 +200,7 @@ def test_self_test_skips_inference_without_dependencies_and_needs_no_scikit_lear
     panel = next(f for f in test.body if getattr(f, "name", "") == "test_panel_state")
     assert "_syntheticNodes" not in ast.unparse(panel)  # numpy only: nothing to install
     code = (
-        "import sys, GDPILiverAnomalyLib.demo\n"
+        "import sys, GDPILiverAnomalyLib.running.demo\n"
         "assert 'sklearn' not in sys.modules, 'the demo module imports scikit-learn'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -2,7 +2,7 @@
 
 import pytest
 from GDPILiverAnomalyLib.errors import InputError
-from GDPILiverAnomalyLib.slicer_settings import DEFAULT_CHECKPOINT, DetectionSettings
+from GDPILiverAnomalyLib.slicer_side.settings import DEFAULT_CHECKPOINT, DetectionSettings
 
 
 def test_presets_resolve_to_the_engine_parameters():

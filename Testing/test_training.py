@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from GDPILiverAnomalyLib.checkpoint import load_checkpoint
-from GDPILiverAnomalyLib.diffusion import DiffusionConfig, GaussianDiffusion, training_losses
 from GDPILiverAnomalyLib.errors import ParameterError
-from GDPILiverAnomalyLib.grid import InputGrid
-from GDPILiverAnomalyLib.synthetic import synthetic_case
+from GDPILiverAnomalyLib.files.checkpoint import load_checkpoint
+from GDPILiverAnomalyLib.files.synthetic import synthetic_case
+from GDPILiverAnomalyLib.method.diffusion import DiffusionConfig, GaussianDiffusion, training_losses
+from GDPILiverAnomalyLib.method.grid import InputGrid
 from GDPITraining.loop import TrainConfig, load_state
 from GDPITraining.prepare import prepare
 from GDPITraining.store import SliceStore
@@ -246,8 +246,8 @@ def _config(store, out, **kw):
 
 def _fixed_batch_loss(model_path_or_state, store):
     s = SliceStore.open(store)
-    from GDPILiverAnomalyLib.checkpoint import Intensity
-    from GDPILiverAnomalyLib.unet import MODEL_SIZES, UNet, UNetConfig
+    from GDPILiverAnomalyLib.files.checkpoint import Intensity
+    from GDPILiverAnomalyLib.method.unet import MODEL_SIZES, UNet, UNetConfig
 
     net = UNet(UNetConfig(**{**MODEL_SIZES["micro"], "image_size": 32}))
     net.load_state_dict(model_path_or_state)
@@ -262,7 +262,7 @@ def _fixed_batch_loss(model_path_or_state, store):
 
 
 def test_training_lowers_the_loss(tmp_path, store):
-    from GDPILiverAnomalyLib.unet import MODEL_SIZES, UNet, UNetConfig
+    from GDPILiverAnomalyLib.method.unet import MODEL_SIZES, UNet, UNetConfig
 
     torch.manual_seed(0)
     initial = UNet(UNetConfig(**{**MODEL_SIZES["micro"], "image_size": 32})).state_dict()

@@ -6,7 +6,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import shared
 from GDPILiverAnomalyLib.errors import InputError
-from GDPILiverAnomalyLib.volumes import (
+from GDPILiverAnomalyLib.files.volumes import (
     OrientedCase,
     check_hu,
     image_stem,

@@ -3,7 +3,7 @@ the real start, events and process-tree cancel are exercised in test_slicer_logi
 
 import subprocess
 
-from GDPILiverAnomalyLib.worker import (
+from GDPILiverAnomalyLib.running.worker import (
     CREATE_NEW_PROCESS_GROUP,
     CREATE_NO_WINDOW,
     kill_tree_command,

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from GDPILiverAnomalyLib.checkpoint import load_checkpoint
-from GDPILiverAnomalyLib.metrics import pixel_metrics
-from GDPILiverAnomalyLib.parameters import DetectionParams
-from GDPILiverAnomalyLib.runner import run_case
+from GDPILiverAnomalyLib.files.checkpoint import load_checkpoint
+from GDPILiverAnomalyLib.method.metrics import pixel_metrics
+from GDPILiverAnomalyLib.method.parameters import DetectionParams
+from GDPILiverAnomalyLib.running.runner import run_case
 
 
 def main() -> int:

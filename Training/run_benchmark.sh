@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The real-CT benchmark of the README's "Results" section: every method on (1) the real
+# The real-CT benchmark of docs/evaluation.md ("Results"): every method on (1) the real
 # tumour slices of ../shared/data and (2) synthetic tumours (gdpi synth-tumours) in the
 # held-out liver of hcc_1720. Run from the repository root with the venv active:
 #   RUNS=runs bash Training/run_benchmark.sh

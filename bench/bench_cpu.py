@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GDPILiverAnomaly"))
 
-from GDPILiverAnomalyLib.checkpoint import init_checkpoint  # noqa: E402
-from GDPILiverAnomalyLib.parameters import default_batch_size  # noqa: E402
-from GDPILiverAnomalyLib.pipeline import cpu_has_bf16  # noqa: E402
+from GDPILiverAnomalyLib.files.checkpoint import init_checkpoint  # noqa: E402
+from GDPILiverAnomalyLib.method.parameters import default_batch_size  # noqa: E402
+from GDPILiverAnomalyLib.running.pipeline import cpu_has_bf16  # noqa: E402
 
 
 def measure(

@@ -29,8 +29,8 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GDPILiverAnomaly"))
 
-from GDPILiverAnomalyLib.parameters import PRESETS, DetectionParams  # noqa: E402
-from GDPILiverAnomalyLib.synthetic import synthetic_case  # noqa: E402
+from GDPILiverAnomalyLib.files.synthetic import synthetic_case  # noqa: E402
+from GDPILiverAnomalyLib.method.parameters import PRESETS, DetectionParams  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CASES = {  # name: (CT, liver mask, liver label)

@@ -30,21 +30,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GDPILiverAnomaly"))
 
-from GDPILiverAnomalyLib.checkpoint import init_checkpoint, load_checkpoint  # noqa: E402
-from GDPILiverAnomalyLib.devices import resolve_device  # noqa: E402
-from GDPILiverAnomalyLib.parameters import (  # noqa: E402
+from GDPILiverAnomalyLib.files.checkpoint import init_checkpoint, load_checkpoint  # noqa: E402
+from GDPILiverAnomalyLib.files.volumes import read_ct, read_liver_mask  # noqa: E402
+from GDPILiverAnomalyLib.method.parameters import (  # noqa: E402
     DEFAULT_CHECKPOINT,
     PRESETS,
     DetectionParams,
     default_batch_size,
 )
-from GDPILiverAnomalyLib.pipeline import (  # noqa: E402
+from GDPILiverAnomalyLib.running.devices import resolve_device  # noqa: E402
+from GDPILiverAnomalyLib.running.pipeline import (  # noqa: E402
     bf16_active,
     inpaint_grid,
     plan_batches,
     plan_slices,
 )
-from GDPILiverAnomalyLib.volumes import read_ct, read_liver_mask  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

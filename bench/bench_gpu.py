@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GDPILiverAnomaly"))
 
-from GDPILiverAnomalyLib.checkpoint import init_checkpoint  # noqa: E402
+from GDPILiverAnomalyLib.files.checkpoint import init_checkpoint  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

@@ -1,6 +1,10 @@
 import sys
 
-from GDPILiverAnomalyLib.signals import install
+from GDPILiverAnomalyLib.running.stdio import ensure_std_streams
+
+ensure_std_streams()  # a closed stderr (2>&-): before any file takes descriptor 2
+
+from GDPILiverAnomalyLib.running.signals import install  # noqa: E402
 
 install()  # before torch is imported: a signal during start-up is handled too
 

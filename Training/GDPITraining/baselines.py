@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from GDPILiverAnomalyLib.checkpoint import Intensity, save_weights
 from GDPILiverAnomalyLib.errors import CheckpointError
-from GDPILiverAnomalyLib.grid import InputGrid
+from GDPILiverAnomalyLib.files.checkpoint import Intensity, save_weights
+from GDPILiverAnomalyLib.method.grid import InputGrid
 from safetensors.torch import load_file
 from torch import nn
 
@@ -224,7 +224,7 @@ def save_baseline(b: Baseline, path: str | Path) -> Path:
 
 
 def load_baseline(path: str | Path) -> Baseline:
-    from GDPILiverAnomalyLib.checkpoint import _read_header
+    from GDPILiverAnomalyLib.files.checkpoint import _read_header
 
     path = Path(path)
     if not path.is_file():

@@ -1,7 +1,7 @@
 """``gdpi`` training commands: prepare, train, evaluate, synth-tumours.
 
 The ``gdpi`` console script is :func:`main`: the engine's commands
-(``GDPILiverAnomalyLib.cli``: detect, demo, init-model) plus these. Multi-GPU or
+(``GDPILiverAnomalyLib.running.cli``: detect, demo, init-model) plus these. Multi-GPU or
 multi-node training: ``torchrun --nproc_per_node N -m GDPITraining train ...``.
 """
 
@@ -12,11 +12,11 @@ import os
 import sys
 from pathlib import Path
 
-from GDPILiverAnomalyLib import cli as engine_cli
 from GDPILiverAnomalyLib.errors import GDPIError
-from GDPILiverAnomalyLib.grid import InputGrid
-from GDPILiverAnomalyLib.parameters import PRESETS, add_arguments
-from GDPILiverAnomalyLib.unet import MODEL_SIZES
+from GDPILiverAnomalyLib.method.grid import InputGrid
+from GDPILiverAnomalyLib.method.parameters import PRESETS, add_arguments
+from GDPILiverAnomalyLib.method.unet import MODEL_SIZES
+from GDPILiverAnomalyLib.running import cli as engine_cli
 
 
 def _positive_int(text: str) -> int:
@@ -32,7 +32,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
         "prepare",
         help="make a slice store (healthy/abnormal slices on a model grid)",
         description="Healthy slices for training and abnormal slices for testing, "
-        "split by patient (see Training/README.md).",
+        "split by patient (see docs/training.md).",
     )
     p.add_argument(
         "--layout", required=True, choices=("lits", "msd", "ircad", "folders", "list", "synthetic")
@@ -153,7 +153,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
         help="the paper's protocol: GDPI variants and baselines on a prepared test set",
         description="Pixel AUROC/AP/best Dice (liver and whole-slice pooling), lesion "
         "detection, slice AUROC and normal-image bias; writes results.md, results.json, "
-        "ROC/PR curves and qualitative panels (see Training/README.md).",
+        "ROC/PR curves and qualitative panels (see docs/evaluation.md).",
     )
     e.add_argument("--data", required=True, help="slice store made by gdpi prepare")
     e.add_argument("--out", required=True, help="report folder to create")
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from GDPILiverAnomalyLib.signals import install
+    from GDPILiverAnomalyLib.running.signals import install
 
     install()
     sys.exit(main())

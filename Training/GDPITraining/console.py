@@ -5,8 +5,10 @@ from __future__ import annotations
 
 
 def main() -> int:
-    from GDPILiverAnomalyLib.signals import install
+    from GDPILiverAnomalyLib.running.signals import install
+    from GDPILiverAnomalyLib.running.stdio import ensure_std_streams
 
+    ensure_std_streams()  # a closed stderr (2>&-): before any file takes descriptor 2
     install()  # before the heavy imports: a signal during start-up is handled too
     from .cli import main as run
 

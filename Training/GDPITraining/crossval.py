@@ -25,8 +25,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from GDPILiverAnomalyLib.metrics import lesion_detection, pixel_metrics, slice_auroc
-from GDPILiverAnomalyLib.scoring import smooth_across_slices
+from GDPILiverAnomalyLib.method.metrics import lesion_detection, pixel_metrics, slice_auroc
+from GDPILiverAnomalyLib.method.scoring import smooth_across_slices
 
 from .evaluate import case_phases, load_test_set, slice_positions_mm
 
@@ -176,7 +176,7 @@ def markdown(table: dict) -> str:
 def schedules(runs: str | Path) -> dict[str, dict]:
     """Each evaluated row's GDPI sampler and schedule (from one of its reports) and its
     network evaluations per inpainted slice."""
-    from GDPILiverAnomalyLib.parameters import DetectionParams
+    from GDPILiverAnomalyLib.method.parameters import DetectionParams
 
     out = {}
     for report in sorted(Path(runs).glob("eval/*/*/real/results.json")):

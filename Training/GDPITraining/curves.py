@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from GDPILiverAnomalyLib.checkpoint import load_checkpoint
-from GDPILiverAnomalyLib.devices import resolve_device
-from GDPILiverAnomalyLib.diffusion import GaussianDiffusion, training_losses
+from GDPILiverAnomalyLib.files.checkpoint import load_checkpoint
+from GDPILiverAnomalyLib.method.diffusion import GaussianDiffusion, training_losses
+from GDPILiverAnomalyLib.running.devices import resolve_device
 
 from .loop import slice_batch
 from .store import SliceStore

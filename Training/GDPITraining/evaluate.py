@@ -26,7 +26,7 @@ known tissue: the liver and a 5-pixel ring around it, candidates excluded) is sh
 to the test slice's liver median and used as a prompt: RePaint starts from it noised to
 half the respaced schedule (``--bank-level``) instead of from pure noise.
 
-Metrics (``GDPILiverAnomalyLib.metrics``), for two pixel pools, always both:
+Metrics (``GDPILiverAnomalyLib.method.metrics``), for two pixel pools, always both:
 ``liver`` (liver pixels of every evaluated slice) and ``slice`` (every pixel of every
 evaluated slice, as MedIAnomaly pools whole images); pixel AUROC, AP, best Dice (pixel
 F1 at the exact F1-optimal threshold) and that threshold; per-lesion detection rate at
@@ -46,16 +46,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from GDPILiverAnomalyLib.ame import adaptive_mask
-from GDPILiverAnomalyLib.calibration import reference_patches, remove_bias
-from GDPILiverAnomalyLib.devices import resolve_device
 from GDPILiverAnomalyLib.errors import GDPIError, InputError, ParameterError
-from GDPILiverAnomalyLib.metrics import lesion_detection, pixel_metrics, slice_auroc
-from GDPILiverAnomalyLib.parameters import DetectionParams, default_batch_size
-from GDPILiverAnomalyLib.pipeline import inpaint_grid, plan_batches
-from GDPILiverAnomalyLib.progress import progress_bar
-from GDPILiverAnomalyLib.repaint import slice_seeds
-from GDPILiverAnomalyLib.scoring import finish_score, smooth_across_slices
+from GDPILiverAnomalyLib.method.ame import adaptive_mask
+from GDPILiverAnomalyLib.method.calibration import reference_patches, remove_bias
+from GDPILiverAnomalyLib.method.metrics import lesion_detection, pixel_metrics, slice_auroc
+from GDPILiverAnomalyLib.method.parameters import DetectionParams, default_batch_size
+from GDPILiverAnomalyLib.method.repaint import slice_seeds
+from GDPILiverAnomalyLib.method.scoring import finish_score, smooth_across_slices
+from GDPILiverAnomalyLib.running.devices import resolve_device
+from GDPILiverAnomalyLib.running.pipeline import inpaint_grid, plan_batches
+from GDPILiverAnomalyLib.running.progress import progress_bar
 from scipy import ndimage
 
 from .methods import BASELINES, DISPLAY, GDPI_VARIANTS, POOLS, MethodSpec
@@ -195,8 +195,8 @@ def case_phases(test: TestSet) -> dict[str, dict]:
     and label map (any nonzero label counts as liver); cases without readable sources
     (synthetic layouts) are ``unknown``."""
     import SimpleITK as sitk
-    from GDPILiverAnomalyLib.phase import PhaseEstimate, estimate_phase
-    from GDPILiverAnomalyLib.volumes import OrientedCase, read_ct, read_image
+    from GDPILiverAnomalyLib.files.volumes import OrientedCase, read_ct, read_image
+    from GDPILiverAnomalyLib.method.phase import PhaseEstimate, estimate_phase
 
     rows = {s["case"]: s for s in test.store.slices}
     phases = {}
@@ -309,7 +309,7 @@ def run_gdpi(
     bank_level: float,
     overrides: dict | None = None,
 ) -> MethodOutput:
-    from GDPILiverAnomalyLib.checkpoint import load_checkpoint
+    from GDPILiverAnomalyLib.files.checkpoint import load_checkpoint
 
     variant = dict(GDPI_VARIANTS[name])
     use_ame = variant.pop("ame", True)
@@ -510,8 +510,8 @@ class EvaluateConfig:
 
 def evaluate(config: EvaluateConfig, log=print) -> dict:
     """Run every method, write the report folder (all or nothing); return the results."""
-    from GDPILiverAnomalyLib.files import atomic_dir, check_output_dir
-    from GDPILiverAnomalyLib.versions import versions
+    from GDPILiverAnomalyLib.files.outputs import atomic_dir, check_output_dir
+    from GDPILiverAnomalyLib.running.versions import versions
 
     from .report import write_report
 

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from GDPILiverAnomalyLib import __version__
-from GDPILiverAnomalyLib.checkpoint import Intensity
 from GDPILiverAnomalyLib.errors import ParameterError
-from GDPILiverAnomalyLib.grid import InputGrid
-from GDPILiverAnomalyLib.unet import MODEL_SIZES
+from GDPILiverAnomalyLib.files.checkpoint import Intensity
+from GDPILiverAnomalyLib.method.grid import InputGrid
+from GDPILiverAnomalyLib.method.unet import MODEL_SIZES
 
 from .baselines import KINDS as BASELINE_KINDS
 from .store import SliceStore

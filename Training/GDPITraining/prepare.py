@@ -30,18 +30,18 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from GDPILiverAnomalyLib.ame import ame_margins, denoise_for_ame
 from GDPILiverAnomalyLib.errors import InputError
-from GDPILiverAnomalyLib.grid import InputGrid, PlaneMapping
-from GDPILiverAnomalyLib.parameters import PRESETS
-from GDPILiverAnomalyLib.synthetic import synthetic_case
-from GDPILiverAnomalyLib.volumes import (
+from GDPILiverAnomalyLib.files.synthetic import synthetic_case
+from GDPILiverAnomalyLib.files.volumes import (
     OrientedCase,
     image_stem,
     mask_on_ct_grid,
     read_ct,
     read_image,
 )
+from GDPILiverAnomalyLib.method.ame import ame_margins, denoise_for_ame
+from GDPILiverAnomalyLib.method.grid import InputGrid, PlaneMapping
+from GDPILiverAnomalyLib.method.parameters import PRESETS
 
 from .store import StoreWriter
 
@@ -137,7 +137,7 @@ def iter_cases(
             patients = [source]
         jobs = [(p.name, partial(_ircad_case, p)) for p in patients]
     elif layout == "folders":
-        from GDPILiverAnomalyLib.cases import pair_cases
+        from GDPILiverAnomalyLib.files.cases import pair_cases
 
         for case in pair_cases(source, source):
             jobs.append(

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from GDPILiverAnomalyLib.checkpoint import Intensity
-from GDPILiverAnomalyLib.diffusion import DiffusionConfig, GaussianDiffusion
-from GDPILiverAnomalyLib.repaint import SliceNoise, repaint
+from GDPILiverAnomalyLib.files.checkpoint import Intensity
+from GDPILiverAnomalyLib.method.diffusion import DiffusionConfig, GaussianDiffusion
+from GDPILiverAnomalyLib.method.repaint import SliceNoise, repaint
 
 from .store import SliceStore
 

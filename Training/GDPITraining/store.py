@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from GDPILiverAnomalyLib.errors import InputError
-from GDPILiverAnomalyLib.files import give_default_permissions
+from GDPILiverAnomalyLib.files.outputs import give_default_permissions
 
 SLICE_FIELDS = [
     "index",

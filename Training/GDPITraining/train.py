@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from GDPILiverAnomalyLib.checkpoint import Checkpoint, Intensity, save_checkpoint
-from GDPILiverAnomalyLib.devices import resolve_device
-from GDPILiverAnomalyLib.diffusion import DiffusionConfig, GaussianDiffusion, training_losses
 from GDPILiverAnomalyLib.errors import ParameterError
-from GDPILiverAnomalyLib.progress import progress_bar
-from GDPILiverAnomalyLib.unet import MODEL_SIZES, UNet, UNetConfig
+from GDPILiverAnomalyLib.files.checkpoint import Checkpoint, Intensity, save_checkpoint
+from GDPILiverAnomalyLib.method.diffusion import DiffusionConfig, GaussianDiffusion, training_losses
+from GDPILiverAnomalyLib.method.unet import MODEL_SIZES, UNet, UNetConfig
+from GDPILiverAnomalyLib.running.devices import resolve_device
+from GDPILiverAnomalyLib.running.progress import progress_bar
 
 from .loop import (
     AUGMENT_DRAWS,

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from GDPILiverAnomalyLib.checkpoint import Intensity
-from GDPILiverAnomalyLib.devices import resolve_device
 from GDPILiverAnomalyLib.errors import ParameterError
-from GDPILiverAnomalyLib.progress import progress_bar
+from GDPILiverAnomalyLib.files.checkpoint import Intensity
+from GDPILiverAnomalyLib.running.devices import resolve_device
+from GDPILiverAnomalyLib.running.progress import progress_bar
 
 from .baselines import Baseline, BaselineConfig, build_model, save_baseline, training_loss
 from .loop import (

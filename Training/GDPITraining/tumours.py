@@ -201,8 +201,8 @@ def write_synthetic_case(
     original ``source_tumour_label`` voxels, kept clear of; ``gdpi prepare
     --ignore-label 3`` drops their slices). ``liver_labels`` None = every nonzero label.
     """
-    from GDPILiverAnomalyLib.files import atomic_dir, check_output_dir
-    from GDPILiverAnomalyLib.volumes import mask_on_ct_grid, read_ct, read_image
+    from GDPILiverAnomalyLib.files.outputs import atomic_dir, check_output_dir
+    from GDPILiverAnomalyLib.files.volumes import mask_on_ct_grid, read_ct, read_image
 
     out = check_output_dir(out)  # new or empty (the output-folder contract)
     ct = read_ct(ct_path)

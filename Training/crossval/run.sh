@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Patient-level cross-validation of the quality issue (README "Detection quality").
+# Patient-level cross-validation of the quality issue (docs/evaluation.md, "Detection quality").
 # For each tumour patient (fold) a model that never saw any slice of that patient is
 # tested on that patient's slices (real tumours and healthy slices) and on synthetic
 # tumours (gdpi synth-tumours, all variants) put into that patient's tumour-free liver.

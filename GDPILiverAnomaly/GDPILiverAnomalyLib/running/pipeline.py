@@ -1,0 +1,436 @@
+"""The volume pipeline: CT + liver mask in, score / pseudo-healthy / masks / lesions out.
+
+Only axial slices with liver are processed; AME runs on the CT grid; slices are
+resampled to the model's grid, inpainted in batches (slices whose candidate mask is
+empty cost nothing), scored there, and mapped back. Every output array has the CT's
+own index order and geometry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ..errors import Cancelled
+from ..files.checkpoint import Checkpoint
+from ..method.ame import adaptive_mask, denoise_for_ame
+from ..method.calibration import reference_patches, remove_bias
+from ..method.diffusion import GaussianDiffusion
+from ..method.grid import InputGrid, PlaneMapping
+from ..method.parameters import DetectionParams, default_batch_size
+from ..method.phase import PhaseEstimate, estimate_phase
+from ..method.repaint import SliceNoise, repaint, slice_seeds
+from ..method.scoring import Lesion, anomaly_mask, find_lesions, finish_score, smooth_across_slices
+from . import signals
+from .devices import resolve_device
+from .progress import Progress
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
+    from ..files.volumes import OrientedCase
+
+
+@dataclass
+class DetectionResult:
+    """Arrays in the CT's own index order ``[k, j, i]``."""
+
+    score: np.ndarray  # float32 HU, 0 outside the liver
+    pseudo_healthy: np.ndarray  # float32 HU
+    candidates: np.ndarray  # uint8, 1 = inpainted (AME)
+    anomaly: np.ndarray  # uint8, score > threshold
+    lesions: list[Lesion]
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class SlicePlan:
+    """What a detection inpaints, before any network work (see :func:`plan_slices`).
+
+    Arrays on the liver's slab are LPS-ordered ``[slab slice, row, column]``; grid
+    arrays ``[liver slice, n, n]`` on the model grid. Masks: 1 = re-paint.
+    """
+
+    params: DetectionParams  # with the automatic AME side resolved
+    case: OrientedCase
+    slab: tuple[int, int]  # LPS slice range [z0, z1) holding every liver slice
+    slab_ct: np.ndarray  # float32 HU
+    slab_liver: np.ndarray  # uint8, 1 = liver
+    liver_slices: np.ndarray  # LPS indices of the slices with liver
+    in_slab: np.ndarray  # the same, relative to the slab
+    phase: PhaseEstimate | None  # None when the AME side was given
+    candidates: np.ndarray  # uint8 AME candidates on the slab
+    mapping: PlaneMapping
+    ct_grid: np.ndarray  # float32 HU
+    cand_grid: np.ndarray  # AME candidates
+    paint_grid: np.ndarray  # candidates plus the calibration discs
+    refs_grid: np.ndarray | None  # the calibration discs (``calibrate``)
+    seeds: list[list[int]]  # seeds[k][i]: liver slice i's k-th inpainting
+
+    def on_slab(self, grid: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Grid slices (HU) back on the slab's ``rows``, 0 elsewhere and outside the liver."""
+        slab = np.zeros(self.slab_liver.shape, np.float32)
+        height, width = self.slab_liver.shape[1:]
+        slab[rows] = self.mapping.to_slices(grid, (height, width))
+        slab[self.slab_liver == 0] = 0.0
+        return slab
+
+    def detached(self) -> SlicePlan:
+        """The plan without the volumes and grid images (the CT, its slab, ``ct_grid``,
+        ``paint_grid``): what scoring needs besides the CT itself, small enough to pass
+        between processes. :meth:`attach` puts the CT back."""
+        return dataclasses.replace(
+            self, case=None, slab_ct=None, slab_liver=None, ct_grid=None, paint_grid=None
+        )
+
+    def attach(self, ct: sitk.Image, liver: np.ndarray) -> SlicePlan:
+        """A detached plan with its CT (HU) and liver mask read again."""
+        from ..files.volumes import OrientedCase
+
+        case = OrientedCase.from_arrays(ct, liver)
+        return dataclasses.replace(self, case=case, **_slab(case, *self.slab))
+
+
+def _slab(case: OrientedCase, z0: int, z1: int) -> dict:
+    """The CT (float32 HU) and liver mask on LPS slices [z0, z1), contiguous."""
+    return {
+        "slab_ct": np.ascontiguousarray(case.ct[z0:z1], dtype=np.float32),
+        "slab_liver": np.ascontiguousarray(case.liver[z0:z1]),
+    }
+
+
+def plan_slices(
+    ct: sitk.Image, liver: np.ndarray, grid: InputGrid, params: DetectionParams
+) -> SlicePlan:
+    """Orientation, liver slab, contrast phase, AME and the slices on the model's ``grid``
+    of a CT (HU) and its liver mask (uint8 on the CT grid, 1 = liver)."""
+    from ..files.volumes import OrientedCase  # SimpleITK: not needed to inpaint store slices
+
+    case = OrientedCase.from_arrays(ct, liver)  # views: nothing copied
+    height, width = case.ct.shape[1:]
+    sy, sx = case.spacing_yx
+    liver_slices = np.flatnonzero(case.liver.any(axis=(1, 2)))
+    # Everything below works on the liver's slab of slices only (memory: docs/performance.md).
+    z0, z1 = (int(liver_slices[0]), int(liver_slices[-1]) + 1) if len(liver_slices) else (0, 0)
+    slab = _slab(case, z0, z1)
+    slab_ct, slab_liver = slab["slab_ct"], slab["slab_liver"]
+    in_slab = liver_slices - z0
+    phase = None
+    if params.two_sided is None:  # automatic: two-sided AME on arterial-phase scans
+        phase = estimate_phase(slab_ct, slab_liver, (sy, sx))
+        params = dataclasses.replace(params, two_sided=phase.arterial)
+
+    min_area_px = math.ceil(params.min_candidate_mm2 / (sy * sx)) if params.min_candidate_mm2 else 0
+    ame_ct = denoise_for_ame(slab_ct, (sy, sx), params.ame_sigma_mm)
+    candidates = adaptive_mask(ame_ct, slab_liver, params.offset_hu, params.two_sided, min_area_px)
+    del ame_ct
+    mapping = PlaneMapping.for_volume(grid, (height, width), (sy, sx), slab_liver)
+    ct_grid = mapping.to_grid(slab_ct[in_slab], "image")
+    cand_grid = mapping.to_grid(candidates[in_slab], "mask")
+    seeds = [slice_seeds(params.seed, liver_slices, s) for s in range(params.samples)]
+    paint_grid, refs_grid = cand_grid, None
+    if params.calibrate:
+        liver_grid = mapping.to_grid(slab_liver[in_slab], "label")
+        refs_grid = reference_patches(liver_grid, cand_grid, seeds[0])
+        paint_grid = np.maximum(cand_grid, refs_grid)
+    return SlicePlan(
+        params, case, (z0, z1), slab_ct, slab_liver, liver_slices, in_slab, phase, candidates,
+        mapping, ct_grid, cand_grid, paint_grid, refs_grid, seeds,
+    )  # fmt: skip
+
+
+def detect(
+    ct: sitk.Image,
+    liver: np.ndarray,
+    checkpoint: Checkpoint,
+    params: DetectionParams,
+    progress: Callable[[Progress], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    on_partial: Callable[[np.ndarray], None] | None = None,
+    partial_interval_s: float = 2.0,
+) -> DetectionResult:
+    """Run GDPI on one volume. ``liver`` is uint8 on the CT grid (1 = liver).
+
+    ``on_partial``, if given, receives the score volume so far (CT index order, float32
+    HU, 0 where not yet inpainted) after a batch, at most every ``partial_interval_s``
+    seconds; finished slices already hold their final values.
+    """
+    params.validate(checkpoint.diffusion.num_timesteps)
+    device = resolve_device(params.device)
+    start = time.perf_counter()
+    plan = plan_slices(ct, liver, checkpoint.grid, params)
+    params = plan.params
+    batch_size = params.batch_size or default_batch_size(device.type, checkpoint.grid.size)
+    batches = plan_batches(plan.cand_grid, batch_size)
+    work = [i for batch in batches for i in batch]
+    t_prepare = time.perf_counter() - start
+
+    nfe_batch = params.nfe_per_batch()
+    nfe_total = nfe_batch * len(batches)
+    n_liver = len(plan.liver_slices)
+    done = {"nfe": 0, "slices": n_liver - len(work)}
+    t0 = time.perf_counter()
+
+    def report(nfe_in_batch: int = 0) -> None:
+        if progress is None:
+            return
+        nfe = done["nfe"] + nfe_in_batch
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / nfe * (nfe_total - nfe) if nfe else None
+        progress(
+            Progress(
+                done["slices"],
+                n_liver,
+                nfe,
+                nfe_total,
+                round(elapsed, 3),
+                None if eta is None else round(eta, 1),
+                str(device),
+            )
+        )
+
+    finished: list[int] = []
+    diff_grid = np.zeros_like(plan.ct_grid)
+
+    def partial_score() -> np.ndarray:
+        grid = finish_score(diff_grid[finished], params.two_sided, params.median_size)
+        volume, lps = plan.case.new_original(np.float32)
+        lps[slice(*plan.slab)] = plan.on_slab(grid, plan.in_slab[finished])
+        return volume
+
+    last_partial = time.perf_counter()
+
+    def after_batch(number: int, batch: list[int], nfe: int) -> None:
+        nonlocal last_partial
+        done["nfe"] += nfe
+        done["slices"] += len(batch)
+        finished.extend(batch)
+        report()
+        if on_partial is not None and number < len(batches):
+            if time.perf_counter() - last_partial >= partial_interval_s:
+                on_partial(partial_score())
+                last_partial = time.perf_counter()
+
+    report()
+    with signals.cooperative():  # a signal stops at the next network evaluation
+        inpaint_grid(
+            plan.ct_grid,
+            plan.paint_grid,
+            checkpoint,
+            params,
+            device,
+            batches,
+            plan.seeds,
+            out=diff_grid,
+            on_progress=report,
+            on_batch=after_batch,
+            should_cancel=should_cancel,
+        )
+    if should_cancel is not None and should_cancel():
+        raise Cancelled()
+    inpainting = {
+        "device": str(device),
+        "bf16": bf16_active(params.bf16, device),
+        "batches": len(batches),
+        "batch_size": batch_size,
+        "nfe": done["nfe"],
+        "timings_s": {
+            "prepare": round(t_prepare, 3),
+            "inpaint": round(time.perf_counter() - t0, 3),
+        },
+    }
+    return finish_detection(plan, diff_grid, work, inpainting, start)
+
+
+def finish_detection(
+    plan: SlicePlan, diff_grid: np.ndarray, work: list[int], inpainting: dict, start: float
+) -> DetectionResult:
+    """Score a plan whose grid slices ``work`` were inpainted (``diff_grid``: inpainted -
+    input, HU, ``[liver slice, n, n]``) and build the outputs. ``inpainting`` holds how
+    (device, bf16, batches, batch_size, nfe, timings_s of prepare and inpaint); ``start``
+    is the ``time.perf_counter()`` the detection began at. Local and Ray engines alike."""
+    params, case, (z0, z1) = plan.params, plan.case, plan.slab
+    t1 = time.perf_counter()
+    bias = None
+    if params.calibrate:
+        diff_grid, bias = remove_bias(diff_grid, plan.cand_grid, plan.refs_grid)
+    score_grid = finish_score(diff_grid, params.two_sided, params.median_size)
+    positions = plan.liver_slices * case.spacing_zyx[0]
+    score_grid = smooth_across_slices(score_grid, positions, params.depth_sigma_mm)
+    # the outputs: full volumes in the CT's own index order, written through LPS views
+    score, score_lps = case.new_original(np.float32)
+    pseudo = case.to_original(case.ct)  # a copy of the CT in HU
+    cand, cand_lps = case.new_original(np.uint8)
+    cand_lps[z0:z1] = plan.candidates
+    if len(plan.liver_slices):
+        score_lps[z0:z1] = plan.on_slab(score_grid, plan.in_slab)
+        case.lps(pseudo)[z0:z1] += plan.on_slab(diff_grid, plan.in_slab)
+    anomaly = anomaly_mask(score, params.threshold_hu)
+    lesions = find_lesions(anomaly, score, case.original)
+    t_score = time.perf_counter() - t1
+
+    device = inpainting["device"]
+    nfe_batch = params.nfe_per_batch()
+    stats = {
+        "device": device,
+        "bf16": inpainting["bf16"],
+        "two_sided": params.two_sided,
+        "two_sided_from": "contrast phase" if plan.phase is not None else "parameter",
+        "phase": None if plan.phase is None else plan.phase.to_dict(),
+        "cpu_native_bf16": cpu_has_bf16() if device.startswith("cpu") else None,
+        "slices_total": int(case.ct.shape[0]),
+        "slab_slices": z1 - z0,
+        "slices_with_liver": len(plan.liver_slices),
+        "slices_inpainted": len(work),
+        "batches": inpainting["batches"],
+        "batch_size": inpainting["batch_size"],
+        "nfe": inpainting["nfe"],
+        "nfe_per_batch": nfe_batch,
+        "samples": params.samples,
+        "calibration_bias_hu": None
+        if bias is None or not len(work)
+        else {
+            "median": round(float(np.median(bias[work])), 2),
+            "min": round(float(bias[work].min()), 2),
+            "max": round(float(bias[work].max()), 2),
+        },
+        "slice_evaluations": nfe_batch * len(work) * params.samples,
+        "model_grid": {
+            "size": plan.mapping.size,
+            "centre_rc": plan.mapping.centre,
+            "step_rc": plan.mapping.step,
+        },
+        "liver_outside_grid_voxels": _liver_outside_grid(
+            plan.mapping, plan.slab_liver[plan.in_slab]
+        ),
+        "timings_s": {
+            **inpainting["timings_s"],
+            "score": round(t_score, 3),
+            "total": round(time.perf_counter() - start, 3),
+        },
+    }
+    return DetectionResult(score, pseudo, cand, anomaly, lesions, stats)
+
+
+def bf16_active(requested: bool | None, device: torch.device) -> bool:
+    """Whether bfloat16 autocast runs: ``None`` (default) = on CPUs with native bf16
+    (AVX-512 BF16 / AMX), off on CUDA; ``True`` = on CUDA and on native-bf16 CPUs;
+    ``False`` = never."""
+    if requested is False:
+        return False
+    if device.type == "cpu":
+        return cpu_has_bf16()
+    return bool(requested) and device.type == "cuda"
+
+
+def cpu_has_bf16() -> bool:
+    """True when oneDNN can run bfloat16 natively on this CPU."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
+
+
+def slices_to_inpaint(inpaint_mask: np.ndarray) -> list[int]:
+    """Indices of the slices whose ``inpaint_mask`` (``[N, n, n]``) is not empty; slices
+    with nothing to re-paint need no network work."""
+    return [i for i in range(len(inpaint_mask)) if inpaint_mask[i].any()]
+
+
+def plan_batches(inpaint_mask: np.ndarray, batch_size: int) -> list[list[int]]:
+    """:func:`slices_to_inpaint` in batches of ``batch_size`` (one case on its own)."""
+    work = slices_to_inpaint(inpaint_mask)
+    return [work[i : i + batch_size] for i in range(0, len(work), batch_size)]
+
+
+def inpaint_grid(
+    ct_grid: np.ndarray,
+    inpaint_mask: np.ndarray,
+    checkpoint: Checkpoint,
+    params: DetectionParams,
+    device: torch.device,
+    batches: list[list[int]],
+    seeds: Sequence[Sequence[int]],
+    out: np.ndarray | None = None,
+    prompts: np.ndarray | None = None,
+    prompt_level: int | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    on_batch: Callable[[int, list[int], int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> np.ndarray:
+    """RePaint slices already on the model grid; return ``inpainted - input`` in HU.
+
+    ``ct_grid`` is ``[N, n, n]`` HU, ``inpaint_mask`` ``[N, n, n]`` (1 = re-paint).
+    Only the slices listed in ``batches`` are processed (the others keep 0 in the
+    result); ``seeds[k][i]`` seeds slice ``i``'s k-th inpainting whatever its batch:
+    the result is the mean over the ``len(seeds)`` inpaintings (``params.samples``),
+    which run in the same network batch.
+    ``prompts`` (HU, like ``ct_grid``) with ``prompt_level`` start each slice from its
+    prompt noised to that respaced level (see :func:`repaint`). ``on_progress(nfe)``
+    is called during a batch, ``on_batch(number, batch, nfe)`` after it.
+    This is the one inpainting code path of ``gdpi detect`` and ``gdpi evaluate``.
+    """
+    diffusion = GaussianDiffusion.from_config(checkpoint.diffusion, params.steps)
+    model = checkpoint.model.to(device).eval()
+    use_bf16 = bf16_active(params.bf16, device)
+
+    def network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ctx = (
+            torch.autocast(device.type, dtype=torch.bfloat16)
+            if use_bf16
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            return model(x, t).float()
+
+    intensity = checkpoint.intensity
+    diff = np.zeros_like(ct_grid, dtype=np.float32) if out is None else out
+    k = len(seeds)
+    for number, batch in enumerate(batches, start=1):
+        items = [i for i in batch for _ in range(k)]  # each slice k times, side by side
+        hu = torch.from_numpy(np.ascontiguousarray(ct_grid[items], np.float32)[:, None])
+        image = intensity.normalize(hu.to(device))
+        mask = torch.from_numpy(np.ascontiguousarray(inpaint_mask[items])[:, None]).to(device)
+        noise = SliceNoise([seeds[s][i] for i in batch for s in range(k)], device)
+        start = None
+        if prompts is not None and prompt_level is not None:
+            prompt = torch.from_numpy(np.ascontiguousarray(prompts[items], np.float32)[:, None])
+            start = (intensity.normalize(prompt.to(device)), prompt_level)
+        x0, nfe = repaint(
+            network,
+            diffusion,
+            image,
+            mask,
+            params.jump_length,
+            params.jump_n_sample,
+            noise,
+            progress=None if on_progress is None else (lambda n, _total: on_progress(n)),
+            should_cancel=should_cancel,
+            start=start,
+            sampler=params.sampler,
+            eta=params.eta,
+        )
+        moved = ((x0 - image)[:, 0] * intensity.hu_per_unit).cpu().numpy()
+        diff[batch] = moved.reshape(len(batch), k, *moved.shape[1:]).mean(axis=1)
+        if on_batch is not None:
+            on_batch(number, batch, nfe)
+    return diff
+
+
+def _liver_outside_grid(mapping: PlaneMapping, liver: np.ndarray) -> int:
+    """Liver voxels not covered by the model grid (they get score 0)."""
+    if not liver.size:
+        return 0
+    covered = mapping.to_slices(
+        np.ones((1, mapping.size, mapping.size), np.float32), liver.shape[1:]
+    )[0]
+    return int(np.count_nonzero((liver > 0) & (covered[None] < 0.5)))
