@@ -168,6 +168,21 @@ def world(tmp_path_factory) -> Path:
     _forged_checkpoint(model, w / "model_shapes.safetensors", other_shapes)
     _forged_checkpoint(model, w / "model_list.safetensors", lambda h: [1, 2, 3])
     (w / "model_badlen.safetensors").write_bytes(struct.pack("<Q", 2**60) + b"{}")
+    nested = b'{"__metadata__": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    (w / "model_nested.safetensors").write_bytes(struct.pack("<Q", len(nested)) + nested)
+
+    def grid_far(h):
+        meta = json.loads(h["__metadata__"]["meta"])
+        meta["input_grid"]["spacing_mm"] = 1e6
+        h["__metadata__"]["meta"] = json.dumps(meta)
+        return h
+
+    _forged_checkpoint(model, w / "model_grid_1e6.safetensors", grid_far)
+    # paths the file system itself objects to
+    os.mkfifo(w / "pipe.nii.gz")
+    (w / "loop_a.nii.gz").symlink_to(w / "loop_b.nii.gz")
+    (w / "loop_b.nii.gz").symlink_to(w / "loop_a.nii.gz")
+    shutil.copy(w / "ct.nrrd", w / os.fsdecode(b"ct_\xff.nrrd"))  # a name that is not UTF-8
     # outputs
     (w / "a_file").write_text("x")
     (w / "mine").mkdir()
@@ -179,6 +194,9 @@ def world(tmp_path_factory) -> Path:
     assert main(["prepare", "--layout", "synthetic", "--synthetic-cases", "2",
                  "--synthetic-lesions", "--out", str(w / "store"),
                  "--grid-size", "32", "--grid-spacing", "9"]) == 0  # fmt: skip
+    (w / "report_bad" / "scores").mkdir(parents=True)
+    (w / "report_bad" / "results.json").write_text('{"methods": {}}')
+    (w / "report_bad" / "scores" / "darkness.npz").write_bytes(b"PK\x03\x04 cut short")
     (w / "run").mkdir()
     (w / "run" / "state.pt").write_bytes(b"PK\x03\x04 cut short")
     return w
@@ -253,6 +271,15 @@ CASES = [
     ("config vs weights", _detect(ckpt="model_shapes.safetensors"), "do not match"),
     ("header not an object", _detect(ckpt="model_list.safetensors"), "not a GDPI checkpoint"),
     ("header length absurd", _detect(ckpt="model_badlen.safetensors"), "not a GDPI checkpoint"),
+    ("header nested 1e5 deep", _detect(ckpt="model_nested.safetensors"), "not a GDPI checkpoint"),
+    ("grid spacing 1e6 mm", _detect(ckpt="model_grid_1e6.safetensors"), "0.1..20 mm"),
+    # --- paths the file system objects to (before: a hang, a traceback or an abort)
+    ("CT is a named pipe", _detect("pipe.nii.gz"), "neither a file nor a folder"),
+    ("symbolic link loop", _detect("loop_a.nii.gz"), "Too many levels of symbolic links"),
+    ("CT name too long", _detect("c" * 300 + ".nrrd"), "File name too long"),
+    ("out name too long", _detect(out="o" * 300 + ".d"), "File name too long"),
+    ("CT name not UTF-8", _detect(os.fsdecode(b"ct_\xff.nrrd")), "not UTF-8"),
+    ("out name not UTF-8", _detect(out=os.fsdecode(b"out_\xfe.d")), "not UTF-8"),
     # --- output folders
     ("out is a file", _detect(out="a_file"), "not a folder"),
     ("out under a file", _detect(out="a_file/sub"), "not writable"),
@@ -288,6 +315,16 @@ CASES = [
         "threshold nan",
         _detect("ct.nrrd", "liver.nrrd", "model.safetensors", "out", "--threshold", "nan"),
         "threshold must be a finite",
+    ),  # fmt: skip
+    (
+        "seed -1",
+        _detect("ct.nrrd", "liver.nrrd", "model.safetensors", "out", "--seed=-1"),
+        "seed must be in 0..",
+    ),  # fmt: skip
+    (
+        "seed 1e20",
+        _detect("ct.nrrd", "liver.nrrd", "model.safetensors", "out", "--seed", "10" * 10),
+        "seed must be in 0..",
     ),  # fmt: skip
     (
         "steps not a number",
@@ -424,6 +461,17 @@ CASES = [
         "--bank-level",
     ),  # fmt: skip
     (
+        "evaluate: reuse without results",
+        ["evaluate", "--data", "store", "--out", "ev", "--method", "darkness", "--reuse", "mine"],
+        "is not a gdpi evaluate report",
+    ),  # fmt: skip
+    (
+        "evaluate: reuse damaged scores",
+        ["evaluate", "--data", "store", "--out", "ev", "--method", "darkness",
+         "--reuse", "report_bad", "--abnormal-split", "val", "--healthy-split", "val"],
+        "no usable darkness results",
+    ),  # fmt: skip
+    (
         "evaluate: no store",
         ["evaluate", "--data", "nostore", "--out", "ev", "--method", "darkness"],
         "nostore",
@@ -451,7 +499,7 @@ def _resolve(world: Path, argv: list[str]) -> list[str]:
             "." in arg
             or "/" in arg
             or candidate.exists()
-            or arg in ("out", "ev", "syn", "run", "run2", "store2", "nostore")
+            or arg in ("out", "ev", "syn", "run", "run2", "store2", "nostore", "report_bad")
         )
         out.append(str(candidate) if looks_like_path else arg)  # fmt: skip
     return out

@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -133,7 +134,13 @@ def test_ray_gives_the_local_outputs_summary_and_resumes(batch):
     for path in (out / redo).iterdir():
         path.unlink()
     (out / redo).rmdir()
-    (out / f".{redo}.partial-x1").mkdir()  # what a killed run leaves behind
+    leftover = out / f".{redo}.partial-x1"  # what a killed run leaves behind: its marker
+    leftover.mkdir()  # names the writer, whose process is gone
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    (leftover / ".gdpi-writing").write_text(json.dumps(
+        {"tool": "gdpi", "pid": int(gone.stdout), "host": socket.gethostname(), "target": redo}
+    ))  # fmt: skip
     proc = _gdpi(batch["cases"], out, *batch["options"], "--batch-size", "8", "--engine", "ray")
     assert proc.returncode == 3, proc.stderr
     assert _events(proc.stdout)[-1]["slices_inpainted"] == runs[redo]["stats"]["slices_inpainted"]

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         healthy = _lps(result / "pseudo_healthy.nrrd")
         score = _lps(result / "score.nrrd")
         run = json.loads((result / "run.json").read_text())
-    threshold = float(run["parameters"]["threshold"])
+    threshold = float(run["parameters"]["threshold_hu"])
     k = int(np.argmax((truth == 2).sum(axis=(1, 2))))
     rows, cols = np.nonzero(truth[k] > 0)
     pad = 40

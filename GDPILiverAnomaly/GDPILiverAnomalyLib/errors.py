@@ -23,3 +23,15 @@ class OutputError(GDPIError):
 
 class Cancelled(Exception):
     """The job was cancelled cooperatively; nothing was written."""
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for a file-system failure: what went wrong (``disk full`` for ENOSPC),
+    on which path(s)."""
+    import errno
+
+    reason = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded"}.get(
+        exc.errno, exc.strerror or str(exc) or type(exc).__name__
+    )
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    return f"{reason}: {' -> '.join(paths)}" if paths else reason

@@ -46,7 +46,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
         default=3.5,
         help="model grid mm per pixel, centred on the liver (0 = whole slice; default 3.5)",
     )
-    p.add_argument("--liver-label", type=int, help="liver label (default: 1 and 2 as LiTS)")
+    p.add_argument(
+        "--liver-label", type=engine_cli.liver_label, help="liver label (default: 1 and 2 as LiTS)"
+    )
     p.add_argument("--tumour-label", type=int, help="tumour label (default 2)")
     p.add_argument(
         "--ignore-label",
@@ -214,7 +216,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     st.add_argument("--seed", type=int, default=0)
     st.add_argument(
         "--liver-label",
-        type=int,
+        type=engine_cli.liver_label,
         action="append",
         help="liver label(s) (default: every nonzero label)",
     )

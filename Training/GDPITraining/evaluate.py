@@ -41,6 +41,7 @@ import json
 import platform
 import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -433,11 +434,24 @@ def run_darkness(test: TestSet) -> MethodOutput:
     return MethodOutput(score, None, "HU", time.perf_counter() - start)
 
 
+def _reusable(report: Path, name: str) -> tuple[dict, dict]:
+    """A method's saved scores and results in an earlier report, or one-line refusal."""
+    try:
+        saved = dict(np.load(report / "scores" / f"{name}.npz"))
+        earlier = json.loads((report / "results.json").read_text())["methods"][name]
+        for key in ("units", "seconds", "nfe"):
+            earlier[key]  # noqa: B018 - KeyError when absent
+        saved["store_index"], saved["score"]  # noqa: B018
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        reason = f"no {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
+        raise InputError(f"--reuse {report}: no usable {name} results ({reason})") from None
+    return saved, earlier
+
+
 def reuse_scores(report: Path, name: str, test: TestSet) -> MethodOutput:
     """A method's scores from an earlier report folder, for the slices of ``test``
     (metrics on a subset without re-running; seconds and NFE are the earlier run's)."""
-    saved = np.load(report / "scores" / f"{name}.npz")
-    earlier = json.loads((report / "results.json").read_text())["methods"][name]
+    saved, earlier = _reusable(report, name)
     position = {int(i): k for k, i in enumerate(saved["store_index"])}
     missing = [int(i) for i in test.index if int(i) not in position]
     if missing:
@@ -526,6 +540,11 @@ def evaluate(config: EvaluateConfig, log=print) -> dict:
             raise ParameterError(f"method {s.name} needs --checkpoint (or {s.name}=PATH)")
     if not 0.0 < config.bank_level < 1.0:
         raise ParameterError("--bank-level must be between 0 and 1")
+    if config.reuse and not Path(config.reuse, "results.json").is_file():
+        raise InputError(f"--reuse {config.reuse} is not a gdpi evaluate report (no results.json)")
+    for spec in specs:  # before any work: damaged earlier scores are refused up front
+        if config.reuse and Path(config.reuse, "scores", f"{spec.name}.npz").is_file():
+            _reusable(Path(config.reuse), spec.name)
     out = check_output_dir(config.out)  # new or empty (the output-folder contract)
     test = load_test_set(
         config.store, config.abnormal_split, config.healthy_split, config.max_slices, config.cases

@@ -5,20 +5,24 @@ version check) and the training summary a checkpoint records."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import platform
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from GDPILiverAnomalyLib import __version__
-from GDPILiverAnomalyLib.errors import ParameterError
-from GDPILiverAnomalyLib.files.checkpoint import Intensity
+from GDPILiverAnomalyLib.errors import GDPIError, OutputError, ParameterError
+from GDPILiverAnomalyLib.files.checkpoint import INTENSITY_LIMITS_HU, INTENSITY_WIDTH_HU, Intensity
 from GDPILiverAnomalyLib.method.grid import InputGrid
 from GDPILiverAnomalyLib.method.unet import MODEL_SIZES
 
@@ -76,6 +80,18 @@ class TrainConfig:
             )
         if self.max_minutes < 0 or self.snapshot_every < 0:
             raise ParameterError("--max-minutes and --snapshot-every must be >= 0")
+        low, high = INTENSITY_LIMITS_HU
+        width = self.hu_max - self.hu_min
+        if not (
+            low <= self.hu_min <= high
+            and low <= self.hu_max <= high
+            and INTENSITY_WIDTH_HU[0] <= width <= INTENSITY_WIDTH_HU[1]
+        ):
+            raise ParameterError(
+                f"the intensity window {self.hu_min:g}..{self.hu_max:g} HU must lie in "
+                f"{low:g}..{high:g} HU with a width of {INTENSITY_WIDTH_HU[0]:g}.."
+                f"{INTENSITY_WIDTH_HU[1]:g} HU"
+            )
 
 
 def batch_indices(n: int, batch: int, step: int, seed: int) -> np.ndarray:
@@ -128,6 +144,28 @@ def augment(
         F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
     )
     return (moved + (shift_hu / hu_per_unit).view(b, 1, 1, 1)).clamp(-1, 1)
+
+
+class Diverged(GDPIError):
+    """Training produced a NaN or infinite loss."""
+
+
+def check_loss(loss: torch.Tensor, step: int, world: int = 1) -> None:
+    """Stop training (:class:`Diverged`) when ``loss`` of 1-based ``step`` is NaN or
+    infinite, before it reaches the weights; with ``world`` > 1 processes every process
+    stops at the same step. The model files saved before stay as they were."""
+    local = torch.isfinite(loss.detach()).all().to(torch.float32)
+    finite = local.clone()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not bool(finite.item()):
+        value = float(loss.detach().float().mean()) if not local.item() else "another process"
+        raise Diverged(
+            f"training stopped at step {step}: the loss is not finite ({value}); it "
+            "diverged (lower --lr) or the data holds bad values; the last saved model is kept"
+        )
 
 
 def append_log(path: Path, names: list[str], step: int, mean, rate: float) -> None:
@@ -280,3 +318,73 @@ def _hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+#: A run folder's marker (JSON: what made it, when): ``--out`` holding it is resumed.
+RUN_MARKER = ".gdpi-train"
+#: The lock a running ``gdpi train`` holds on its ``--out`` (pid, host, start).
+RUN_LOCK = ".gdpi-train.lock"
+
+
+def check_run_folder(out: Path) -> None:
+    """``gdpi train --out``: a new or empty folder, or an earlier run's folder of gdpi
+    train (its :data:`RUN_MARKER`, or a resume state of a version before the marker),
+    which is resumed; anything else (e.g. your own ``model.safetensors``) is refused,
+    since training writes ``model.safetensors``, ``state.pt`` and ``log.csv`` there."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output path exists and is not a folder: {out}")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    state = out / "state.pt"
+    ours = (out / RUN_MARKER, out / RUN_LOCK, state, previous_state_path(state))
+    if not any(p.is_file() for p in ours):
+        names = sorted(p.name for p in out.iterdir())
+        listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise OutputError(
+            f"output folder {out} is not a gdpi train run folder (it holds {listed}): "
+            "choose a new or empty folder (an earlier run's folder is resumed)"
+        )
+
+
+@contextmanager
+def run_folder(out: str | Path, primary: bool = True, log=print) -> Iterator[Path]:
+    """The run folder ``out``, checked (:func:`check_run_folder`), made and locked while
+    the block trains: a second ``gdpi train`` into it is refused (one line), a lock left
+    by a killed run is taken over (``log`` says so). A run that fails before it wrote
+    anything (a bad store, a damaged state) leaves the folder as it was (no marker; a
+    folder it made is removed). ``primary``: this process checks and locks (rank 0 of
+    torchrun; the other ranks write nothing)."""
+    from GDPILiverAnomalyLib.files.outputs import folder_lock, write_text_atomic
+
+    out = Path(out)
+    if not primary:
+        yield out
+        return
+    check_run_folder(out)
+    made_dirs = [p for p in (out, *out.absolute().parents) if not p.exists()]
+    out.mkdir(parents=True, exist_ok=True)
+    before = {p.name for p in out.iterdir()} - {RUN_LOCK}
+    made_marker = False
+    try:
+        with folder_lock(out, RUN_LOCK, "gdpi train") as previous:
+            if previous is not None:
+                log(
+                    f"gdpi: warning: {out} was locked by a gdpi train that ended without "
+                    f"releasing it (pid {previous['pid']}, since {previous.get('started')}); "
+                    "resuming its run"
+                )
+            if not (out / RUN_MARKER).is_file():
+                made = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                info = {"made_by": "gdpi train", "gdpi_version": __version__, "made": made}
+                write_text_atomic(out / RUN_MARKER, json.dumps(info))
+                made_marker = True
+            yield out
+    except BaseException:
+        if made_marker and {p.name for p in out.iterdir()} - {RUN_MARKER} == before:
+            (out / RUN_MARKER).unlink()  # nothing else written: as it was
+        for folder in made_dirs:  # deepest first; stops at the first one not empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise

@@ -71,9 +71,13 @@ class SliceStore:
             else None
             for name in ("ame_dark", "ame_bright")
         ]
+        images = np.load(path / "images.npy", mmap_mode="r")
+        names = ("images", "ame_dark", "ame_bright")
+        for name, values in zip(names, (images, *margins), strict=True):
+            _check_finite(path, name, values)
         return cls(
             path,
-            np.load(path / "images.npy", mmap_mode="r"),
+            images,
             np.load(path / "liver.npy", mmap_mode="r"),
             np.load(path / "tumour.npy", mmap_mode="r"),
             slices,
@@ -90,6 +94,22 @@ class SliceStore:
                 if (kind is None or s["kind"] == kind) and (split is None or s["split"] == split)
             ],
             dtype=np.int64,
+        )
+
+
+def _check_finite(path: Path, name: str, values: np.ndarray | None) -> None:
+    """Refuse a store whose ``name.npy`` holds NaN or infinite values (read in chunks of
+    slices: the arrays are memory-mapped)."""
+    if values is None:
+        return
+    bad = 0
+    step = max(1, (1 << 26) // max(1, values[0].nbytes if len(values) else 1))  # ~64 MB
+    for start in range(0, len(values), step):
+        bad += int(np.count_nonzero(~np.isfinite(values[start : start + step])))
+    if bad:
+        raise InputError(
+            f"slice store {path} holds {bad} NaN or infinite values in {name}.npy; "
+            "make it again with gdpi prepare"
         )
 
 

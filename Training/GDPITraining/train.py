@@ -39,8 +39,10 @@ from .loop import (
     append_log,
     augment,
     batch_indices,
+    check_loss,
     check_resume,
     resume_state,
+    run_folder,
     save_state,
     slice_batch,
     training_data,
@@ -98,13 +100,20 @@ def _distributed() -> tuple[int, int, int]:
 
 
 def train(config: TrainConfig) -> Path:
-    """Train (or resume) and return the path of the EMA checkpoint."""
+    """Train (or resume) and return the path of the EMA checkpoint. ``config.out`` must
+    be new, empty or an earlier run's folder, and is locked while training
+    (:func:`loop.run_folder`)."""
     config.validate()
     config.data = str(Path(config.data).resolve())
-    if config.model != "ddpm":
-        from .train_baseline import train_baseline
+    with run_folder(config.out, int(os.environ.get("RANK", "0")) == 0, log=_warn):
+        if config.model != "ddpm":
+            from .train_baseline import train_baseline
 
-        return train_baseline(config)
+            return train_baseline(config)
+        return _train_prior(config)
+
+
+def _train_prior(config: TrainConfig) -> Path:
     rank, world, local_rank = _distributed()
     device = resolve_device(config.device, local_rank if world > 1 else None)
     if device.type == "cuda" and device.index is not None:
@@ -215,6 +224,7 @@ def train(config: TrainConfig) -> Path:
         with ctx:
             terms = training_losses(diffusion, net, x0, t, noise, config.vlb_weight)
         loss = terms["loss"].mean()
+        check_loss(loss, step + 1, world)  # before a NaN reaches the weights
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -25,6 +25,7 @@ from .loop import (
     append_log,
     augment,
     batch_indices,
+    check_loss,
     check_resume,
     resume_state,
     save_state,
@@ -85,6 +86,7 @@ def train_baseline(config: TrainConfig) -> Path:
         if config.augment:
             x = augment(x, torch.rand((len(x), 5), generator=g), intensity)
         terms = training_loss(model, x, g)
+        check_loss(terms["loss"], step + 1)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         opt.step()

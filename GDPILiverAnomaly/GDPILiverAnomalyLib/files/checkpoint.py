@@ -96,8 +96,12 @@ def file_sha256(path: Path) -> str:
 
 def save_checkpoint(ckpt: Checkpoint, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Write atomically (temporary file, then rename); ``torch.float16`` halves the file
-    (weights are loaded back as float32)."""
+    (weights are loaded back as float32). A model :func:`load_checkpoint` would refuse
+    (NaN, infinite or absurd weights) is not written (:class:`CheckpointError`)."""
     path = Path(path)
+    problem = weight_problem(ckpt.model.state_dict())  # never one that loading refuses
+    if problem:
+        raise CheckpointError(f"not saving {path}: the model has {problem}; diverged?")
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {
         "format": FORMAT,
@@ -110,11 +114,15 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path, dtype: torch.dtype = tor
 def save_weights(
     model: nn.Module, header: dict[str, str], path: Path, dtype: torch.dtype = torch.float32
 ) -> Path:
-    """A module's weights as safetensors with ``header`` metadata, atomically."""
+    """A module's weights as safetensors with ``header`` metadata, atomically; a model
+    with a NaN or infinite weight is never written (:class:`CheckpointError`)."""
     tensors = {
         k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
         for k, v in model.state_dict().items()
     }
+    problem = weight_problem(tensors, bound=False)
+    if problem:
+        raise CheckpointError(f"not saving {path}: the model has {problem}; diverged?")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -125,6 +133,50 @@ def save_weights(
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+#: Largest weight magnitude a checkpoint may hold (trained models stay near 1).
+MAX_ABS_WEIGHT = 1e4
+
+#: Intensity window width (hu_max - hu_min, HU) a checkpoint may have, and the HU range
+#: both ends must lie in (the CT range with a margin; the models use -200..300 HU).
+INTENSITY_WIDTH_HU = (10.0, 5000.0)
+INTENSITY_LIMITS_HU = (-2000.0, 5000.0)
+
+
+def weight_problem(tensors: dict[str, torch.Tensor], bound: bool = True) -> str:
+    """What is wrong with a model's weights, ``""`` when nothing: NaN or infinite values
+    (how many, and the first tensor holding one), or with ``bound`` a magnitude beyond
+    :data:`MAX_ABS_WEIGHT`."""
+    count, first = 0, None
+    for name, value in tensors.items():
+        if value.is_floating_point():
+            n = int((~torch.isfinite(value)).sum())
+            if n and first is None:
+                first = name
+            count += n
+    if count:
+        return f"NaN or infinite weights ({count}, first in {first})"
+    for name, value in tensors.items() if bound else ():
+        if value.is_floating_point() and value.numel():
+            largest = float(value.abs().max())
+            if largest > MAX_ABS_WEIGHT:
+                return (
+                    f"an absurd weight ({largest:.3g} in {name}; trained models stay below "
+                    f"{MAX_ABS_WEIGHT:g})"
+                )
+    return ""
+
+
+def _window_plausible(window: tuple) -> bool:
+    """Intensity window ``(hu_min, hu_max)`` within the stated limits (numbers only)."""
+    if not all(type(v) in (int, float) for v in window):
+        return False  # reported by the check before
+    low, high = INTENSITY_LIMITS_HU
+    width = window[1] - window[0]
+    return all(low <= v <= high for v in window) and (
+        INTENSITY_WIDTH_HU[0] <= width <= INTENSITY_WIDTH_HU[1]
+    )
 
 
 #: Largest network a checkpoint may describe (far above every model size).
@@ -225,6 +277,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                 "the intensity window must be finite numbers with hu_max > hu_min",
             ),
             (
+                _window_plausible(window),
+                f"the intensity window {window[0]}..{window[1]} HU is absurd (both ends "
+                f"must lie in {INTENSITY_LIMITS_HU[0]:g}..{INTENSITY_LIMITS_HU[1]:g} HU, "
+                f"width {INTENSITY_WIDTH_HU[0]:g}..{INTENSITY_WIDTH_HU[1]:g} HU)",
+            ),
+            (
                 type(diffusion.num_timesteps) is int and 1 <= diffusion.num_timesteps <= 10_000,
                 "the diffusion needs 1..10000 timesteps",
             ),
@@ -245,6 +303,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         tensors = load_file(str(path), device=str(map_location))
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise CheckpointError(f"{path} is corrupt: {exc}") from None
+    problem = weight_problem(tensors)
+    if problem:
+        raise CheckpointError(f"{path} has {problem}: a broken model")
     model = UNet(config)
     try:
         model.load_state_dict(tensors, strict=True)

@@ -1,16 +1,28 @@
 """File-system helpers: output folders written all or nothing, atomic text files,
-default permissions for files made by ``tempfile``."""
+default permissions for files made by ``tempfile``, a lock on an output folder, and
+CSV cells that a spreadsheet never runs as formulas."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import OutputError
+
+log = logging.getLogger("gdpi")
+
+#: Hidden file in every temporary folder of :func:`atomic_dir` while it is written:
+#: JSON ``{"tool": "gdpi", "pid", "host", "target", "started"}``. It proves that the
+#: folder is gdpi's and says whether its writer is still running.
+WRITER_MARKER = ".gdpi-writing"
 
 
 def give_default_permissions(path: str | Path) -> None:
@@ -76,13 +88,18 @@ def atomic_dir(out: Path, replace: bool = True) -> Iterator[Path]:
     ``replace`` an existing ``out`` is replaced as a whole (moved aside, then deleted);
     without it only a missing or empty ``out`` is (a folder that gained files meanwhile
     is refused: nothing is lost). On failure the temporary folder is deleted and ``out``
-    is untouched."""
+    is untouched. The temporary folder carries :data:`WRITER_MARKER` until it is moved
+    into place; stale ones beside ``out`` (their writer is gone) are removed first
+    (:func:`remove_stale_partials`)."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     give_default_permissions(tmp)
+    _write_marker(tmp, out.name)
     old = None
     try:
         yield tmp
+        (tmp / WRITER_MARKER).unlink()  # the result holds only what the caller wrote
         if not replace:
             try:
                 os.rename(tmp, out)  # POSIX: replaces only a missing or empty folder
@@ -94,6 +111,7 @@ def atomic_dir(out: Path, replace: bool = True) -> Iterator[Path]:
             return
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            _write_marker(old, out.name)
             os.replace(out, old / out.name)
         os.rename(tmp, out)
     except BaseException:
@@ -113,3 +131,197 @@ def write_text_atomic(path: Path, text: str) -> None:
         f.write(text)
     give_default_permissions(tmp)
     os.replace(tmp, path)
+
+
+def csv_safe(value):
+    """A CSV cell that a spreadsheet shows as text, never runs as a formula (OWASP CSV
+    injection): a string starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage
+    return gets a leading single quote, unless it is a plain number (``-12.5``). Other
+    values are returned unchanged."""
+    if not isinstance(value, str) or not value or value[0] not in "=+-@\t\r":
+        return value
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return "'" + value
+
+
+def csv_safe_row(row: dict) -> dict:
+    """:func:`csv_safe` on every cell of a ``csv.DictWriter`` row."""
+    return {key: csv_safe(value) for key, value in row.items()}
+
+
+def _me() -> dict:
+    """This process, as a writer or lock holder records it."""
+    return {"tool": "gdpi", "pid": os.getpid(), "host": socket.gethostname(),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+
+
+def _write_marker(folder: Path, target: str) -> None:
+    (folder / WRITER_MARKER).write_text(json.dumps({**_me(), "target": target}))
+
+
+def _read_record(text: str) -> dict | None:
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or record.get("tool") != "gdpi":
+        return None
+    return record if isinstance(record.get("pid"), int) else None
+
+
+def _pid_running(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (True when that cannot be told)."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it on Windows
+        import ctypes
+
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return ctypes.get_last_error() == 5  # access denied: it exists
+        code = ctypes.c_ulong()
+        ok = kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        kernel32.CloseHandle(handle)
+        return not ok or code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def writer_gone(record: dict) -> bool:
+    """Whether the process a marker or lock ``record`` names has ended: only provable on
+    the same host (another host's process may still run)."""
+    return record.get("host") == socket.gethostname() and not _pid_running(record["pid"])
+
+
+def remove_stale_partials(parent: Path) -> list[Path]:
+    """Remove the temporary folders of :func:`atomic_dir` in ``parent`` whose writer is
+    gone (killed): only folders carrying :data:`WRITER_MARKER`, from a process of this
+    host that no longer runs. A stale ``.old-`` folder (an earlier result being replaced)
+    is removed only when its target exists again. Each removal is logged (warning);
+    returns the removed folders."""
+    removed = []
+    try:
+        entries = [p for p in parent.iterdir() if _partial_name(p.name)]
+    except OSError:
+        return removed
+    for folder in entries:
+        record = partial_record(folder)
+        if record is None or not writer_gone(record):
+            continue
+        if ".old-" in folder.name and not (parent / str(record.get("target"))).exists():
+            continue  # holds the only copy of an earlier result
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            removed.append(folder)
+            log.warning(
+                f"gdpi: removed {folder}: left behind by an interrupted gdpi run "
+                f"(pid {record['pid']}, no longer running)"
+            )
+    return removed
+
+
+def _partial_name(name: str) -> bool:
+    return name.startswith(".") and (".partial-" in name or ".old-" in name)
+
+
+def partial_record(path: Path) -> dict | None:
+    """The marker record of a temporary folder of :func:`atomic_dir` (None when ``path``
+    is not one: not a hidden ``.partial-``/``.old-`` folder, or no gdpi marker in it)."""
+    if not _partial_name(path.name) or path.is_symlink() or not path.is_dir():
+        return None
+    try:
+        return _read_record((path / WRITER_MARKER).read_text())
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+@contextmanager
+def folder_lock(folder: Path, name: str, what: str) -> Iterator[dict | None]:
+    """Hold an exclusive lock on ``folder`` (the file ``folder/name``, removed at the
+    end) while the block runs; another process asking for it gets an
+    :class:`OutputError` naming the holder (``what``: e.g. "gdpi train"). A lock left by
+    a killed holder is taken over: the block receives its record (pid, host, started),
+    else None. POSIX: ``flock`` (released by the system when the holder dies);
+    elsewhere an exclusively created file whose holder's pid is checked."""
+    path = folder / name
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        fcntl = None
+    if fcntl is None:
+        fd, previous = _exclusive_lock_file(path, what)
+    else:
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = _read_record(_read_fd(fd))
+                os.close(fd)
+                raise OutputError(_busy(folder, path, holder, what)) from None
+            try:  # the holder before may have removed the file just now: lock the new one
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None
+            mine = os.fstat(fd)
+            if current is not None and os.path.samestat(current, mine):
+                break
+            os.close(fd)
+        previous = _read_record(_read_fd(fd))  # a holder that died without removing it
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(_me()).encode())
+    try:
+        yield previous
+    finally:
+        if fcntl is None:  # Windows removes no open file
+            os.close(fd)
+        try:
+            os.unlink(path)  # POSIX: while still holding the lock
+        except OSError:
+            pass
+        if fcntl is not None:
+            os.close(fd)
+
+
+def _read_fd(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, 4096).decode("utf-8", "replace")
+
+
+def _busy(folder: Path, path: Path, holder: dict | None, what: str) -> str:
+    who = "" if holder is None else (
+        f" (pid {holder['pid']} on {holder.get('host')}, since {holder.get('started')})"
+    )  # fmt: skip
+    return (
+        f"{folder} is in use by another {what}{who}: wait for it to end or choose another "
+        f"output folder (the lock is {path})"
+    )
+
+
+def _exclusive_lock_file(path: Path, what: str) -> tuple[int, dict | None]:
+    previous = None
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            try:
+                holder = _read_record(path.read_text())
+            except OSError:
+                holder = None
+            if holder is None or not writer_gone(holder):
+                raise OutputError(_busy(path.parent, path, holder, what)) from None
+            previous = holder
+            path.unlink(missing_ok=True)
+            continue
+        os.write(fd, json.dumps(_me()).encode())
+        return fd, previous
+    raise OutputError(_busy(path.parent, path, None, what))

@@ -11,6 +11,7 @@ Conventions
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
+from . import dicom
 from .checks import check_complete, check_geometry, check_liver_extent, itk_path
 
 #: File endings read as single files; a folder is read as a DICOM series.
@@ -29,6 +31,20 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 #: Liver median (HU) outside this range means the CT is very likely not in HU.
 PLAUSIBLE_LIVER_HU = (-300.0, 400.0)
+
+#: Values a CT may hold (HU): every value 16-bit DICOM storage gives with the usual
+#: rescale (int16 or uint16 with intercept -1024: -33792..+64511), which covers padding
+#: outside the scan circle (-2000, -3024 HU) and metal in extended-range scans (up to
+#: about +30000 HU). A voxel beyond it is not a measurement: the CT is refused.
+CT_VALUE_RANGE_HU = (-34000.0, 65535.0)
+
+#: A CT in HU holds something at or below this (air -1000 HU, lung, fat -100 HU); an MR or
+#: an 8-bit export (0..255) holds nothing below 0.
+HU_LOWEST_AT_MOST = -100.0
+
+#: Smallest liver mask (mL) processed: a whole liver is 1200-1800 mL, the 3 thin slices of
+#: ../shared/data/dcmqi_3slice hold 70 mL; below this the mask is a speck or another organ.
+MIN_LIVER_ML = 50.0
 
 #: Relative tolerance when deciding that two grids are the same.
 GRID_RTOL = 1e-4
@@ -45,7 +61,16 @@ def image_stem(path: str | Path) -> str:
 
 def read_image(path: str | Path, what: str = "image") -> sitk.Image:
     """Read a 3-D scalar image from NIfTI, NRRD, MHA/MHD or a DICOM series folder."""
+    return _read_image(path, what)[0]
+
+
+def _read_image(
+    path: str | Path, what: str, ct_only: bool = False
+) -> tuple[sitk.Image, dicom.DicomSeries | None]:
+    """:func:`read_image`, with the DICOM series read from a folder (else None);
+    ``ct_only`` refuses a DICOM series whose Modality is not CT."""
     p = Path(path)
+    series = None
     itk_path(p, what)  # before SimpleITK sees it: a non-UTF-8 name aborts the process
     try:
         p.stat()
@@ -58,12 +83,15 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
             f"{what} {p} is neither a file nor a folder (a named pipe, device or socket?)"
         )
     if p.is_dir():
-        image = _read_dicom_series(p, what)
+        with _quiet_stderr():
+            image, series = dicom.read_series(p, what, ct_only)
     else:
         try:
             check_complete(p, what)
         except OSError as exc:
             raise InputError(f"cannot read {what} {p}: {exc.strerror or exc}") from None
+        with _quiet_stderr():
+            dicom.refuse_seg_file(p, what)
         try:
             image = _read_quietly(p)
         except RuntimeError as exc:
@@ -80,7 +108,7 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
     if image.GetDimension() != 3:
         raise InputError(f"{what} {p} is {image.GetDimension()}-D; a 3-D volume is required")
     check_geometry(image.GetSpacing(), image.GetDirection(), p, what, image.GetOrigin())
-    return image
+    return image, series
 
 
 @contextmanager
@@ -118,36 +146,39 @@ def dicom_series_ids(folder: str | Path) -> tuple[str, ...]:
         return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
 
 
-def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
-    series = dicom_series_ids(folder)
-    if not series:
-        raise InputError(f"{what} folder {folder} holds no DICOM series")
-    # Several series in one folder: take the one with the most files.
-    files = max(
-        (sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len
-    )
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        with _quiet_stderr():
-            image = reader.Execute()
-    except RuntimeError as exc:
-        raise InputError(
-            f"cannot read DICOM series in {folder}: {str(exc).strip().splitlines()[-1]}"
-        ) from None
-    if image.GetDimension() == 2:
-        image = sitk.JoinSeries([image])
-    return image
+def read_ct(path: str | Path, allow_non_ct: bool = False) -> sitk.Image:
+    """Read a CT as float32 HU; every value must be finite and within
+    :data:`CT_VALUE_RANGE_HU` (refused otherwise, wherever the voxel is).
 
-
-def read_ct(path: str | Path) -> sitk.Image:
-    """Read a CT as float32 HU and check that every value is finite."""
-    image = sitk.Cast(read_image(path, "CT"), sitk.sitkFloat32)
+    A DICOM folder is read by :func:`.dicom.read_series` (geometry checked; Modality
+    must be CT unless ``allow_non_ct``); the returned image then carries what was read
+    as metadata (:func:`dicom_series_record`)."""
+    image, series = _read_image(path, "CT", ct_only=not allow_non_ct)
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    if series is not None:
+        image.SetMetaData(dicom.RECORD_KEY, json.dumps(series.record()))
     values = sitk.GetArrayViewFromImage(image)
     if not np.all(np.isfinite(values)):
         bad = int(np.count_nonzero(~np.isfinite(values)))
         raise InputError(f"CT {path} contains {bad} NaN or infinite voxels")
+    lo, hi = CT_VALUE_RANGE_HU
+    lowest, highest = float(values.min()), float(values.max())
+    if lowest < lo or highest > hi:
+        bad = int(np.count_nonzero((values < lo) | (values > hi)))
+        raise InputError(
+            f"CT {path} has {bad} voxel(s) outside {lo:.0f}..{hi:.0f} HU (lowest "
+            f"{lowest:.4g}, highest {highest:.4g}): not CT values; repair the file "
+            "(e.g. set them to -1024 HU, air)"
+        )
     return image
+
+
+def dicom_series_record(image: sitk.Image) -> dict | None:
+    """The DICOM series :func:`read_ct` read ``image`` from (run.json's
+    ``inputs.ct_dicom_series``), or None for a CT read from a file."""
+    if not image.HasMetaDataKey(dicom.RECORD_KEY):
+        return None
+    return json.loads(image.GetMetaData(dicom.RECORD_KEY))
 
 
 def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
@@ -165,17 +196,36 @@ def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
 def read_liver_mask(path: str | Path, ct: sitk.Image, label: int | None = None) -> np.ndarray:
     """Read a liver mask and return it on the CT grid as uint8 (1 = liver).
 
-    ``label=None`` accepts a binary mask or a LiTS-style map (1 liver, 2 tumour: both
-    count as liver); any other label map needs an explicit ``label`` (TotalSegmentator:
-    5). A mask on another grid is resampled onto the CT grid by nearest neighbour.
+    ``label=None`` accepts a binary mask (0/1 or 0/255) or a LiTS-style map (1 liver,
+    2 tumour: both count as liver); any other label map needs an explicit ``label``
+    (TotalSegmentator: 5). ``label=0`` (the background) and masks with fractional values
+    (probability maps) are refused. A mask on another grid is resampled onto the CT grid
+    by nearest neighbour.
     """
+    if label == 0:
+        raise InputError(
+            "liver label 0 is the background; leave the liver label out for a binary "
+            "(0/1, 0/255) or LiTS (1 liver, 2 tumour) mask"
+        )
     image = read_image(path, "liver mask")
     values = sitk.GetArrayViewFromImage(image)
     if not np.all(np.isfinite(values)):
         raise InputError(f"liver mask {path} contains NaN or infinite values")
+    if values.dtype.kind == "f" and not np.all(np.mod(values, 1) == 0):
+        lo, hi = float(values.min()), float(values.max())
+        if 0 <= lo and hi <= 1:
+            raise InputError(
+                f"liver mask {path} holds values between 0 and 1 (a probability map?); "
+                "threshold it at 0.5 into a 0/1 mask first"
+            )
+        raise InputError(
+            f"liver mask {path} holds fractional values ({lo:.4g}..{hi:.4g}); a mask or "
+            "label map holds whole numbers"
+        )
     labels = np.unique(values)
     if label is None:
-        if not np.all(np.isin(labels, (0, 1, 2))):
+        binary_255 = np.all(np.isin(labels, (0, 255)))  # a 0/255 mask: binary too
+        if not binary_255 and not np.all(np.isin(labels, (0, 1, 2))):
             shown = ", ".join(str(v) for v in labels[:12])
             raise InputError(
                 f"liver mask {path} is a label map (labels {shown}{' ...' if len(labels) > 12 else ''}); "
@@ -208,13 +258,39 @@ def mask_on_ct_grid(selected: np.ndarray, image: sitk.Image, ct: sitk.Image) -> 
     return sitk.GetArrayFromImage(mask).astype(np.uint8)
 
 
+def check_liver_volume(liver: np.ndarray, spacing, path: str | Path) -> None:
+    """Refuse a liver mask (uint8 on the CT grid, ``spacing`` in mm) smaller than
+    :data:`MIN_LIVER_ML`."""
+    voxels = int(np.count_nonzero(liver))
+    ml = voxels * float(np.prod(spacing)) / 1000
+    if ml < MIN_LIVER_ML:
+        raise InputError(
+            f"liver mask {path} holds {ml:.3g} mL ({voxels} voxel(s)), less than the "
+            f"{MIN_LIVER_ML:g} mL GDPI needs (a whole liver is 1200-1800 mL): not a liver "
+            "mask, or the wrong label"
+        )
+
+
 def check_hu(ct_array: np.ndarray, liver: np.ndarray, source: str = "CT") -> None:
-    """Refuse a CT whose values do not look like HU (e.g. raw 0..4095 without rescale)."""
-    span = float(ct_array.max() - ct_array.min())
+    """Refuse a CT whose values do not look like HU: raw 0..4095 without rescale, an
+    8-bit export (0..255), an MR (nothing at or below :data:`HU_LOWEST_AT_MOST`), or a
+    liver median outside :data:`PLAUSIBLE_LIVER_HU`."""
+    lowest, highest = float(ct_array.min()), float(ct_array.max())
+    span = highest - lowest
     if span < 200:
         raise InputError(
             f"{source} values span only {span:.3g}; a CT in HU spans hundreds of HU "
             "(use --allow-non-hu to process it anyway)"
+        )
+    if lowest > HU_LOWEST_AT_MOST:
+        if highest <= 255 and np.all(np.mod(ct_array, 1) == 0):
+            what = f"it holds only whole values {lowest:.0f}..{highest:.0f}, an 8-bit export?"
+        else:
+            what = f"its lowest value is {lowest:.4g}, an MR or a display export?"
+        raise InputError(
+            f"{source} does not look like HU: {what} A CT in HU holds air (-1000 HU) or "
+            f"fat (-100 HU) somewhere, values at or below {HU_LOWEST_AT_MOST:.0f}; use "
+            "--allow-non-hu to process it anyway"
         )
     median = float(np.median(ct_array[liver > 0]))
     lo, hi = PLAUSIBLE_LIVER_HU

@@ -146,7 +146,14 @@ class DetectionParams:
         512,
     )
     device: str = _param("auto", str, "device", "auto (CUDA if present), cpu, cuda or cuda:N")
-    seed: int = _param(0, int, "seed", "random seed; a slice's result does not depend on its batch")
+    seed: int = _param(
+        0,
+        int,
+        "seed",
+        "random seed; a slice's result does not depend on its batch",
+        0,
+        2**31 - 1,  # slice seeds (repaint.slice_seeds) then stay within torch's 64 bits
+    )
     bf16: Optional[bool] = _param(  # noqa: UP045 - evaluated on Python 3.9
         None,
         bool,

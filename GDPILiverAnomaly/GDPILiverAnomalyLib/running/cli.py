@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import json
 import os
 import sys
@@ -22,9 +21,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import Cancelled, GDPIError, ParameterError
+from ..errors import Cancelled, GDPIError, OutputError, ParameterError, os_error_message
+from ..files.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from ..files.checkpoint import init_checkpoint, load_checkpoint, save_checkpoint
 from ..files.checks import itk_path
+from ..files.dicom import describe_series
 from ..method.grid import InputGrid
 from ..method.parameters import (
     DEFAULT_CHECKPOINT,
@@ -52,6 +53,20 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def liver_label(text: str) -> int:
+    """``--liver-label`` (argparse type): a whole number other than 0, the background."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value == 0:
+        raise argparse.ArgumentTypeError(
+            "0 is the background; leave --liver-label out for a binary (0/1, 0/255) or "
+            "LiTS (1 liver, 2 tumour) mask"
+        )
+    return value
+
+
 #: Adds subcommands to the ``gdpi`` parser; returns ``{name: (handler, cooperative)}``.
 CommandSet = Callable[[argparse._SubParsersAction], "dict[str, tuple[Handler, bool]]"]
 
@@ -70,10 +85,10 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     d.add_argument("--liver", required=True, help="liver mask file (or folder in folder mode)")
     d.add_argument(
         "--liver-label",
-        type=int,
+        type=liver_label,
         default=None,
-        help="liver label value in a label map (default: nonzero of a binary or "
-        "LiTS map; TotalSegmentator: 5)",
+        help="liver label value in a label map (default: nonzero of a binary (0/1, 0/255) "
+        "or LiTS map; TotalSegmentator: 5)",
     )
     d.add_argument(
         "--checkpoint",
@@ -90,6 +105,12 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     add_arguments(d)
     d.add_argument(
         "--allow-non-hu", action="store_true", help="process a CT whose values do not look like HU"
+    )
+    d.add_argument(
+        "--allow-non-ct",
+        action="store_true",
+        help="process a DICOM series whose Modality is not CT (MR, PT, ...; the model was "
+        "trained on CT in HU)",
     )
     d.add_argument(
         "--overwrite",
@@ -163,6 +184,11 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
         type=float,
         default=None,
         help="model grid spacing in mm (0 = fit the whole slice; default by size)",
+    )
+    m.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing gdpi checkpoint at --out (any other file is never replaced)",
     )
     dm = sub.add_parser(
         "demo",
@@ -273,6 +299,7 @@ def _detect(args: argparse.Namespace, should_cancel: Callable[[], bool]) -> int:
                         should_cancel=should_cancel,
                         overwrite=args.overwrite,
                         on_workers=lambda names: reporter.emit("workers", workers=names),
+                        allow_non_ct=args.allow_non_ct,
                     )  # fmt: skip
             else:
 
@@ -285,7 +312,7 @@ def _detect(args: argparse.Namespace, should_cancel: Callable[[], bool]) -> int:
                 rows = run_folder(
                     ct, liver, checkpoint, params, args.out, args.liver_label,
                     args.allow_non_hu, on_case, reporter, should_cancel,
-                    overwrite=args.overwrite,
+                    overwrite=args.overwrite, allow_non_ct=args.allow_non_ct,
                 )  # fmt: skip
             reporter.close()
             failed = [r for r in rows if r["status"] != "ok"]
@@ -322,9 +349,11 @@ def _detect(args: argparse.Namespace, should_cancel: Callable[[], bool]) -> int:
             None if args.stream_dir is None else PartialWriter(args.stream_dir, reporter),
             args.stream_every,
             overwrite=args.overwrite,
+            allow_non_ct=args.allow_non_ct,
         )
     finally:
         reporter.close()
+    series = info["inputs"].get("ct_dicom_series")
     reporter.emit(
         "done",
         out=str(Path(args.out).absolute()),
@@ -332,8 +361,11 @@ def _detect(args: argparse.Namespace, should_cancel: Callable[[], bool]) -> int:
         nfe=info["nfe"],
         ame=describe_ame_side(info["stats"]["two_sided"], info["stats"]["phase"]),
         seconds=round(time.perf_counter() - t0, 2),
+        **({"ct_dicom_series": series} if series else {}),
     )
     if args.progress == "text":
+        if series:
+            print(f"CT: {describe_series(series)}", file=sys.stderr)
         print(
             f"{info['results']['lesions']} lesion(s), max score {info['results']['max_score_hu']:.1f} HU, "
             f"{info['nfe']} NFE, {info['timings_s']['wall']:.1f} s; "
@@ -393,14 +425,47 @@ def _init_model(args: argparse.Namespace, should_cancel: Callable[[], bool]) -> 
     if args.grid_spacing is not None:
         size = MODEL_SIZES[args.size]["image_size"]
         grid = InputGrid(size, None if args.grid_spacing == 0 else args.grid_spacing)
+    out = _check_checkpoint_out(Path(args.out), args.overwrite)
     ckpt = init_checkpoint(args.size, args.seed, learn_sigma=not args.fixed_variance, grid=grid)
-    path = save_checkpoint(ckpt, args.out)
+    try:
+        path = save_checkpoint(ckpt, out)  # a temporary file, then a rename
+    except OSError as exc:
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
     params = sum(p.numel() for p in ckpt.model.parameters())
     print(
         f"wrote {path} ({args.size}, {params / 1e6:.2f} M parameters, grid {ckpt.grid.size} px "
         f"at {ckpt.grid.spacing_mm or 'whole-slice'} mm; random weights, not trained)"
     )
     return 0
+
+
+def _check_checkpoint_out(out: Path, overwrite: bool) -> Path:
+    """``init-model --out``: a new file; with ``overwrite`` also an existing gdpi
+    checkpoint (its safetensors header says ``format: gdpi-checkpoint``), never any
+    other file."""
+    if out.is_dir():
+        raise OutputError(
+            f"--out {out} is a folder: give a file name (e.g. {out / 'model.safetensors'})"
+        )
+    if not (out.exists() or out.is_symlink()):
+        return out
+    if not overwrite:
+        raise OutputError(
+            f"{out} exists: pass --overwrite to replace it (only a gdpi checkpoint is replaced)"
+        )
+    try:
+        with open(out, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n < 100_000_000 else None
+        found = header.get("__metadata__", {}).get("format") if isinstance(header, dict) else None
+    except (OSError, ValueError, AttributeError):
+        found = None
+    if found != CHECKPOINT_FORMAT:
+        raise OutputError(
+            f"{out} is not a gdpi checkpoint: --overwrite replaces only a checkpoint "
+            "(header format gdpi-checkpoint); choose another --out"
+        )
+    return out
 
 
 def main(argv: list[str] | None = None, *command_sets: CommandSet) -> int:
@@ -442,15 +507,6 @@ def main(argv: list[str] | None = None, *command_sets: CommandSet) -> int:
             print(json.dumps({"event": "error", "message": message}), flush=True)
         print(f"gdpi: error: {message}", file=sys.stderr)
         return 2
-
-
-def os_error_message(exc: OSError) -> str:
-    """One line for a file-system failure: what went wrong, on which path."""
-    reason = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded"}.get(
-        exc.errno, exc.strerror or type(exc).__name__
-    )
-    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
-    return f"{reason}: {' -> '.join(paths)}" if paths else reason
 
 
 def _drop_stdout() -> None:

@@ -16,12 +16,26 @@ from ..files.outputs import atomic_dir, check_output_dir
 from ..files.synthetic import synthetic_case
 from ..method.parameters import DetectionParams
 from . import signals
-from .runner import run_case
+from .runner import OUTPUT_FILES, run_case
 
 DEMO_MODEL = Path(__file__).parent.parent / "models" / "demo.safetensors"
 #: What a demo folder holds (``--overwrite`` replaces only such a folder).
 DEMO_OUTPUTS = ("input", "result", "metrics.json", "demo.png")
+DEMO_INPUTS = ("ct.nrrd", "liver.nrrd", "tumour.nrrd")
 DEMO_SEED = 7  # the demo model was trained on healthy synthetic cases with seeds 1000..1079
+
+
+def _is_demo_output(path: Path) -> bool:
+    """Whether ``path`` (an entry of ``--out``) is one a demo writes, with nothing of
+    anyone else's in it: ``input/`` and ``result/`` hold only the demo's files."""
+    inside = {"input": DEMO_INPUTS, "result": OUTPUT_FILES}.get(path.name)
+    if inside is None:
+        return path.name in DEMO_OUTPUTS and path.is_file()
+    return (
+        path.is_dir()
+        and not path.is_symlink()
+        and all(p.name in inside and p.is_file() for p in path.iterdir())
+    )
 
 
 def run_demo(
@@ -38,7 +52,7 @@ def run_demo(
     """Generate, detect, score and draw; return the metrics (also in ``out/metrics.json``)."""
     from ..method.metrics import pixel_metrics  # scikit-learn: not needed by detection or Slicer
 
-    final = check_output_dir(out, overwrite, "metrics.json", lambda p: p.name in DEMO_OUTPUTS)
+    final = check_output_dir(out, overwrite, "metrics.json", _is_demo_output)
     path = Path(checkpoint) if checkpoint else DEMO_MODEL
     if not path.is_file():
         raise CheckpointError(f"demo model not found: {path}")

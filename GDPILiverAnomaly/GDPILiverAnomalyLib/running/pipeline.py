@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..errors import Cancelled
+from ..errors import Cancelled, CheckpointError, GDPIError
 from ..files.checkpoint import Checkpoint
 from ..method.ame import adaptive_mask, denoise_for_ame
 from ..method.calibration import reference_patches, remove_bias
@@ -273,6 +273,12 @@ def finish_detection(
     if len(plan.liver_slices):
         score_lps[z0:z1] = plan.on_slab(score_grid, plan.in_slab)
         case.lps(pseudo)[z0:z1] += plan.on_slab(diff_grid, plan.in_slab)
+    for name, volume in (("score", score), ("pseudo-healthy image", pseudo)):
+        if not np.isfinite(volume).all():  # never written: no NaN reaches lesions.csv
+            raise GDPIError(
+                f"the {name} holds {int(np.count_nonzero(~np.isfinite(volume)))} NaN or "
+                "infinite values; nothing written (a broken model or input)"
+            )
     anomaly = anomaly_mask(score, params.threshold_hu)
     lesions = find_lesions(anomaly, score, case.original)
     t_score = time.perf_counter() - t1
@@ -382,15 +388,21 @@ def inpaint_grid(
     diffusion = GaussianDiffusion.from_config(checkpoint.diffusion, params.steps)
     model = checkpoint.model.to(device).eval()
     use_bf16 = bf16_active(params.bf16, device)
+    checked = False
 
     def network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        nonlocal checked
         ctx = (
             torch.autocast(device.type, dtype=torch.bfloat16)
             if use_bf16
             else contextlib.nullcontext()
         )
         with ctx:
-            return model(x, t).float()
+            out = model(x, t).float()
+        if not checked:  # the first evaluation: a broken model is refused at once
+            check_network_output(out, checkpoint)
+            checked = True
+        return out
 
     intensity = checkpoint.intensity
     diff = np.zeros_like(ct_grid, dtype=np.float32) if out is None else out
@@ -420,10 +432,36 @@ def inpaint_grid(
             eta=params.eta,
         )
         moved = ((x0 - image)[:, 0] * intensity.hu_per_unit).cpu().numpy()
+        if not np.isfinite(moved).all():
+            raise CheckpointError(
+                f"the network of {checkpoint.path or 'the checkpoint'} gave NaN or infinite "
+                f"values in batch {number}: a broken or unstable model; nothing written"
+            )
         diff[batch] = moved.reshape(len(batch), k, *moved.shape[1:]).mean(axis=1)
         if on_batch is not None:
             on_batch(number, batch, nfe)
     return diff
+
+
+#: Largest network output (model units) a working model gives: it predicts unit-variance
+#: noise (and variance interpolation values near [-1, 1]); trained models stay below 10.
+MAX_NETWORK_OUTPUT = 100.0
+
+
+def check_network_output(out: torch.Tensor, checkpoint: Checkpoint) -> None:
+    """Refuse a model whose output is not finite or beyond :data:`MAX_NETWORK_OUTPUT`
+    (:class:`CheckpointError`): checked on its first evaluation of a detection."""
+    where = checkpoint.path or "the checkpoint"
+    if not bool(torch.isfinite(out).all()):
+        raise CheckpointError(
+            f"the network of {where} gives NaN or infinite output: a broken model"
+        )
+    largest = float(out.abs().max()) if out.numel() else 0.0
+    if largest > MAX_NETWORK_OUTPUT:
+        raise CheckpointError(
+            f"the network of {where} gives output up to {largest:.3g}, beyond the "
+            f"{MAX_NETWORK_OUTPUT:g} a working model stays within: a broken model"
+        )
 
 
 def _liver_outside_grid(mapping: PlaneMapping, liver: np.ndarray) -> int:

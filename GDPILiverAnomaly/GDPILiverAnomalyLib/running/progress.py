@@ -11,11 +11,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..errors import OutputError
 
 
 @dataclass
@@ -192,12 +195,20 @@ class PartialWriter:
 
     Each file holds the score cropped to its nonzero box (CT index order ``[k, j, i]``);
     the ``partial`` event gives its path and the box's ``[k, j, i]`` offset. Only the
-    newest file is kept.
+    newest file is kept. Files the run did not create are never touched: a number
+    whose file exists already (an earlier run's, or anyone's) is passed over, and each
+    file appears complete (a temporary file, then a link that never replaces one). A
+    ``folder`` that is a file or cannot be written is an :class:`OutputError` here,
+    before anything runs; the folder is made with the first file.
     """
 
     def __init__(self, folder: Path, reporter: Reporter):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise OutputError(f"--stream-dir {self.folder} exists and is not a folder")
+        parent = next(p for p in (self.folder, *self.folder.absolute().parents) if p.exists())
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputError(f"--stream-dir {self.folder} is not writable")
         self.reporter = reporter
         self.count = 0
         self.previous: Path | None = None
@@ -208,13 +219,35 @@ class PartialWriter:
             return
         lo = [int(n[0]) for n in nonzero]
         hi = [int(n[-1]) + 1 for n in nonzero]
-        self.count += 1
-        path = self.folder / f"partial-{self.count:04d}.npy"
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, score[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]])
-        os.replace(tmp, path)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".tmp", dir=self.folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, score[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]])
+            path = self._place(Path(tmp))
+        finally:
+            Path(tmp).unlink(missing_ok=True)
         if self.previous is not None:
-            self.previous.unlink(missing_ok=True)
+            self.previous.unlink(missing_ok=True)  # this run's own file
         self.previous = path
         self.reporter.emit("partial", path=str(path), offset=lo)
+
+    def _place(self, tmp: Path) -> Path:
+        """Give ``tmp`` the next free ``partial-N.npy`` name; never replaces a file."""
+        while True:
+            self.count += 1
+            path = self.folder / f"partial-{self.count:04d}.npy"
+            if os.path.lexists(path):
+                continue
+            try:
+                os.link(tmp, path)
+                return path
+            except FileExistsError:
+                continue
+            except OSError:  # a file system without hard links: an exclusive copy
+                try:
+                    with open(path, "xb") as f:
+                        f.write(tmp.read_bytes())
+                    return path
+                except FileExistsError:
+                    continue

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import Cancelled, GDPIError, ParameterError
+from ..errors import Cancelled, GDPIError, ParameterError, os_error_message
 from ..files.checkpoint import Checkpoint
 from ..method.grid import InputGrid
 from ..method.parameters import DetectionParams, default_batch_size
@@ -121,6 +121,8 @@ def prepare_case(inputs, grid: InputGrid, params: DetectionParams) -> tuple[dict
         plan = plan_slices(ct, liver, grid, params)
     except GDPIError as exc:
         return {"error": str(exc)}, None
+    except OSError as exc:
+        return {"error": os_error_message(exc)}, None
     work = slices_to_inpaint(plan.cand_grid)
     return {
         "ct": plan.ct_grid[work],
@@ -157,6 +159,8 @@ def finish_case(
         )  # fmt: skip
     except GDPIError as exc:
         return {"error": str(exc)}
+    except OSError as exc:  # disk full, ...: fails only this case
+        return {"error": os_error_message(exc)}
 
 
 class InpaintWorker:
@@ -235,6 +239,7 @@ def run_folder_ray(
     should_cancel: Callable[[], bool] | None = None,
     overwrite: bool = False,
     on_workers: Callable[[list[str]], None] | None = None,
+    allow_non_ct: bool = False,
 ) -> tuple[list[dict], dict]:
     """Every case of a folder into ``out/<case>/`` plus ``out/summary.csv``, on Ray.
 
@@ -281,7 +286,7 @@ def run_folder_ray(
             }
             inputs = [  # absolute: the tasks run anywhere in the cluster
                 CaseInputs(Path(c.ct).absolute(), Path(c.liver).absolute(), liver_label,
-                           allow_non_hu)
+                           allow_non_hu, allow_non_ct=allow_non_ct)
                 for c in batch.todo
             ]  # fmt: skip
             loop = _Loop(ray, batch, batch_size, workers, params, checkpoint, engine, overwrite,
@@ -332,10 +337,39 @@ def _wait_for_workers(ray, workers: list, should_cancel) -> list[dict]:
     return described
 
 
+#: Seconds to wait for a Ray cluster's head to answer before giving up.
+CONNECT_TIMEOUT_S = 15.0
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse, in one line, a ``host:port`` (or ``ray://host:port``) that does not accept
+    a TCP connection within ``timeout_s``: Ray itself retries for minutes in silence.
+    ``auto`` (the address Ray finds itself) is left to Ray."""
+    import socket
+
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise GDPIError(f"--address {address}: expected host:port, ray://host:port or auto")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        if isinstance(exc, TimeoutError):
+            reason = f"no answer within {timeout_s:g} s"
+        else:
+            reason = exc.strerror or str(exc)
+        raise GDPIError(f"cannot reach the Ray cluster at {address} ({reason})") from None
+
+
 def _init_ray(ray, address: str | None) -> None:
     import logging
 
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    if address is not None:
+        check_reachable(address)
     try:
         if address is None:
             ray.init(**kwargs)  # a local instance with this machine's CPUs and GPUs

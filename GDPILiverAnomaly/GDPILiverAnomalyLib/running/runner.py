@@ -8,8 +8,12 @@ folder beside the output folder and moved into place only when complete.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import errno
 import io
 import json
+import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -21,12 +25,26 @@ import numpy as np
 import SimpleITK as sitk
 
 from .. import __version__
-from ..errors import Cancelled, GDPIError, OutputError
-from ..files.cases import Case, pair_cases
+from ..errors import Cancelled, GDPIError, InputError, OutputError, os_error_message
+from ..files.cases import Case, Skipped, find_cases
 from ..files.checkpoint import Checkpoint
 from ..files.checks import itk_path
-from ..files.outputs import atomic_dir, check_output_dir, write_text_atomic
-from ..files.volumes import array_on_grid, check_hu, read_ct, read_liver_mask
+from ..files.outputs import (
+    atomic_dir,
+    check_output_dir,
+    csv_safe_row,
+    partial_record,
+    remove_stale_partials,
+    write_text_atomic,
+)
+from ..files.volumes import (
+    array_on_grid,
+    check_hu,
+    check_liver_volume,
+    dicom_series_record,
+    read_ct,
+    read_liver_mask,
+)
 from ..method.parameters import DetectionParams
 from ..method.scoring import LESION_FIELDS
 from . import signals
@@ -55,6 +73,7 @@ SUMMARY_FIELDS = [
     "liver",
     "out",
 ]
+log = logging.getLogger("gdpi")
 
 
 def geometry(image: sitk.Image) -> dict:
@@ -66,6 +85,18 @@ def geometry(image: sitk.Image) -> dict:
     }
 
 
+def _write_image(image: sitk.Image, path: Path) -> None:
+    """``sitk.WriteImage`` whose failures are one line: ITK reports a full disk as a
+    RuntimeError with a page of NRRD messages; here it becomes ``OSError(ENOSPC)``."""
+    try:
+        sitk.WriteImage(image, itk_path(path, "output"), useCompression=True)
+    except RuntimeError as exc:
+        if shutil.disk_usage(path.parent).free < 4 * 1024 * 1024:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        raise OutputError(f"cannot write {path}: {lines[-1] if lines else exc}") from None
+
+
 def _write_result(folder: Path, ct: sitk.Image, result: DetectionResult) -> None:
     volumes = {
         "score.nrrd": (result.score, np.float32),
@@ -75,12 +106,12 @@ def _write_result(folder: Path, ct: sitk.Image, result: DetectionResult) -> None
     }
     for name, (array, dtype) in volumes.items():  # one volume's copy at a time
         image = array_on_grid(array.astype(dtype, copy=False), ct)
-        sitk.WriteImage(image, itk_path(folder / name, "output"), useCompression=True)
+        _write_image(image, folder / name)
         del image
     with open(folder / "lesions.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=LESION_FIELDS)
         writer.writeheader()
-        writer.writerows(lesion.to_dict() for lesion in result.lesions)
+        writer.writerows(csv_safe_row(lesion.to_dict()) for lesion in result.lesions)
 
 
 def _json_default(value):
@@ -91,19 +122,42 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value)}")
 
 
+def file_stamp(path: Path) -> dict | None:
+    """What tells whether an input file changed: its size (``bytes``) and modification
+    time (``mtime_ns``); for a folder (DICOM series) the sum of its files' sizes and the
+    newest time. None when it cannot be read."""
+    try:
+        if path.is_dir():
+            stats = [e.stat() for e in os.scandir(path) if e.is_file()]
+            return {"bytes": sum(s.st_size for s in stats),
+                    "mtime_ns": max((s.st_mtime_ns for s in stats), default=0)}  # fmt: skip
+        stat = path.stat()
+        return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    except OSError:
+        return None
+
+
 @dataclass(frozen=True)
 class CaseInputs:
-    """One case's input files and how to read them."""
+    """One case's input files and how to read them; ``stamps``: the files'
+    :func:`file_stamp` (``ct``, ``liver``) taken before they were read."""
 
     ct: Path
     liver: Path
     liver_label: int | None = None
     allow_non_hu: bool = False
+    allow_non_ct: bool = False  # read a DICOM series whose Modality is not CT
+    stamps: dict | None = field(default=None, compare=False)
+
+    def file_stamps(self) -> dict:
+        """``stamps``, or the files' stamps now."""
+        return self.stamps or {"ct": file_stamp(self.ct), "liver": file_stamp(self.liver)}
 
     def read(self) -> tuple[sitk.Image, np.ndarray]:
         """The CT (HU) and the liver mask on its grid (uint8, 1 = liver), checked."""
-        ct = read_ct(self.ct)
+        ct = read_ct(self.ct, self.allow_non_ct)
         liver = read_liver_mask(self.liver, ct, self.liver_label)
+        check_liver_volume(liver, ct.GetSpacing(), self.liver)
         if not self.allow_non_hu:
             check_hu(sitk.GetArrayViewFromImage(ct), liver, f"CT {self.ct}")
         return ct, liver
@@ -122,16 +176,23 @@ def run_case(
     on_partial: Callable[[np.ndarray], None] | None = None,
     partial_interval_s: float = 2.0,
     overwrite: bool = False,
+    allow_non_ct: bool = False,
 ) -> dict:
     """Detect on one case and write every output into ``out``; return run.json's content.
 
-    ``on_partial`` streams the score so far (see :func:`pipeline.detect`).
+    ``on_partial`` streams the score so far (see :func:`pipeline.detect`);
+    ``allow_non_ct`` reads a DICOM series whose Modality is not CT.
     """
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     params.validate(checkpoint.diffusion.num_timesteps)
-    out = check_output_dir(out, overwrite, "run.json", lambda p: p.name in OUTPUT_FILES)
-    inputs = CaseInputs(Path(ct_path), Path(liver_path), liver_label, allow_non_hu)
+    out = check_output_dir(
+        out, overwrite, "run.json", lambda p: p.name in OUTPUT_FILES and p.is_file()
+    )
+    inputs = CaseInputs(
+        Path(ct_path), Path(liver_path), liver_label, allow_non_hu, allow_non_ct=allow_non_ct
+    )
+    inputs = dataclasses.replace(inputs, stamps=inputs.file_stamps())  # before reading
     ct, liver = inputs.read()
     t_read = time.perf_counter() - t0
     result = detect(
@@ -171,6 +232,9 @@ def write_case(
             "liver": str(inputs.liver.absolute()),
             "liver_label": inputs.liver_label,
             "allow_non_hu": inputs.allow_non_hu,
+            "allow_non_ct": inputs.allow_non_ct,
+            "ct_dicom_series": dicom_series_record(ct),  # None: the CT is a file
+            "files": inputs.file_stamps(),  # resume redoes the case when they change
             "liver_voxels": int(liver.sum()),
             "geometry": geometry(ct),
         },
@@ -220,20 +284,25 @@ class Batch:
     out: Path
     cases: list[Case]
     done: dict[str, dict]  # case name -> summary row
-    incomplete: list[Path] = field(default_factory=list)  # case folders missing a file
+    # case folders to redo: missing a file (an older version's) or of changed inputs
+    incomplete: list[Path] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)  # entries that are not cases
 
     def open(self) -> None:
-        """Make the folder ready: an interrupted run's temporary folders and incomplete
-        case folders (only ever of an older version) removed, ``summary.csv`` there from
-        the start (so that a run killed early is resumed too)."""
-        for leftover in self.out.iterdir() if self.out.is_dir() else []:
-            if _is_leftover(leftover) and leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-            elif _is_leftover(leftover):
-                leftover.unlink()
+        """Make the folder ready: the temporary folders of interrupted runs (gdpi's own,
+        whose writer is gone) and the case folders to redo removed, ``summary.csv`` there
+        from the start (so that a run killed early is resumed too), with a row (and a
+        warning) for each skipped entry."""
+        if self.out.is_dir():
+            remove_stale_partials(self.out)
+            for leftover in self.out.glob(".summary.csv.*"):  # write_text_atomic's
+                if leftover.is_file() and not leftover.is_symlink():
+                    leftover.unlink()
         for folder in self.incomplete:
             shutil.rmtree(folder)
         self.out.mkdir(parents=True, exist_ok=True)
+        for entry in self.skipped:
+            log.warning(f"gdpi: skipped {entry.path}: {entry.reason}")
         self.write_summary({})
 
     @property
@@ -248,8 +317,11 @@ class Batch:
     def write_summary(self, rows: dict[str, dict]) -> None:
         """``summary.csv``: the rows of ``rows`` and of the resumed cases, in case order."""
         every = {**self.done, **rows}
+        skipped = [{"case": e.name, "status": "skipped", "error": e.reason, "ct": str(e.path)}
+                   for e in self.skipped]  # fmt: skip
         _write_summary(
-            self.out / "summary.csv", [every[c.name] for c in self.cases if c.name in every]
+            self.out / "summary.csv",
+            [every[c.name] for c in self.cases if c.name in every] + skipped,
         )
 
 
@@ -270,22 +342,41 @@ def start_batch(
     ``summary.csv``). Without ``overwrite`` an earlier batch of the same inputs,
     parameters and checkpoint is resumed: its complete cases are kept and skipped; one
     made with other settings is refused (device, batch size and bf16 may change:
-    :data:`HOW_NOT_WHAT`). With ``overwrite`` every case is redone and replaced.
+    :data:`HOW_NOT_WHAT`); a case whose CT or mask changed since (size or modification
+    time, :func:`file_stamp`) is redone. With ``overwrite`` every case is redone and
+    replaced. Entries of the CT folder that are not cases are ``skipped``.
     """
     path = Path(out).absolute()
-    resuming = (
-        not overwrite
-        and path.is_dir()
-        and (path / "summary.csv").is_file()
-        and all(_in_batch(p) for p in path.iterdir())
-    )
+    earlier = path.is_dir() and (path / "summary.csv").is_file()
+    foreign = sorted(p.name for p in path.iterdir() if not _in_batch(p)) if earlier else []
+    if earlier and foreign and not overwrite:
+        raise OutputError(
+            f"output folder {path} holds {foreign[0]}, which is not part of an earlier batch "
+            "(never written into or removed): move it away to resume, or choose a new folder"
+        )
+    resuming = earlier and not overwrite
     path = check_output_dir(path, overwrite or resuming, "summary.csv", _in_batch)
-    batch = Batch(path, pair_cases(ct_dir, liver_dir), {})
+    cases, skipped = find_cases(ct_dir, liver_dir)
+    reserved = next((c for c in cases if c.name.casefold() == "summary.csv"), None)
+    if reserved is not None:
+        raise InputError(f"{reserved.ct} would be case summary.csv, the batch's summary: rename it")
+    skipped = [s for s in skipped if s.path.absolute() != path]  # --out inside the CT folder
+    batch = Batch(path, cases, {}, skipped=skipped)
     for case in batch.cases if resuming else []:
         info = complete_result(path / case.name)
         if info is not None:
             inputs = CaseInputs(Path(case.ct), Path(case.liver), liver_label, allow_non_hu)
             _check_same_settings(path / case.name, info, params, checkpoint_sha256, inputs)
+            recorded = info.get("inputs", {}).get("files") or {}  # {}: made before it was
+            now = inputs.file_stamps()
+            changed = [k for k in ("ct", "liver") if k in recorded and recorded[k] != now[k]]
+            if changed:
+                batch.incomplete.append(path / case.name)
+                log.warning(
+                    f"gdpi: case {case.name}: its {' and '.join(changed)} file changed since "
+                    "its result was made (size or modification time): redoing it"
+                )
+                continue
             wall = info.get("timings_s", {}).get("wall", "")
             batch.done[case.name] = summary_row(batch.row(case), info, wall)
         elif _is_case_result(path / case.name):
@@ -326,6 +417,7 @@ def run_folder(
     progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     overwrite: bool = False,
+    allow_non_ct: bool = False,
 ) -> list[dict]:
     """Every case of a folder into ``out/<case>/`` plus ``out/summary.csv``, one case
     after another in this process (the ``local`` engine; :mod:`.ray_engine` is the other).
@@ -349,10 +441,14 @@ def run_folder(
             info = run_case(
                 case.ct, case.liver, checkpoint, params, batch.out / case.name, liver_label,
                 allow_non_hu, progress, should_cancel, overwrite=overwrite,
+                allow_non_ct=allow_non_ct,
             )  # fmt: skip
             rows[case.name] = summary_row(batch.row(case), info, round(time.perf_counter() - t0, 2))
-        except GDPIError as exc:
-            rows[case.name] = error_row(batch, case, str(exc), overwrite)
+        except BrokenPipeError:  # the reader of the progress lines went away: stop the batch
+            raise
+        except (GDPIError, OSError) as exc:  # OSError: disk full, ... fails only this case
+            message = os_error_message(exc) if isinstance(exc, OSError) else str(exc)
+            rows[case.name] = error_row(batch, case, message, overwrite)
             rows[case.name]["seconds"] = round(time.perf_counter() - t0, 2)
         batch.write_summary(rows)
         if should_cancel is not None and should_cancel():
@@ -371,10 +467,11 @@ def _is_case_result(path: Path) -> bool:
 
 
 def _is_leftover(path: Path) -> bool:
-    """A hidden temporary file or folder of an interrupted run (atomic writes)."""
-    return path.name.startswith(".") and (
-        ".partial-" in path.name or ".old-" in path.name or path.name.startswith(".summary.csv.")
-    )
+    """A temporary folder of gdpi's atomic writes (it carries gdpi's marker; case names
+    never start with a dot) or a temporary ``summary.csv`` of an interrupted run."""
+    if path.name.startswith(".summary.csv."):
+        return path.is_file() and not path.is_symlink()
+    return partial_record(path) is not None
 
 
 def _in_batch(path: Path) -> bool:
@@ -430,5 +527,5 @@ def _write_summary(path: Path, rows: list[dict]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=SUMMARY_FIELDS, restval="")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(csv_safe_row(row) for row in rows)
     write_text_atomic(path, buffer.getvalue())

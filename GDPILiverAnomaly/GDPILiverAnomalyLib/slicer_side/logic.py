@@ -84,8 +84,8 @@ class DetectionLogic(ResultDisplay):
             # the scalar range is computed once by VTK and cached (no full-volume numpy
             # pass on every change); the worker checks the exact label again
             low, high = liverNode.GetImageData().GetScalarRange()
-            if labelValue == 0:
-                if low < 0 or high > 2:
+            if labelValue == 0:  # the engine's default: binary (0/1, 0/255) or LiTS map
+                if low < 0 or (high > 2 and high != 255):
                     return (
                         f"The labelmap {liverNode.GetName()!r} holds several labels: "
                         "choose the liver's label value (TotalSegmentator: 5)."
