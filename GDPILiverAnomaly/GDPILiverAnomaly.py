@@ -16,13 +16,7 @@ import qt
 import slicer
 import vtk
 from GDPILiverAnomalyLib.errors import GDPIError
-from GDPILiverAnomalyLib.method.parameters import (
-    PRESETS,
-    DetectionParams,
-    choices,
-    default,
-    value_range,
-)
+from GDPILiverAnomalyLib.method.parameters import PRESETS, choices, help_text, value_range
 from GDPILiverAnomalyLib.slicer_side import dependencies
 from GDPILiverAnomalyLib.slicer_side.display import (
     LESION_TABLE_REFERENCE,
@@ -30,9 +24,20 @@ from GDPILiverAnomalyLib.slicer_side.display import (
     RESULT_ROLE_ATTRIBUTE,
     defaultCtNode,
     liverSegmentId,
+    resultVolumeIds,
 )
 from GDPILiverAnomalyLib.slicer_side.logic import DetectionLogic
-from GDPILiverAnomalyLib.slicer_side.settings import AME_SIDES, PANEL_PRESETS, DetectionSettings
+from GDPILiverAnomalyLib.slicer_side.settings import (
+    AME_SIDES,
+    BF16_CHOICES,
+    PANEL_DEFAULTS,
+    PANEL_FIELDS,
+    PANEL_PRESETS,
+    RESEARCH_NOTICE,
+    SCORE_WINDOW_HU,
+    DetectionSettings,
+    presetUpdates,
+)
 from slicer import (
     vtkMRMLLabelMapVolumeNode,
     vtkMRMLScalarVolumeNode,
@@ -50,8 +55,40 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-#: The schedule fields the panel shows for every preset and edits in ``custom``.
-SCHEDULE_FIELDS = ("sampler", "steps", "jump_length", "jump_n_sample")
+#: The extension's homepage (EXTENSION_HOMEPAGE in the top-level CMakeLists.txt) and
+#: this module's documentation there.
+HOMEPAGE = "https://github.com/GDPILiverAnomaly/GDPILiverAnomaly"
+DOCUMENTATION_URL = HOMEPAGE + "/blob/main/docs/slicer.md"
+#: The method's paper (README, "How to cite"; no venue or DOI known to this project).
+PAPER_CITATION = (
+    "Y. Shi, C. Niu, A. L. Simpson, B. De Man, R. Do, G. Wang, \u201cCT-based Anomaly "
+    "Detection of Liver Tumors Using Generative Diffusion Prior\u201d"
+)
+
+#: The widget of each detection parameter, bound to its parameter node field
+#: (``PANEL_FIELDS``) in the .ui. Those a preset fixes sit in
+#: ``presetParametersGroupBox``, editable only in ``custom``; the device combo box is
+#: filled by the widget, the threshold slider is in Results.
+PARAMETER_WIDGETS = {
+    "steps": "stepsSpinBox",
+    "jump_length": "jumpLengthSpinBox",
+    "jump_n_sample": "resamplingsSpinBox",
+    "sampler": "samplerComboBox",
+    "eta": "etaSpinBox",
+    "samples": "samplesSpinBox",
+    "offset_hu": "offsetSpinBox",
+    "ame_sigma_mm": "ameSigmaSpinBox",
+    "two_sided": "ameSideComboBox",
+    "min_candidate_mm2": "minCandidateSpinBox",
+    "calibrate": "calibrateCheckBox",
+    "depth_sigma_mm": "depthSigmaSpinBox",
+    "median_size": "medianSizeSpinBox",
+    "seed": "seedSpinBox",
+    "bf16": "bf16ComboBox",
+    "batch_size": "batchSizeSpinBox",
+    "device": "deviceComboBox",
+    "threshold_hu": "thresholdSliderWidget",
+}
 
 
 class GDPILiverAnomaly(ScriptedLoadableModule):
@@ -65,11 +102,25 @@ class GDPILiverAnomaly(ScriptedLoadableModule):
             "Finds liver tumours in CT without tumour labels: darker regions inside the "
             "liver are re-painted as healthy tissue by a diffusion model, and the "
             "difference (HU) is the anomaly heatmap. Pick a CT and a liver segmentation "
-            "or labelmap, then click Detect. Research software, not for clinical use."
+            "or labelmap, then click Detect. Research software, not a medical device."
+        )
+        self.parent.helpText += (
+            f'<p><a href="{DOCUMENTATION_URL}">'
+            + _("Documentation: the panel, the Python console, batch processing")
+            + "</a></p><p>"
+            + _("Method")
+            + f": {PAPER_CITATION}</p>"
         )
         self.parent.acknowledgementText = _(
-            "Method: 'CT-based Anomaly Detection of Liver Tumors Using Generative "
-            "Diffusion Prior' (GDPI). The bundled model card lists its training data."
+            "The bundled real-CT model was trained on HCC-TACE-Seg (Moawad et al., The "
+            "Cancer Imaging Archive, doi:10.7937/TCIA.5FNA-0924, CC BY 4.0), CHAOS CT set 3 "
+            "(Kavur et al., Medical Image Analysis 69 (2021) 101950, "
+            "doi:10.5281/zenodo.3431873, CC BY-SA 4.0), the TotalSegmentator test data "
+            "(Wasserthal et al., Apache-2.0) and dcmqi test data (QIICR, Brigham and "
+            "Women's Hospital, BSD-style). Because it learnt from CHAOS, the real-CT "
+            "weights are shared under CC BY-SA 4.0; the code is Apache-2.0. Method: "
+            "Shi et al., CT-based Anomaly Detection of Liver Tumors Using Generative "
+            "Diffusion Prior (GDPI)."
         )
         slicer.app.connect("startupCompleted()", registerSampleData)
 
@@ -124,41 +175,62 @@ def loadSyntheticSample(source=None):
 
 @parameterNodeWrapper
 class GDPILiverAnomalyParameterNode:
-    """Panel settings; saved with the scene. The detection parameters carry the names,
-    ranges and defaults of ``GDPILiverAnomalyLib.method.parameters`` (HU for intensities,
-    model-grid pixels for the median filter); the schedule fields are the ``custom``
-    preset's (they start at the paper preset's values); batch size 0 = automatic."""
+    """Panel settings; saved with the scene. Every detection parameter of
+    ``GDPILiverAnomalyLib.method.parameters`` is here by name and range (HU for
+    intensities, mm for the smoothing sigmas, model-grid pixels for the median filter;
+    ``ameSide`` is ``two_sided``, batch size 0 = automatic), starting at the default
+    preset's values. Under ``fast`` and ``paper`` the node shows that preset's values
+    (the widget writes them, ``presetUpdates``) and only the run options are sent;
+    ``custom`` sends every value (``DetectionSettings.fromPanel``). The threshold's range
+    is the score colour window (``SCORE_WINDOW_HU``): the slider shows what the colours
+    can show."""
 
     inputVolume: vtkMRMLScalarVolumeNode
     liverSource: Annotated[str, Choice(["Segmentation", "Labelmap"])] = "Segmentation"
     liverSegmentation: vtkMRMLSegmentationNode
     liverSegmentId: str = ""
+    # the segments that form the liver region (liver + tumours inside it); empty = the
+    # liver segment and what the logic finds with it (liverRegionSegmentIds)
+    liverRegionSegmentIds: list[str]
     liverLabelmap: vtkMRMLLabelMapVolumeNode
     liverLabelValue: Annotated[int, WithinRange(0, 65535)] = 0
     checkpointPath: str = ""
     preset: Annotated[str, Choice(list(PANEL_PRESETS))] = "fast"
-    steps: Annotated[int, WithinRange(*value_range("steps"))] = PRESETS["paper"]["steps"]
-    jump_length: Annotated[int, WithinRange(*value_range("jump_length"))] = PRESETS["paper"][
+    customBase: Annotated[str, Choice(sorted(PRESETS))] = "fast"  # what custom started from
+    steps: Annotated[int, WithinRange(*value_range("steps"))] = PANEL_DEFAULTS["steps"]
+    jump_length: Annotated[int, WithinRange(*value_range("jump_length"))] = PANEL_DEFAULTS[
         "jump_length"
     ]
-    jump_n_sample: Annotated[int, WithinRange(*value_range("jump_n_sample"))] = PRESETS["paper"][
+    jump_n_sample: Annotated[int, WithinRange(*value_range("jump_n_sample"))] = PANEL_DEFAULTS[
         "jump_n_sample"
     ]
-    sampler: Annotated[str, Choice(list(choices("sampler")))] = PRESETS["paper"].get(
-        "sampler", default("sampler")
-    )
-    batch_size: Annotated[int, WithinRange(0, value_range("batch_size")[1])] = 0
-    offset_hu: Annotated[float, WithinRange(*value_range("offset_hu"))] = PRESETS["fast"][
+    sampler: Annotated[str, Choice(list(choices("sampler")))] = PANEL_DEFAULTS["sampler"]
+    eta: Annotated[float, WithinRange(*value_range("eta"))] = PANEL_DEFAULTS["eta"]
+    samples: Annotated[int, WithinRange(*value_range("samples"))] = PANEL_DEFAULTS["samples"]
+    offset_hu: Annotated[float, WithinRange(*value_range("offset_hu"))] = PANEL_DEFAULTS[
         "offset_hu"
     ]
-    ameSide: Annotated[str, Choice(list(AME_SIDES))] = "auto"
-    median_size: Annotated[int, WithinRange(*value_range("median_size"))] = PRESETS["fast"][
+    ame_sigma_mm: Annotated[float, WithinRange(*value_range("ame_sigma_mm"))] = PANEL_DEFAULTS[
+        "ame_sigma_mm"
+    ]
+    ameSide: Annotated[str, Choice(list(AME_SIDES))] = PANEL_DEFAULTS["ameSide"]
+    min_candidate_mm2: Annotated[float, WithinRange(*value_range("min_candidate_mm2"))] = (
+        PANEL_DEFAULTS["min_candidate_mm2"]
+    )
+    calibrate: bool = PANEL_DEFAULTS["calibrate"]
+    depth_sigma_mm: Annotated[float, WithinRange(*value_range("depth_sigma_mm"))] = PANEL_DEFAULTS[
+        "depth_sigma_mm"
+    ]
+    median_size: Annotated[int, WithinRange(*value_range("median_size"))] = PANEL_DEFAULTS[
         "median_size"
     ]
-    device: str = default("device")
-    threshold_hu: Annotated[float, WithinRange(*value_range("threshold_hu"))] = default(
-        "threshold_hu"
-    )  # the slider shows the same range
+    seed: Annotated[int, WithinRange(*value_range("seed"))] = PANEL_DEFAULTS["seed"]
+    bf16: Annotated[str, Choice(list(BF16_CHOICES))] = PANEL_DEFAULTS["bf16"]
+    batch_size: Annotated[int, WithinRange(0, value_range("batch_size")[1])] = PANEL_DEFAULTS[
+        "batch_size"
+    ]
+    device: str = PANEL_DEFAULTS["device"]
+    threshold_hu: Annotated[float, WithinRange(*SCORE_WINDOW_HU)] = PANEL_DEFAULTS["threshold_hu"]
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     perLesionSegments: bool = True
     scoreVolume: vtkMRMLScalarVolumeNode
@@ -214,32 +286,34 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
         self.ui.showVersionsButton.connect("clicked(bool)", self.onShowVersions)
         self.ui.cancelAllButton.connect("clicked(bool)", self.onCancelAll)
-        # ranges from GDPILiverAnomalyLib.method.parameters (0 batch size = automatic)
-        for widget, name in (
-            (self.ui.stepsSpinBox, "steps"),
-            (self.ui.jumpLengthSpinBox, "jump_length"),
-            (self.ui.resamplingsSpinBox, "jump_n_sample"),
-            (self.ui.offsetSpinBox, "offset_hu"),
-            (self.ui.medianSizeSpinBox, "median_size"),
-            (self.ui.thresholdSliderWidget, "threshold_hu"),
-        ):
-            widget.minimum, widget.maximum = value_range(name)
-        self.ui.batchSizeSpinBox.minimum, self.ui.batchSizeSpinBox.maximum = (
-            0, value_range("batch_size")[1],
-        )  # fmt: skip
-        # the schedule boxes show the preset's values, and edit the parameter node's
-        # (custom) values only in the custom preset: so they are not bound to it
-        for widget, name in (
-            (self.ui.stepsSpinBox, "steps"),
-            (self.ui.jumpLengthSpinBox, "jump_length"),
-            (self.ui.resamplingsSpinBox, "jump_n_sample"),
-        ):
-            widget.connect(
-                "valueChanged(int)", lambda value, n=name: self.onScheduleEdited(n, value)
-            )
-        self.ui.samplerComboBox.connect(
-            "currentTextChanged(QString)", lambda text: self.onScheduleEdited("sampler", text)
+        # ranges and tooltips from GDPILiverAnomalyLib.method.parameters (batch size 0 =
+        # automatic); the threshold slider spans the score's colour window, so every
+        # position shows a difference
+        for name, widgetName in PARAMETER_WIDGETS.items():
+            widget = getattr(self.ui, widgetName)
+            if not widget.toolTip:
+                widget.toolTip = help_text(name)
+            if name == "threshold_hu":
+                widget.minimum, widget.maximum = SCORE_WINDOW_HU
+            elif name == "batch_size":
+                widget.minimum, widget.maximum = 0, value_range("batch_size")[1]
+            elif hasattr(widget, "minimum"):
+                widget.minimum, widget.maximum = value_range(name)
+        # the segments that form the liver region: ticked in a list of the same segmentation
+        self.ui.liverRegionSelector.connect(
+            "segmentSelectionChanged(QStringList)", self.onLiverRegionChanged
         )
+        # the CT selector never offers the module's own outputs (score, pseudo-healthy)
+        self._hideResultsTimer = qt.QTimer()
+        self._hideResultsTimer.setSingleShot(True)
+        self._hideResultsTimer.setInterval(0)
+        self._hideResultsTimer.timeout.connect(self.hideResultsFromInputs)
+        self.addObserver(
+            slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent,
+            lambda caller, event: self._hideResultsTimer.start(),
+        )  # fmt: skip
+        self.hideResultsFromInputs()
+        self.ui.researchNoticeLabel.text = RESEARCH_NOTICE
         # only score volumes of earlier detections, never the CT itself
         self.ui.resultScoreSelector.addAttribute(
             "vtkMRMLScalarVolumeNode", RESULT_ROLE_ATTRIBUTE, "score"
@@ -331,7 +405,10 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _liverInputs(self):
         p = self._parameterNode
         if p.liverSource == "Segmentation":
-            return p.liverSegmentation, p.liverSegmentId or None, 0
+            # the ticked liver region; none ticked: the liver segment, to which the logic
+            # adds the segments inside it or named as a lesion (liverRegionSegmentIds)
+            region = list(p.liverRegionSegmentIds)
+            return p.liverSegmentation, region or (p.liverSegmentId or None), 0
         return p.liverLabelmap, None, p.liverLabelValue
 
     def _updateGui(self, caller=None, event=None) -> None:
@@ -339,7 +416,10 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is None:
             return
         segmentationMode = p.liverSource == "Segmentation"
-        for widget in (self.ui.liverSegmentSelector, self.ui.liverSegmentLabel):
+        for widget in (
+            self.ui.liverSegmentSelector, self.ui.liverSegmentLabel,
+            self.ui.liverRegionSelector, self.ui.liverRegionLabel,
+        ):  # fmt: skip
             widget.setVisible(segmentationMode)
         for widget in (
             self.ui.liverLabelmapSelector, self.ui.liverLabelmapLabel,
@@ -360,26 +440,21 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             index = self.ui.deviceComboBox.findData(p.device)
         if index >= 0 and index != self.ui.deviceComboBox.currentIndex:
             self.ui.deviceComboBox.setCurrentIndex(index)
-        custom = p.preset == "custom"
-        shown = {name: getattr(p, name) for name in SCHEDULE_FIELDS}
-        if not custom:
-            preset = DetectionParams.from_preset(p.preset)
-            shown.update({name: getattr(preset, name) for name in SCHEDULE_FIELDS})
-        self.ui.samplerComboBox.setEnabled(custom)
-        if self.ui.samplerComboBox.currentText != shown["sampler"]:
-            wasBlocked = self.ui.samplerComboBox.blockSignals(True)
-            self.ui.samplerComboBox.currentText = shown["sampler"]
-            self.ui.samplerComboBox.blockSignals(wasBlocked)
-        for widget, name in (
-            (self.ui.stepsSpinBox, "steps"),
-            (self.ui.jumpLengthSpinBox, "jump_length"),
-            (self.ui.resamplingsSpinBox, "jump_n_sample"),
-        ):
-            widget.setEnabled(custom)
-            if widget.value != shown[name]:
-                wasBlocked = widget.blockSignals(True)  # display only: nothing written back
-                widget.value = shown[name]
-                widget.blockSignals(wasBlocked)
+        # fast and paper show exactly their values; custom keeps what was shown (and
+        # records which preset that was); a saved scene's stray values are corrected
+        updates = presetUpdates(p.preset, getattr(self, "_shownPreset", None), self._panelValues())
+        self._shownPreset = p.preset
+        if updates:
+            with slicer.util.NodeModify(p.parameterNode):
+                for name, value in updates.items():
+                    setattr(p, name, value)
+            return  # the node's Modified event runs this again with the new values
+        self.ui.presetParametersGroupBox.setEnabled(p.preset == "custom")
+        if segmentationMode and self.ui.liverRegionSelector.currentNode() != p.liverSegmentation:
+            self.ui.liverRegionSelector.setCurrentNode(p.liverSegmentation)
+        region = list(p.liverRegionSegmentIds)
+        if list(self.ui.liverRegionSelector.selectedSegmentIDs()) != region:
+            self.ui.liverRegionSelector.setSelectedSegmentIDs(region)
 
         running = self._job is not None and self._job.running
         if running:
@@ -414,16 +489,18 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._problem = self.logic.inputProblem(p.inputVolume, liverNode, segmentId, labelValue)
         return self._problem
 
-    def _settings(self) -> DetectionSettings:
-        """The panel's settings: the schedule only for ``custom``, batch size 0 = automatic."""
+    def _panelValues(self) -> dict:
+        """The parameter node's detection values by field name."""
         p = self._parameterNode
-        names = ["offset_hu", "median_size", "threshold_hu", "device"]
-        if p.preset == "custom":
-            names += list(SCHEDULE_FIELDS)
-        parameters = {name: getattr(p, name) for name in names}
-        parameters["batch_size"] = p.batch_size or None
-        parameters["two_sided"] = AME_SIDES[p.ameSide]
-        return DetectionSettings(checkpoint=p.checkpointPath, preset=p.preset, **parameters)
+        return {field: getattr(p, field) for field in PANEL_FIELDS.values()}
+
+    def _settings(self) -> DetectionSettings:
+        """The panel's settings: fast and paper exactly (plus device, batch size and
+        threshold), custom with every value (``DetectionSettings.fromPanel``)."""
+        p = self._parameterNode
+        return DetectionSettings.fromPanel(
+            self._panelValues(), p.checkpointPath, p.preset, p.customBase
+        )
 
     # ---- actions --------------------------------------------------------------------
 
@@ -434,15 +511,37 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if segmentId:  # the segment named liver, not the first one (spleen)
                 self._parameterNode.liverSegmentId = segmentId
                 self.ui.liverSegmentSelector.setCurrentSegmentID(segmentId)
-
-    def onScheduleEdited(self, name, value) -> None:
-        p = self._parameterNode
-        if p is not None and p.preset == "custom" and getattr(p, name) != value:
-            setattr(p, name, value)
+            self._suggestLiverRegion()
 
     def onLiverSegmentChanged(self, segmentId) -> None:
         if self._parameterNode and self._parameterNode.liverSegmentId != segmentId:
             self._parameterNode.liverSegmentId = segmentId or ""
+            self._suggestLiverRegion()
+
+    def _suggestLiverRegion(self) -> None:
+        """Tick the liver segment and the segments that belong with it (inside it, or
+        named as a lesion, tumour, mass, cyst or metastasis); the user may change the
+        ticks."""
+        p = self._parameterNode
+        segmentation, liverId = p.liverSegmentation, p.liverSegmentId
+        region = []
+        if segmentation is not None and liverId:
+            if segmentation.GetSegmentation().GetSegment(liverId) is not None:
+                with slicer.util.WaitCursor():
+                    region = self.logic.liverRegionSegmentIds(segmentation, liverId, p.inputVolume)
+        p.liverRegionSegmentIds = region
+
+    def onLiverRegionChanged(self, segmentIds) -> None:
+        p = self._parameterNode
+        if p is not None and list(p.liverRegionSegmentIds) != list(segmentIds):
+            p.liverRegionSegmentIds = list(segmentIds)
+
+    def hideResultsFromInputs(self) -> None:
+        """The CT selector hides the score and pseudo-healthy volumes of detections."""
+        proxy = self.ui.inputVolumeSelector.sortFilterProxyModel()
+        hidden = resultVolumeIds(slicer.mrmlScene)
+        if list(proxy.hiddenNodeIDs) != hidden:
+            proxy.hiddenNodeIDs = hidden
 
     def onCheckpointChanged(self, path) -> None:
         if self._parameterNode and self._parameterNode.checkpointPath != path:
@@ -511,7 +610,8 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.pseudoHealthyVolume = job.outputs.pseudoHealthyVolume
             p.lesionTable = job.outputs.lesionTable
             self.ui.progressBar.value = 100
-            self.logic.showInSliceViews(p.inputVolume, p.scoreVolume, p.opacity)
+            self.logic.showResult(p.scoreVolume, p.opacity)
+            self.ui.runDetailsTextEdit.plainText = self.logic.runDetails(p.scoreVolume)
         elif job.state == "failed":
             self.ui.progressBar.value = 0
             slicer.util.errorDisplay(job.error.splitlines()[0], detailedText=job.error)
@@ -660,10 +760,16 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onResultChanged(self, node) -> None:
         p = self._parameterNode
-        if p is None or node is None or p.inputVolume is None:
+        self.ui.runDetailsTextEdit.plainText = self.logic.runDetails(node) if node else ""
+        if p is None or node is None:
             return
         self.logic.setupScoreDisplay(node, p.threshold_hu)
-        self.logic.showInSliceViews(p.inputVolume, node, p.opacity)
+        # over the CT it was computed from (its node reference), whatever CT is selected
+        if self.logic.showResult(node, p.opacity) is None:
+            self.ui.statusLabel.text = _(
+                "The CT this result was computed from is no longer in the scene: the "
+                "heatmap is shown without a background."
+            )
         # the lesion table and pseudo-healthy volume of the same run, never another's
         p.lesionTable = node.GetNodeReference(LESION_TABLE_REFERENCE)
         p.pseudoHealthyVolume = node.GetNodeReference(PSEUDO_HEALTHY_REFERENCE)

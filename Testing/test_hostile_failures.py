@@ -6,6 +6,7 @@ abort or a hang."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -112,3 +113,27 @@ def test_an_unreachable_ray_cluster_is_one_line_within_seconds(tmp_path, tiny_ch
     ]
     assert time.monotonic() - t0 < 60
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damaged", ["{broken", "{}", "[1, 2]", '{"inputs": 5}', "null"])
+def test_a_damaged_case_run_json_is_redone_on_resume(tmp_path, tiny_checkpoint, damaged):
+    """Before: a traceback (AttributeError), or the whole batch refused as "made with
+    other settings"; now that case is redone, with a warning."""
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    shutil.copy(shared("ts_small", "ct.nii.gz"), cases / "volume-1.nii.gz")
+    shutil.copy(shared("ts_small", "totalseg.nii.gz"), cases / "segmentation-1.nii.gz")
+    out = tmp_path / "out"
+    cmd = _gdpi("detect", "--ct", str(cases), "--liver", str(cases), "--liver-label", "5",
+                "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--progress", "none",
+                *QUICK)  # fmt: skip
+    assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
+    good = json.loads((out / "volume-1" / "run.json").read_text())
+    (out / "volume-1" / "run.json").write_text(damaged)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    if damaged != "{broken":  # valid JSON of the wrong shape is named in the log
+        assert "run.json is damaged: redoing that case" in proc.stderr
+    redone = json.loads((out / "volume-1" / "run.json").read_text())
+    assert redone["results"] == good["results"] and redone["started"] != good["started"]

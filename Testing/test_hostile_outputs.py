@@ -350,9 +350,9 @@ def test_no_csv_cell_is_a_live_formula(work):
     assert lesions and all(isinstance(float(v), float) for r in lesions for v in r.values())
     from GDPILiverAnomalyLib.files.outputs import csv_safe
 
-    for text in ("=2+3", "+cmd", "-cmd|' /C calc'!A0", "@SUM(1)", "\t=1", "\r=1"):
+    for text in ("=2+3", "+cmd", "-cmd|' /C calc'!A0", "@SUM(1)", "\t=1", "\r=1", "-inf"):
         assert csv_safe(text) == "'" + text
-    for value in ("-12.5", "case", "", 7, -3.5, None):
+    for value in ("-12.5", "+3", "-1e-05", "case", "", 7, -3.5, None):
         assert csv_safe(value) == value  # numbers stay numbers
     for row in rows.values():
         for cell in row.values():

@@ -11,7 +11,18 @@ from pathlib import Path
 
 from GDPILiverAnomalyLib.method import parameters
 from GDPILiverAnomalyLib.method.parameters import PRESETS
-from GDPILiverAnomalyLib.slicer_side.settings import AME_SIDES, PANEL_PRESETS, DetectionSettings
+from GDPILiverAnomalyLib.slicer_side import settings
+from GDPILiverAnomalyLib.slicer_side.settings import (
+    AME_SIDES,
+    BF16_CHOICES,
+    PANEL_DEFAULTS,
+    PANEL_FIELDS,
+    PANEL_PRESETS,
+    PRESET_PARAMETERS,
+    RUN_OPTIONS,
+    SCORE_WINDOW_HU,
+    DetectionSettings,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE = REPO / "GDPILiverAnomaly"
@@ -34,7 +45,8 @@ def _ui_parameter_names() -> dict[str, str]:
 
 def _parameter_node_fields() -> dict[str, object]:
     """Annotated fields of the parameter node class and their defaults (None if none),
-    evaluated with what the module imports from ``GDPILiverAnomalyLib.method.parameters``."""
+    evaluated with what the module imports from ``method.parameters`` and
+    ``slicer_side.settings``."""
     tree = ast.parse(MODULE_PY.read_text())
     cls = next(
         n
@@ -47,7 +59,8 @@ def _parameter_node_fields() -> dict[str, object]:
             value = None
             if node.value is not None:
                 expression = ast.Expression(node.value)
-                value = eval(compile(expression, str(MODULE_PY), "eval"), vars(parameters))
+                namespace = {**vars(parameters), **vars(settings)}
+                value = eval(compile(expression, str(MODULE_PY), "eval"), namespace)
             fields[node.target.id] = value
     return fields
 
@@ -70,33 +83,26 @@ def test_every_ui_parameter_name_exists_in_the_parameter_node():
 
 
 def test_parameter_defaults_match_the_logic_defaults():
-    """The panel and the console (DetectionSettings) start from the same settings, and the
-    parameter node's detection fields are the engine's parameters by name and range."""
+    """The panel and the console (DetectionSettings) start from the same settings: the
+    parameter node holds every detection parameter (by its panel field) at the default
+    preset's value, with the engine's range (the threshold: the colour window's)."""
     fields = _parameter_node_fields()
     defaults = DetectionSettings()
-    params = defaults.params()
-    assert fields["preset"] == defaults.preset
+    assert fields["preset"] == defaults.preset and fields["customBase"] == defaults.preset
     assert fields["checkpointPath"] == defaults.checkpoint
-    for name in ("offset_hu", "median_size", "threshold_hu", "device"):
-        assert fields[name] == getattr(params, name), name
-    # the AME side: "auto" = two_sided None (decided by the contrast phase)
-    assert AME_SIDES[fields["ameSide"]] is params.two_sided is None
-    assert fields["batch_size"] == 0 and params.batch_size is None  # 0 = automatic
-    # the schedule fields are the custom preset's: they start at the paper preset
-    for name in ("steps", "jump_length", "jump_n_sample"):
-        assert fields[name] == PRESETS["paper"][name], name
-    assert fields["sampler"] == PRESETS["paper"].get("sampler", parameters.default("sampler"))
-    assert fields["median_size"] == PRESETS[fields["preset"]]["median_size"]
-    assert fields["offset_hu"] == PRESETS[fields["preset"]]["offset_hu"]
+    missing = sorted(set(PANEL_FIELDS.values()) - set(fields))
+    assert not missing, f"detection parameters the parameter node lacks: {missing}"
+    for field in PANEL_FIELDS.values():
+        assert fields[field] == PANEL_DEFAULTS[field], field
+    assert DetectionSettings.fromPanel(PANEL_DEFAULTS).params() == defaults.params()
+    assert AME_SIDES[fields["ameSide"]] is defaults.params().two_sided is None
+    assert BF16_CHOICES[fields["bf16"]] is defaults.params().bf16 is None
+    assert fields["batch_size"] == 0 and defaults.params().batch_size is None  # 0 = automatic
     source = MODULE_PY.read_text()
-    for name in ("steps", "jump_length", "jump_n_sample", "offset_hu", "median_size"):
-        assert f'WithinRange(*value_range("{name}"))' in source, name
-    # not on the panel: two_sided is the AME-side choice; samples, the AME smoothing,
-    # calibration and 3-D smoothing come from the preset (console: DetectionSettings)
-    assert set(fields) >= set(parameters.PARAMETER_NAMES) - {
-        "min_candidate_mm2", "seed", "bf16", "two_sided", "samples", "ame_sigma_mm",
-        "calibrate", "depth_sigma_mm", "eta",
-    }  # fmt: skip
+    for name in PRESET_PARAMETERS:
+        if parameters._FIELDS[name].metadata["range"] is not None:
+            assert f'WithinRange(*value_range("{name}"))' in source, name
+    assert "threshold_hu: Annotated[float, WithinRange(*SCORE_WINDOW_HU)]" in source
 
 
 def test_ui_combo_boxes_offer_the_parameter_choices():
@@ -111,6 +117,7 @@ def test_ui_combo_boxes_offer_the_parameter_choices():
     assert items("liverSourceComboBox") == ["Segmentation", "Labelmap"]
     assert items("ameSideComboBox") == list(AME_SIDES)
     assert items("samplerComboBox") == list(parameters.choices("sampler"))
+    assert items("bf16ComboBox") == list(BF16_CHOICES)
     assert "Choice(list(AME_SIDES))" in MODULE_PY.read_text()
     source = MODULE_PY.read_text()
     assert "Choice(list(PANEL_PRESETS))" in source
@@ -219,27 +226,66 @@ def test_the_panel_never_imports_torch():
     assert "refreshDevicesButton" in _ui_widgets()
 
 
+def _ui_widget(name: str):
+    return next(w for w in ET.parse(UI).getroot().iter("widget") if w.get("name") == name)
+
+
+def _module_constant(name: str):
+    tree = ast.parse(MODULE_PY.read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == name)
+    return ast.literal_eval(node.value)
+
+
+def test_every_detection_parameter_has_its_widget_bound_to_its_field():
+    """The panel shows every value a detection runs with: each parameter's widget is
+    bound (SlicerParameterName) to its parameter node field; those a preset fixes sit in
+    the group that only the custom preset enables, the run options outside it."""
+    widgets = _module_constant("PARAMETER_WIDGETS")
+    assert set(widgets) == set(parameters.PARAMETER_NAMES)
+    bound = _ui_parameter_names()
+    group = _ui_widget("presetParametersGroupBox")
+    inside = {w.get("name") for w in group.iter("widget")}
+    for name, widget in widgets.items():
+        if name != "device":  # filled with the worker's devices by the widget code
+            assert bound.get(widget) == PANEL_FIELDS[name], (name, widget)
+        assert (widget in inside) == (name in PRESET_PARAMETERS), name
+    assert set(RUN_OPTIONS) | set(PRESET_PARAMETERS) == set(parameters.PARAMETER_NAMES)
+    assert 'presetParametersGroupBox.setEnabled(p.preset == "custom")' in MODULE_PY.read_text()
+
+
+def test_the_threshold_slider_spans_the_colour_window():
+    """The slider, its parameter node field and the score's colour map share one range
+    (before: a 0-500 HU slider over a 0-50 HU colour window)."""
+    slider = _ui_widget("thresholdSliderWidget")
+    limits = {
+        p.get("name"): float(p.find("double").text)
+        for p in slider.findall("property")
+        if p.get("name") in ("minimum", "maximum")
+    }
+    assert (limits["minimum"], limits["maximum"]) == SCORE_WINDOW_HU
+    source = MODULE_PY.read_text()
+    assert "widget.minimum, widget.maximum = SCORE_WINDOW_HU" in source
+    assert SCORE_WINDOW_HU[0] <= PANEL_DEFAULTS["threshold_hu"] <= SCORE_WINDOW_HU[1]
+
+
 def test_panel_wiring_that_only_a_real_slicer_runs():
     """Static checks of what the Qt panel does (it cannot run without Slicer's GUI): the
-    spin boxes get their ranges from the parameter definition, the schedule boxes are not
-    bound to the parameter node (a preset must not write into the custom values), the
-    result selector lists only score volumes, the synthetic case is a Sample Data entry
-    generated on click, and Slicer quitting cancels running workers."""
+    spin boxes get their ranges from the parameter definition, the result selector lists
+    only score volumes and the CT selector hides results, the liver region is a
+    multi-selection segment list, the synthetic case is a Sample Data entry generated on
+    click, and Slicer quitting cancels running workers."""
     source = MODULE_PY.read_text()
-    for name in ("steps", "jump_length", "jump_n_sample", "offset_hu", "median_size",
-                 "threshold_hu"):  # fmt: skip
-        assert f'"{name}")' in source and "value_range(name)" in source, name
-    bound = set(_ui_parameter_names().values())
-    assert not bound & {"sampler", "steps", "jump_length", "jump_n_sample"}
+    assert "widget.minimum, widget.maximum = value_range(name)" in source
     assert (
         'addAttribute(\n            "vtkMRMLScalarVolumeNode", RESULT_ROLE_ATTRIBUTE, "score"'
         in source
     )
+    assert "proxy.hiddenNodeIDs = hidden" in source and "resultVolumeIds(" in source
+    region = _ui_widget("liverRegionSelector")
+    multi = next(p for p in region.findall("property") if p.get("name") == "multiSelection")
+    assert multi.find("bool").text == "true"
+    assert '"segmentSelectionChanged(QStringList)", self.onLiverRegionChanged' in source
     assert 'slicer.app.connect("startupCompleted()", registerSampleData)' in source
     assert "customDownloader=loadSyntheticSample" in source
     assert 'slicer.app.connect("aboutToQuit()", self.cancelAll)' in source
     assert 'torchVersionRequirement=f">={dependencies.MINIMUM_TORCH}"' in source
-    root = ET.parse(UI).getroot()
-    slider = next(w for w in root.iter("widget") if w.get("name") == "thresholdSliderWidget")
-    maximum = next(p for p in slider.findall("property") if p.get("name") == "maximum")
-    assert float(maximum.find("double").text) == parameters.value_range("threshold_hu")[1]

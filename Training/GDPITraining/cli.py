@@ -90,7 +90,10 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     )
     t.add_argument("--data", required=True, help="slice store made by gdpi prepare")
     t.add_argument(
-        "--out", required=True, help="run folder (model.safetensors, state.pt, log.csv, ...)"
+        "--out",
+        required=True,
+        help="run folder (model.safetensors, state.pt, log.csv, ...): new, empty, or an earlier "
+        "run's folder, which is resumed; locked while training",
     )
     t.add_argument(
         "--model",

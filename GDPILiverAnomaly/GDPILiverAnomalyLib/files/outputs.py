@@ -4,9 +4,11 @@ CSV cells that a spreadsheet never runs as formulas."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -125,12 +127,19 @@ def atomic_dir(out: Path, replace: bool = True) -> Iterator[Path]:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename; on any
+    failure the temporary file is removed and ``path`` is left as it was. Characters that
+    UTF-8 cannot hold (a file name's non-UTF-8 bytes) are written as ``\\xNN``."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as f:
-        f.write(text)
-    give_default_permissions(tmp)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(text)
+        give_default_permissions(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def csv_safe(value):
@@ -140,11 +149,10 @@ def csv_safe(value):
     values are returned unchanged."""
     if not isinstance(value, str) or not value or value[0] not in "=+-@\t\r":
         return value
-    try:
-        float(value)
-        return value
-    except ValueError:
-        return "'" + value
+    return value if _NUMBER.fullmatch(value) else "'" + value
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # no inf or nan: names
 
 
 def csv_safe_row(row: dict) -> dict:

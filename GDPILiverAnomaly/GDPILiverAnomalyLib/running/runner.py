@@ -479,13 +479,33 @@ def _in_batch(path: Path) -> bool:
 
 
 def complete_result(folder: Path) -> dict | None:
-    """run.json's content when ``folder`` holds every output of a case, else None."""
+    """run.json's content when ``folder`` holds every output of a case, else None (a
+    damaged or hand-edited run.json counts as incomplete: the case is redone)."""
     if not _is_case_result(folder) or {p.name for p in folder.iterdir()} != set(OUTPUT_FILES):
         return None
     try:
-        return json.loads((folder / "run.json").read_text())
-    except (OSError, ValueError):
+        info = json.loads((folder / "run.json").read_text())
+    except (OSError, ValueError, RecursionError):
         return None
+    if not _looks_like_run_json(info):
+        log.warning(f"gdpi: {folder / 'run.json'} is damaged: redoing that case")
+        return None
+    return info
+
+
+def _looks_like_run_json(info) -> bool:
+    """The fields a resume reads, with their types."""
+    if not isinstance(info, dict) or not isinstance(info.get("nfe"), int):
+        return False
+    sections = ("inputs", "parameters", "checkpoint", "results")
+    if not all(isinstance(info.get(s), dict) for s in sections):
+        return False
+    results = info["results"]
+    return all(isinstance(results.get(k), (int, float)) for k in LESION_SUMMARY_KEYS)
+
+
+#: The run.json ``results`` figures a case's summary row is made of.
+LESION_SUMMARY_KEYS = ("lesions", "max_score_hu", "anomaly_ml")
 
 
 def _check_same_settings(

@@ -14,8 +14,8 @@ import numpy as np
 import slicer
 import vtk
 
-#: Score display window (HU).
-SCORE_WINDOW_HU = (0.0, 50.0)
+from .settings import SCORE_WINDOW_HU  # the colour window, also the threshold slider's range
+
 SCORE_COLOR_NAME = "Inferno"
 #: Inferno (matplotlib, CC0) at 0, 1/8, ..., 1; used where Slicer's own table is absent.
 _INFERNO = [
@@ -94,11 +94,22 @@ class ResultDisplay:
         """Hide score voxels <= ``threshold`` HU (display only; nothing is recomputed)."""
         scoreNode.GetDisplayNode().SetLowerThreshold(threshold)
 
+    def showResult(self, scoreNode, opacity: float = 0.5):
+        """Show an earlier result over the CT it was computed from (its
+        :data:`INPUT_VOLUME_REFERENCE`), switching the slice views' background to that
+        CT whatever volume is selected elsewhere; returns that CT. When the CT is no
+        longer in the scene the score is shown without a background (never over
+        another CT) and None is returned."""
+        ctNode = resultCtNode(scoreNode)
+        self.showInSliceViews(ctNode, scoreNode, opacity)
+        return ctNode
+
     def showInSliceViews(self, ctNode, scoreNode, opacity: float = 0.5) -> None:
-        """CT as background, score as foreground in every slice view."""
+        """CT as background (None: no background), score as foreground in every slice
+        view."""
         for composite in sliceCompositeNodes(self.scene):
             with slicer.util.NodeModify(composite):
-                composite.SetBackgroundVolumeID(ctNode.GetID())
+                composite.SetBackgroundVolumeID(ctNode.GetID() if ctNode is not None else None)
                 composite.SetForegroundVolumeID(scoreNode.GetID())
                 composite.SetForegroundOpacity(opacity)
 
@@ -232,6 +243,32 @@ def placeBeside(scene, reference, node) -> None:
         hierarchy.CreateItem(parent, node)
     if node.IsA("vtkMRMLTableNode") or node.IsA("vtkMRMLVolumeNode"):
         node.SetNodeReferenceID(INPUT_VOLUME_REFERENCE, reference.GetID())
+
+
+def addResultNode(scene, className: str, name: str, role: str):
+    """A new node of ``className`` marked with :data:`RESULT_ROLE_ATTRIBUTE` ``role``
+    before it enters the scene, so observers of the scene's NodeAddedEvent (the panel's
+    CT selector filter) already see what it is."""
+    node = getattr(slicer, className)()
+    node.SetName(name)
+    node.SetAttribute(RESULT_ROLE_ATTRIBUTE, role)
+    return scene.AddNode(node)
+
+
+def resultCtNode(scoreNode):
+    """The CT a result was computed from (its node reference), or None when it is gone."""
+    return scoreNode.GetNodeReference(INPUT_VOLUME_REFERENCE)
+
+
+def resultVolumeIds(scene) -> list[str]:
+    """IDs of the volumes detections made (score, pseudo-healthy): the panel's CT
+    selector hides them, so an output is never taken for an input."""
+    ids = []
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLVolumeNode")):
+        node = scene.GetNthNodeByClass(index, "vtkMRMLVolumeNode")
+        if isResult(node):
+            ids.append(node.GetID())
+    return ids
 
 
 def isResult(node) -> bool:

@@ -20,18 +20,18 @@ import numpy as np
 import slicer
 
 from ..errors import GDPIError
-from ..method.parameters import default_batch_size
+from ..method.parameters import PARAMETER_NAMES, PRESETS, DetectionParams, default_batch_size
 from ..running.worker import WorkerProcess
 from .display import (
     LESION_TABLE_REFERENCE,
     PSEUDO_HEALTHY_REFERENCE,
-    RESULT_ROLE_ATTRIBUTE,
+    addResultNode,
     lesionRow,
     placeBeside,
     removeNodeAndDisplay,
     sliceCompositeNodes,
 )
-from .settings import DetectionSettings
+from .settings import PRESET_PARAMETERS, DetectionSettings
 
 _OOM_MARKERS = ("out of memory", "OutOfMemoryError", "CUBLAS_STATUS_ALLOC_FAILED")
 
@@ -117,6 +117,98 @@ def formatEvent(event: dict) -> str | None:
     return None
 
 
+def _amount(voxels: int, runInfo: dict) -> str:
+    """``14.2 % of the liver (218 mL)`` for ``voxels`` liver voxels of a run."""
+    inputs = runInfo.get("inputs", {})
+    liver = int(inputs.get("liver_voxels") or 0)
+    spacing = inputs.get("geometry", {}).get("spacing_mm")
+    text = f"{100 * voxels / liver:.1f} % of the liver" if liver else f"{voxels} liver voxels"
+    if spacing:
+        ml = voxels * float(np.prod(spacing)) / 1000
+        text += f" ({ml:.0f} mL)" if ml >= 10 else f" ({ml:.1f} mL)"
+    return text
+
+
+def coverageWarning(runInfo: dict) -> str | None:
+    """In plain words, how much of the liver was not analysed (run.json's
+    ``stats.liver_outside_grid_voxels``: liver outside the model's field of view, where
+    the score is 0), or None when the whole liver was."""
+    outside = int((runInfo.get("stats") or {}).get("liver_outside_grid_voxels") or 0)
+    if outside <= 0:
+        return None
+    grid = (runInfo.get("checkpoint") or {}).get("input_grid") or {}
+    fov = float(grid.get("size") or 0) * float(grid.get("spacing_mm") or 0)
+    where = f"the model's {fov:g} mm field of view" if fov else "the model's field of view"
+    return (
+        f"Not analysed: {_amount(outside, runInfo)} lies outside {where}; its score is 0 "
+        "there, so a tumour in that part would not be shown."
+    )
+
+
+def completionMessage(runInfo: dict, lesions: int, threshold: float, seconds: float) -> str:
+    """The status line of a finished detection, ending with :func:`coverageWarning`."""
+    text = (
+        f"Done: {lesions} lesion(s) above {threshold:g} HU, {runInfo['nfe']} network "
+        f"evaluations, {seconds:.0f} s on {runInfo['device']}"
+    )
+    warning = coverageWarning(runInfo)
+    return f"{text}. {warning}" if warning else text
+
+
+def presetDescription(parameters: dict) -> str:
+    """``fast`` when a run's parameters are exactly a preset's, else ``custom (from
+    fast: jump_n_sample 3 instead of 2, ...)``; the run options (device, batch size,
+    threshold) are not part of a preset."""
+    base = parameters.get("preset")
+    if base not in PRESETS:
+        return "custom"
+    reference = DetectionParams.from_preset(base).to_dict()
+    changed = [
+        f"{name} {parameters[name]} instead of {reference[name]}"
+        for name in PRESET_PARAMETERS
+        if name in parameters and parameters[name] != reference[name]
+    ]
+    return f"custom (from {base}: {', '.join(changed)})" if changed else base
+
+
+def formatRunDetails(runInfo: dict) -> str:
+    """What the panel shows for a result: the model file and its sha256, the preset
+    and every parameter, device, software versions and times (from its run.json)."""
+    checkpoint = runInfo.get("checkpoint") or {}
+    parameters = runInfo.get("parameters") or {}
+    stats = runInfo.get("stats") or {}
+    versions = runInfo.get("versions") or {}
+    timings = runInfo.get("timings_s") or {}
+    path = checkpoint.get("path")
+    grid = checkpoint.get("input_grid") or {}
+    model = Path(path).name if path else "(unknown)"
+    if grid:
+        model += f", {grid.get('size')} px grid at {grid.get('spacing_mm'):g} mm"
+    values = ", ".join(f"{n} {parameters[n]}" for n in PARAMETER_NAMES if n in parameters)
+    device = str(runInfo.get("device", stats.get("device", "?")))
+    if stats.get("bf16") is not None:
+        device += f" (bf16 {'on' if stats['bf16'] else 'off'})"
+    if stats.get("batch_size"):
+        device += f", batch {stats['batch_size']}"
+    software = ", ".join(f"{k} {v}" for k, v in versions.items() if v and k != "platform")
+    lines = [
+        f"Model: {model}",
+        f"Model file: {path or '(unknown)'}",
+        f"sha256: {checkpoint.get('sha256') or '(unknown)'}",
+        f"Preset: {presetDescription(parameters)}",
+        f"Parameters: {values}",
+        f"Device: {device}; {runInfo.get('nfe', '?')} network evaluations",
+        f"Versions: {software}" + (f"; {versions['platform']}" if versions.get("platform") else ""),
+        f"Time: started {runInfo.get('started', '?')}, finished {runInfo.get('finished', '?')}"
+        + (f", {timings['wall']:g} s" if timings.get("wall") is not None else ""),
+    ]
+    if stats.get("two_sided") is not None:
+        side = "darker and brighter" if stats["two_sided"] else "darker"
+        lines.append(f"Re-painted: {side} tissue ({stats.get('two_sided_from', 'setting')})")
+    lines.append(coverageWarning(runInfo) or "Liver analysed: all of it")
+    return "\n".join(lines)
+
+
 class DetectionJob:
     """One running detection: a worker process, its temporary folder, its nodes.
 
@@ -156,6 +248,18 @@ class DetectionJob:
             (c, c.GetBackgroundVolumeID(), c.GetForegroundVolumeID(), c.GetForegroundOpacity())
             for c in sliceCompositeNodes(self.scene)
         ]
+        if (
+            isinstance(segmentId, str)
+            and liverNode is not None
+            and liverNode.IsA("vtkMRMLSegmentationNode")
+            and liverNode.GetSegmentation().GetSegment(segmentId) is not None
+        ):
+            # the liver segment with the tumours inside it or named as one (their union
+            # is the mask: a tumour segment left out would score 0)
+            segmentId = logic.liverRegionSegmentIds(liverNode, segmentId, ctNode)
+            if len(segmentId) > 1:
+                names = [liverNode.GetSegmentation().GetSegment(i).GetName() for i in segmentId]
+                self._log("Liver region: segments " + ", ".join(names))
         self.folder = Path(tempfile.mkdtemp(prefix="GDPILiverAnomaly-", dir=logic.tempRoot))
         try:
             self._inputArgs = logic._writeInputs(
@@ -232,11 +336,11 @@ class DetectionJob:
 
     def _ensureScoreNode(self):
         if self._scoreNode is None:
-            node = self.scene.AddNewNodeByClass(
-                "vtkMRMLScalarVolumeNode", f"{self.ctNode.GetName()} GDPI score"
-            )
+            node = addResultNode(
+                self.scene, "vtkMRMLScalarVolumeNode", f"{self.ctNode.GetName()} GDPI score",
+                "score",
+            )  # fmt: skip
             self._created.append(node)
-            node.SetAttribute(RESULT_ROLE_ATTRIBUTE, "score")
             node.SetAndObserveTransformNodeID(self.ctNode.GetTransformNodeID())
             shape = slicer.util.arrayFromVolume(self.ctNode).shape  # a view: no copy
             slicer.util.updateVolumeFromArray(node, np.zeros(shape, np.float32))  # once
@@ -273,11 +377,11 @@ class DetectionJob:
         slicer.util.arrayFromVolume(scoreNode)[:] = score
         slicer.util.arrayFromVolumeModified(scoreNode)
         scoreNode.SetAttribute("GDPI.run", json.dumps(runInfo))
-        pseudoNode = self.scene.AddNewNodeByClass(
-            "vtkMRMLScalarVolumeNode", f"{self.ctNode.GetName()} pseudo-healthy"
-        )
+        pseudoNode = addResultNode(
+            self.scene, "vtkMRMLScalarVolumeNode", f"{self.ctNode.GetName()} pseudo-healthy",
+            "pseudo-healthy",
+        )  # fmt: skip
         self._created.append(pseudoNode)
-        pseudoNode.SetAttribute(RESULT_ROLE_ATTRIBUTE, "pseudo-healthy")
         slicer.util.updateVolumeFromArray(pseudoNode, pseudo.astype(np.float32))
         pseudoNode.CopyOrientation(self.ctNode)
         pseudoNode.SetAndObserveTransformNodeID(self.ctNode.GetTransformNodeID())
@@ -287,11 +391,10 @@ class DetectionJob:
             pseudoNode.GetDisplayNode().AutoWindowLevelOff()
             pseudoNode.GetDisplayNode().SetWindowLevel(ctDisplay.GetWindow(), ctDisplay.GetLevel())
         placeBeside(self.scene, self.ctNode, pseudoNode)
-        table = self.scene.AddNewNodeByClass(
-            "vtkMRMLTableNode", f"{self.ctNode.GetName()} GDPI lesions"
+        table = addResultNode(
+            self.scene, "vtkMRMLTableNode", f"{self.ctNode.GetName()} GDPI lesions", "lesions"
         )
         self._created.append(table)
-        table.SetAttribute(RESULT_ROLE_ATTRIBUTE, "lesions")
         placeBeside(self.scene, self.ctNode, table)
         scoreNode.SetNodeReferenceID(LESION_TABLE_REFERENCE, table.GetID())
         scoreNode.SetNodeReferenceID(PSEUDO_HEALTHY_REFERENCE, pseudoNode.GetID())
@@ -299,11 +402,13 @@ class DetectionJob:
         self.outputs = DetectionOutputs(scoreNode, pseudoNode, table, runInfo)
         seconds = time.monotonic() - self.startTime
         self.state = "completed"
-        self.message = (
-            f"Done: {len(lesions)} lesion(s) above {self.settings.value('threshold_hu'):g} HU, "
-            f"{runInfo['nfe']} network evaluations, {seconds:.0f} s on {runInfo['device']}"
+        self.message = completionMessage(
+            runInfo, len(lesions), self.settings.value("threshold_hu"), seconds
         )
         self._log(self.message)
+        warning = coverageWarning(runInfo)
+        if warning:
+            logging.warning("GDPI: %s", warning)
         self._end()
 
     def _fail(self, error: str) -> None:

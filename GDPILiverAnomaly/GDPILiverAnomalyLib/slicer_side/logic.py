@@ -13,19 +13,29 @@ convention; the worker's ``lesions.csv`` uses LPS).
 from __future__ import annotations
 
 import csv
+import json
+import re
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import slicer
 import vtk
 
 from ..errors import GDPIError, InputError
 from ..running.worker import WorkerProcess
 from .display import ResultDisplay, removeNodeAndDisplay
-from .job import DetectionJob
+from .job import DetectionJob, formatRunDetails
 from .settings import DetectionSettings
+
+#: Segment names that belong to the liver region when they touch the liver segment
+#: (case-insensitive): lesion, tumour/tumor, mass, cyst, metastasis/metastases.
+LESION_NAME = re.compile(r"lesion|tumou?r|mass|cyst|metasta", re.IGNORECASE)
+#: A segment lies inside the liver when at least this fraction of its voxels is in the
+#: liver segment with its in-slice holes filled.
+INSIDE_FRACTION = 0.5
 
 
 class DetectionLogic(ResultDisplay):
@@ -63,8 +73,11 @@ class DetectionLogic(ResultDisplay):
 
     # ---- inputs -------------------------------------------------------------------
 
-    def inputProblem(self, ctNode, liverNode, segmentId: str | None = None, labelValue: int = 0):
-        """Why Detect cannot run on these inputs (one sentence), or None when it can."""
+    def inputProblem(
+        self, ctNode, liverNode, segmentId: str | list[str] | None = None, labelValue: int = 0
+    ):
+        """Why Detect cannot run on these inputs (one sentence), or None when it can.
+        ``segmentId``: the liver segment, or the list of segments of the liver region."""
         if ctNode is None:
             return "Select a CT volume."
         if ctNode.GetImageData() is None:
@@ -75,8 +88,12 @@ class DetectionLogic(ResultDisplay):
             return "The CT and the liver are under different transforms: harden them first."
         if liverNode.IsA("vtkMRMLSegmentationNode"):
             segmentation = liverNode.GetSegmentation()
-            if not segmentId or segmentation.GetSegment(segmentId) is None:
+            ids = [segmentId] if isinstance(segmentId, str) else list(segmentId or [])
+            if not ids:
                 return f"Select the liver segment of {liverNode.GetName()!r}."
+            missing = [i for i in ids if segmentation.GetSegment(i) is None]
+            if missing:
+                return f"{liverNode.GetName()!r} has no segment {missing[0]!r}: select the liver."
             return None
         if liverNode.IsA("vtkMRMLLabelMapVolumeNode") or liverNode.IsA("vtkMRMLScalarVolumeNode"):
             if liverNode.GetImageData() is None:
@@ -106,24 +123,86 @@ class DetectionLogic(ResultDisplay):
         _writeVolume(ctNode, ctPath)
         liverPath = folder / "liver.nrrd"
         if liverNode.IsA("vtkMRMLSegmentationNode"):
-            self._writeSegment(liverNode, segmentId, ctNode, liverPath)
+            ids = (
+                self.liverRegionSegmentIds(liverNode, segmentId, ctNode)
+                if isinstance(segmentId, str)
+                else list(segmentId)
+            )
+            self._writeSegments(liverNode, ids, ctNode, liverPath)
             return ["--ct", str(ctPath), "--liver", str(liverPath), "--liver-label", "1"]
         _writeVolume(liverNode, liverPath)
         args = ["--ct", str(ctPath), "--liver", str(liverPath)]
         return args + (["--liver-label", str(labelValue)] if labelValue else [])
 
-    def _writeSegment(self, segmentationNode, segmentId: str, ctNode, path: Path) -> None:
-        """One segment as a 0/1 labelmap on the CT's grid (temporary nodes are removed)."""
+    def liverRegionSegmentIds(
+        self, segmentationNode, liverSegmentId: str, referenceVolume=None
+    ) -> list[str]:
+        """The segments that form the liver region, the liver segment first: with it
+        every segment named as a lesion, tumour/tumor, mass, cyst or metastasis
+        (:data:`LESION_NAME`, any case) that touches it, and every other segment lying
+        inside it (at least :data:`INSIDE_FRACTION` of its voxels in the liver with its
+        in-slice holes filled: an unnamed tumour segment). The detection's liver mask is
+        their union: a tumour segment left out would score 0. Computed on
+        ``referenceVolume``'s grid (the CT; None: the segmentation's own)."""
+        segmentation = segmentationNode.GetSegmentation()
+        others = [
+            segmentation.GetNthSegmentID(i)
+            for i in range(segmentation.GetNumberOfSegments())
+            if segmentation.GetNthSegmentID(i) != liverSegmentId
+        ]
+        if not others or segmentation.GetSegment(liverSegmentId) is None:
+            return [liverSegmentId]
+        liver = self._segmentArray(segmentationNode, [liverSegmentId], referenceVolume) > 0
+        if not liver.any():
+            return [liverSegmentId]
+        labels = self._segmentArray(segmentationNode, others, referenceVolume)
+        size = len(others) + 1
+        voxels = np.bincount(labels.ravel(), minlength=size)
+        inside = np.bincount(labels[_fillHolesInSlices(liver)], minlength=size)
+        touching = np.bincount(labels[_grow(liver)], minlength=size)
+        region = [liverSegmentId]
+        for label, segmentId in enumerate(others, start=1):
+            if not voxels[label]:
+                continue
+            named = LESION_NAME.search(segmentation.GetSegment(segmentId).GetName())
+            if (named and touching[label]) or inside[label] >= INSIDE_FRACTION * voxels[label]:
+                region.append(segmentId)
+        return region
+
+    def _segmentArray(self, segmentationNode, segmentIds: list[str], referenceVolume):
+        """The segments as one label array (k, j, i) on ``referenceVolume``'s grid (None:
+        the segmentation's own): value n+1 = ``segmentIds[n]``, a later one winning where
+        they overlap."""
         labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__gdpi_temp__")
         try:
             ids = vtk.vtkStringArray()
-            ids.InsertNextValue(segmentId)
+            for segmentId in segmentIds:
+                ids.InsertNextValue(segmentId)
+            reference = (referenceVolume,) if referenceVolume is not None else ()
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                segmentationNode, ids, labelmap, *reference
+            ):
+                raise InputError(f"could not export the segments {segmentIds}")
+            return slicer.util.arrayFromVolume(labelmap).astype(np.int32)
+        finally:
+            removeNodeAndDisplay(self.scene, labelmap)
+
+    def _writeSegments(self, segmentationNode, segmentIds: list[str], ctNode, path: Path) -> None:
+        """The union of segments as a 0/1 labelmap on the CT's grid."""
+        labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__gdpi_temp__")
+        try:
+            ids = vtk.vtkStringArray()
+            for segmentId in segmentIds:
+                ids.InsertNextValue(segmentId)
             logic = slicer.vtkSlicerSegmentationsModuleLogic
             if not logic.ExportSegmentsToLabelmapNode(segmentationNode, ids, labelmap, ctNode):
-                raise InputError(f"could not export segment {segmentId!r} on the CT's grid")
+                raise InputError(f"could not export the segments {segmentIds} on the CT's grid")
             values = slicer.util.arrayFromVolume(labelmap)
             if not values.any():
-                raise InputError(f"the liver segment {segmentId!r} is empty")
+                names = ", ".join(repr(i) for i in segmentIds)
+                raise InputError(f"the liver segment(s) {names} are empty")
+            values[values != 0] = 1  # in place: one liver label, whatever the segments
+            slicer.util.arrayFromVolumeModified(labelmap)
             _writeVolume(labelmap, path)
         finally:
             removeNodeAndDisplay(self.scene, labelmap)
@@ -134,7 +213,7 @@ class DetectionLogic(ResultDisplay):
         self,
         ctNode,
         liverNode,
-        segmentId: str | None = None,
+        segmentId: str | list[str] | None = None,
         labelValue: int = 0,
         settings: DetectionSettings | None = None,
         wait: bool = True,
@@ -145,7 +224,10 @@ class DetectionLogic(ResultDisplay):
         """Detect anomalies in ``ctNode`` inside the liver.
 
         The liver is a segmentation node plus ``segmentId`` or a labelmap volume plus
-        ``labelValue`` (0 = every nonzero voxel of a binary or LiTS map: liver + tumour). With ``wait`` (console use) blocks and returns
+        ``labelValue`` (0 = every nonzero voxel of a binary or LiTS map: liver + tumour).
+        ``segmentId`` is the liver segment, to which the segments inside it or named as a
+        lesion are added (:meth:`liverRegionSegmentIds`; the log names them), or a list
+        of segment IDs: exactly the segments of the liver region. With ``wait`` (console use) blocks and returns
         :class:`DetectionOutputs`; otherwise returns the running :class:`DetectionJob`.
         ``onEvent`` receives every worker event (``progress``, ``partial``, ...).
         """
@@ -156,6 +238,15 @@ class DetectionLogic(ResultDisplay):
         if wait:
             return job.wait()
         return job
+
+    def runDetails(self, scoreNode) -> str:
+        """The run details the panel shows for a result: model file and sha256, preset,
+        parameters, device, versions, times (from its run.json, kept on the score
+        volume as the ``GDPI.run`` attribute)."""
+        text = scoreNode.GetAttribute("GDPI.run") if scoreNode is not None else None
+        if not text:
+            return "No run details: this volume was not made by a detection of this module."
+        return formatRunDetails(json.loads(text))
 
     # ---- inputs a new user does not have yet ---------------------------------------
 
@@ -316,6 +407,36 @@ class DetectionLogic(ResultDisplay):
             raise GDPIError(f"folder processing failed (exit {code}):\n{stderr}")
         with open(Path(outputDir) / "summary.csv", newline="") as f:
             return list(csv.DictReader(f))
+
+
+def _fillHolesInSlices(mask: np.ndarray) -> np.ndarray:
+    """``mask`` (k, j, i) with the holes of each axial slice filled (SimpleITK, which
+    Slicer always bundles)."""
+    import SimpleITK as sitk
+
+    filled = mask.copy()
+    for k in np.flatnonzero(mask.any(axis=(1, 2))):
+        image = sitk.GetImageFromArray(mask[k].astype(np.uint8))
+        filled[k] = sitk.GetArrayFromImage(sitk.BinaryFillhole(image)) > 0
+    return filled
+
+
+def _grow(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with its face neighbours (6-connected dilation by one voxel)."""
+    grown = mask.copy()
+    for axis in range(3):
+        for shift in (1, -1):
+            grown |= np.roll(mask, shift, axis=axis) & _notWrapped(mask.shape, axis, shift)
+    return grown
+
+
+def _notWrapped(shape: tuple, axis: int, shift: int) -> np.ndarray:
+    """False on the slab that ``np.roll`` by ``shift`` along ``axis`` wrapped around."""
+    keep = np.ones(shape[axis], bool)
+    keep[0 if shift > 0 else -1] = False
+    view = [1, 1, 1]
+    view[axis] = shape[axis]
+    return keep.reshape(view)
 
 
 def _writeVolume(node, path: Path) -> None:
