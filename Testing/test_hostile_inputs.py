@@ -180,6 +180,7 @@ def world(tmp_path_factory) -> Path:
     _forged_checkpoint(model, w / "model_grid_1e6.safetensors", grid_far)
     # paths the file system itself objects to
     os.mkfifo(w / "pipe.nii.gz")
+    os.mkfifo(w / "model_fifo.safetensors")
     (w / "loop_a.nii.gz").symlink_to(w / "loop_b.nii.gz")
     (w / "loop_b.nii.gz").symlink_to(w / "loop_a.nii.gz")
     shutil.copy(w / "ct.nrrd", w / os.fsdecode(b"ct_\xff.nrrd"))  # a name that is not UTF-8
@@ -275,6 +276,13 @@ CASES = [
     ("grid spacing 1e6 mm", _detect(ckpt="model_grid_1e6.safetensors"), "0.1..20 mm"),
     # --- paths the file system objects to (before: a hang, a traceback or an abort)
     ("CT is a named pipe", _detect("pipe.nii.gz"), "neither a file nor a folder"),
+    ("checkpoint is a named pipe", _detect(ckpt="model_fifo.safetensors"), "not a regular file"),
+    ("CT given as the mask", _detect("ct.nrrd", "ct.nrrd"), "was the CT given as the mask"),
+    (
+        "stream dir inside out",
+        _detect("ct.nrrd", "liver.nrrd", "model.safetensors", "out", "--stream-dir", "out/s"),
+        "is inside --out",
+    ),  # fmt: skip
     ("symbolic link loop", _detect("loop_a.nii.gz"), "Too many levels of symbolic links"),
     ("CT name too long", _detect("c" * 300 + ".nrrd"), "File name too long"),
     ("out name too long", _detect(out="o" * 300 + ".d"), "File name too long"),
@@ -467,8 +475,21 @@ CASES = [
     ),  # fmt: skip
     (
         "evaluate: reuse damaged scores",
-        ["evaluate", "--data", "store", "--out", "ev", "--method", "darkness",
-         "--reuse", "report_bad", "--abnormal-split", "val", "--healthy-split", "val"],
+        [
+            "evaluate",
+            "--data",
+            "store",
+            "--out",
+            "ev",
+            "--method",
+            "darkness",
+            "--reuse",
+            "report_bad",
+            "--abnormal-split",
+            "val",
+            "--healthy-split",
+            "val",
+        ],
         "no usable darkness results",
     ),  # fmt: skip
     (

@@ -49,6 +49,7 @@ def _panel(preset: str, previous: str | None = None, values: dict | None = None)
 
     node = dict(PANEL_DEFAULTS if values is None else values, customBase="fast")
     node.update(presetUpdates(preset, previous, node))
+    assert presetUpdates(preset, preset, node) == {}  # applied once, the widget's loop ends
     return node
 
 

@@ -245,8 +245,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder; give the .safetensors file in it")
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a regular file (a named pipe or device?)")
     full = _read_header(path, full=True)
     header = full.get("__metadata__") or {}
     if not isinstance(header, dict) or header.get("format") != FORMAT:

@@ -46,6 +46,9 @@ HU_LOWEST_AT_MOST = -100.0
 #: ../shared/data/dcmqi_3slice hold 70 mL; below this the mask is a speck or another organ.
 MIN_LIVER_ML = 50.0
 
+#: More different values than any label map holds (TotalSegmentator: 118 classes).
+MAX_LABELS = 1000
+
 #: Relative tolerance when deciding that two grids are the same.
 GRID_RTOL = 1e-4
 
@@ -223,6 +226,12 @@ def read_liver_mask(path: str | Path, ct: sitk.Image, label: int | None = None) 
             "label map holds whole numbers"
         )
     labels = np.unique(values)
+    if labels[0] < 0 or len(labels) > MAX_LABELS:
+        raise InputError(
+            f"liver mask {path} looks like an image, not a mask or label map "
+            f"({len(labels)} different values from {labels[0]:.6g} to {labels[-1]:.6g}): "
+            "was the CT given as the mask?"
+        )
     if label is None:
         binary_255 = np.all(np.isin(labels, (0, 255)))  # a 0/255 mask: binary too
         if not binary_255 and not np.all(np.isin(labels, (0, 1, 2))):

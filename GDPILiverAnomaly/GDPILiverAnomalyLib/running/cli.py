@@ -268,6 +268,13 @@ def _detect(args: argparse.Namespace, should_cancel: Callable[[], bool]) -> int:
     ct, liver = Path(args.ct), Path(args.liver)
     for path, what in ((ct, "CT"), (liver, "liver mask"), (Path(args.out), "--out")):
         itk_path(path, what)  # SimpleITK aborts the process on a name that is not UTF-8
+    if args.stream_dir is not None:
+        stream, out = Path(args.stream_dir).absolute(), Path(args.out).absolute()
+        if stream == out or out in stream.parents:
+            raise ParameterError(
+                f"--stream-dir {args.stream_dir} is inside --out {args.out}: the results "
+                "could then not be moved there; stream to another folder"
+            )
 
     folder_mode = ct.is_dir() and liver.is_dir() and not _is_dicom_folder(ct)
     ray_options = _ray_options(args, folder_mode)

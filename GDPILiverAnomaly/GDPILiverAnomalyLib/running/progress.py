@@ -190,6 +190,17 @@ class Reporter:
             self.bar = None
 
 
+def _remove(path: Path) -> bool:
+    """Delete ``path``; False while Windows refuses because the file is still open (the
+    Slicer panel reading it, a virus scanner): tried again with the next file, never an
+    error that stops the detection."""
+    try:
+        path.unlink(missing_ok=True)
+        return True
+    except PermissionError:
+        return False
+
+
 class PartialWriter:
     """Writes streamed partial scores as numbered ``.npy`` files and announces them.
 
@@ -212,6 +223,7 @@ class PartialWriter:
         self.reporter = reporter
         self.count = 0
         self.previous: Path | None = None
+        self.stale: list[Path] = []  # this run's older files, still to delete
 
     def __call__(self, score: np.ndarray) -> None:
         nonzero = [np.flatnonzero(score.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1))]
@@ -228,7 +240,8 @@ class PartialWriter:
         finally:
             Path(tmp).unlink(missing_ok=True)
         if self.previous is not None:
-            self.previous.unlink(missing_ok=True)  # this run's own file
+            self.stale.append(self.previous)  # this run's own file
+        self.stale = [p for p in self.stale if not _remove(p)]
         self.previous = path
         self.reporter.emit("partial", path=str(path), offset=lo)
 

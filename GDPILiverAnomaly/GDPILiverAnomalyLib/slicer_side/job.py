@@ -209,6 +209,11 @@ def formatRunDetails(runInfo: dict) -> str:
     return "\n".join(lines)
 
 
+def loadPartial(path: Path) -> np.ndarray:
+    """A streamed heatmap file of the worker (``partial-N.npy``)."""
+    return np.load(path)
+
+
 class DetectionJob:
     """One running detection: a worker process, its temporary folder, its nodes.
 
@@ -243,6 +248,7 @@ class DetectionJob:
         self.outputs: DetectionOutputs | None = None
         self.startTime = time.monotonic()
         self._scoreNode = None
+        self._pendingPartial: tuple | None = None  # a streamed heatmap to read again
         self._created: list = []  # every node this job added (removed again on failure)
         self._savedLayers = [
             (c, c.GetBackgroundVolumeID(), c.GetForegroundVolumeID(), c.GetForegroundOpacity())
@@ -295,6 +301,9 @@ class DetectionJob:
         if not self.running:
             return False
         code = self.worker.poll()
+        pending, self._pendingPartial = self._pendingPartial, None
+        if pending is not None and code is None:  # a heatmap file that was held open
+            self._showPartial(*pending)
         for event in self.worker.events():
             self._handle(event)
         if code is None:
@@ -354,9 +363,13 @@ class DetectionJob:
 
     def _showPartial(self, path: Path, offset: list[int]) -> None:
         try:
-            part = np.load(path)
-        except (OSError, ValueError):  # replaced by a newer one meanwhile: wait for it
+            part = loadPartial(path)
+        except FileNotFoundError:  # replaced by a newer one meanwhile: wait for it
             return
+        except OSError:  # still held open (Windows: the worker, a virus scanner): retried
+            self._pendingPartial = (path, offset)  # at the next poll, unless a newer comes
+            return
+        self._pendingPartial = None
         node = self._ensureScoreNode()
         k, j, i = offset
         # in place, only the streamed box: no copy of the whole volume on the GUI thread

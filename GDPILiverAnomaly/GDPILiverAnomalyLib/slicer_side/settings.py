@@ -95,11 +95,12 @@ def presetUpdates(preset: str, previous: str | None, values: Mapping[str, Any]) 
     """Parameter node changes when the panel's preset is ``preset`` (``previous`` = the
     one shown before): ``fast``/``paper`` show exactly that preset's values (every field
     that differs, e.g. from a saved scene); switching to ``custom`` keeps the values
-    shown and records which preset they came from (``customBase``)."""
+    shown and records which preset they came from (``customBase``). Only values that
+    differ are returned, so applying them ends the widget's update loop."""
     if preset in PRESETS:
         shown = panelValues(DetectionParams.from_preset(preset), PRESET_PARAMETERS)
         return {k: v for k, v in shown.items() if values.get(k) != v}
-    if preset == "custom" and previous in PRESETS:
+    if preset == "custom" and previous in PRESETS and values.get("customBase") != previous:
         return {"customBase": previous}
     return {}
 
