@@ -41,3 +41,14 @@ def quick_params() -> DetectionParams:
     return DetectionParams.from_preset(
         "fast", steps=10, jump_length=2, jump_n_sample=2, device="cpu"
     )
+
+
+def one_error_line(code: int, captured, message: str) -> str:
+    """What a refused ``gdpi`` run must show: exit 2, exactly one ``gdpi: error:`` line
+    on stderr holding ``message``, no traceback. Returns the line."""
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert code == 2, captured.err
+    assert len(lines) == 1 and lines[0].startswith("gdpi: error: "), captured.err
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in captured.err + captured.out
+    return lines[0]

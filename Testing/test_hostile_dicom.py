@@ -399,3 +399,42 @@ def test_an_unreadable_slice_is_named_not_skipped(tmp_path, checkpoint):
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert f"cannot read CT DICOM file {locked}: Permission denied" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---- real scanners round their positions: such series must still be read -------------
+
+
+@pytest.mark.parametrize("tilt_deg", [0.0, 20.0])  # axial, and an oblique (not tilted) stack
+def test_positions_rounded_to_0_01_mm_are_read_with_their_mean_spacing(tmp_path, tilt_deg):
+    """0.625 mm slices whose ImagePositionPatient is written with 2 decimals: steps of
+    0.62 and 0.63 mm. Refused as irregular by a 0.01 mm step tolerance (the review found
+    45 % of start positions refused); read here, with the spacing of all positions."""
+    from GDPILiverAnomalyLib.files.volumes import read_ct
+
+    a = math.radians(tilt_deg)
+    row, col = (1.0, 0.0, 0.0), (0.0, math.cos(a), math.sin(a))
+    normal = np.cross(row, col)
+    step, n = 0.625, 40
+    start = np.array([-120.0, -110.0, -40.003])
+    positions = [tuple(np.round(start + k * step * normal, 2)) for k in range(n)]
+    write_series(tmp_path / "ct", n=n, positions=positions, orientations=[(*row, *col)] * n)
+    image = read_ct(tmp_path / "ct")
+    assert image.GetSize()[2] == n
+    assert image.GetSpacing()[2] == pytest.approx(step, abs=2e-3)
+    assert np.allclose(np.reshape(image.GetDirection(), (3, 3))[:, 2], normal, atol=1e-4)
+
+
+def test_a_vendor_private_object_beside_the_series_is_ignored(tmp_path):
+    """A Siemens CSA non-image object (a private SOP class GDCM cannot read as an image)
+    in the series folder: before, the whole folder was refused as "cut short or
+    damaged"; the series is read."""
+    from GDPILiverAnomalyLib.files.volumes import read_ct
+
+    written = write_series(tmp_path / "ct")
+    private = b"1.3.12.2.1107.5.9.1"
+    meta = _element(2, 2, b"UI", private) + _element(2, 0x10, b"UI", b"1.2.840.10008.1.2.1")
+    group_length = b"\x02\x00\x00\x00UL\x04\x00" + len(meta).to_bytes(4, "little")
+    data = _element(8, 0x16, b"UI", private) + _element(8, 0x60, b"CS", b"CT")
+    (tmp_path / "ct" / "csa.dcm").write_bytes(b"\x00" * 128 + b"DICM" + group_length + meta + data)
+    image = read_ct(tmp_path / "ct")
+    assert np.array_equal(sitk.GetArrayFromImage(image), written.astype(np.float32))

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import shared
+from conftest import one_error_line, shared
 from GDPILiverAnomalyLib.files.checkpoint import init_checkpoint, save_checkpoint
 from GDPITraining.cli import main
 
@@ -534,12 +534,7 @@ def test_at_least_fifty_classes():
 def test_hostile_input_is_refused_cleanly(world, capsys, argv, message):
     before = _snapshot(world)
     code = main(_resolve(world, argv))  # an escaping exception fails the test: no traceback
-    captured = capsys.readouterr()
-    lines = [line for line in captured.err.splitlines() if line.strip()]
-    assert code == 2, captured.err
-    assert len(lines) == 1 and lines[0].startswith("gdpi: error: "), captured.err
-    assert message in lines[0], lines[0]
-    assert "Traceback" not in captured.err + captured.out
+    one_error_line(code, capsys.readouterr(), message)
     assert _snapshot(world) == before  # nothing written, inputs byte-identical, no temp
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import shared
+from conftest import one_error_line, shared
 from GDPILiverAnomalyLib.errors import CheckpointError, GDPIError, InputError
 from GDPILiverAnomalyLib.files.checkpoint import (
     FORMAT,
@@ -137,18 +137,12 @@ def _refused(world: Path, capsys, argv: list[str], message: str) -> str:
     argv = [str(out) if a == str(world / "out") else a for a in argv]
     before = _snapshot(world)
     try:
-        code = main(argv)
-        captured = capsys.readouterr()
-        lines = [line for line in captured.err.splitlines() if line.strip()]
-        assert code == 2, captured.err
-        assert len(lines) == 1 and lines[0].startswith("gdpi: error: "), captured.err
-        assert message in lines[0], lines[0]
-        assert "Traceback" not in captured.err + captured.out
+        line = one_error_line(main(argv), capsys.readouterr(), message)
         assert not out.exists()
         assert _snapshot(world) == before
     finally:
         shutil.rmtree(parent)
-    return lines[0]
+    return line
 
 
 # ---- 1. checkpoints: weights, intensity window, network output ------------------------

@@ -357,3 +357,39 @@ def test_no_csv_cell_is_a_live_formula(work):
     for row in rows.values():
         for cell in row.values():
             assert csv_safe(cell) == cell or cell[0] not in "=+-@\t\r"
+
+
+def test_resume_never_deletes_an_editors_file_beside_summary_csv(tmp_path, tiny_checkpoint, capsys):
+    """vim's swap file of an open ``summary.csv`` (``.summary.csv.swp``) looked like gdpi's
+    own temporary file and was deleted by the next run; only gdpi's own
+    (``.summary.csv.XXXXXXXX.gdpi-tmp``) are removed, and a batch folder with the swap file
+    in it is refused, the file kept."""
+    cases, batch = tmp_path / "cases", tmp_path / "batch"
+    _write_case(cases / "a")
+    assert _detect(cases, cases, tiny_checkpoint, batch) == 0
+    ours = batch / ".summary.csv.k2j4h5l6.gdpi-tmp"  # an interrupted write_text_atomic
+    ours.write_text("case\n")
+    assert _detect(cases, cases, tiny_checkpoint, batch) == 0
+    assert not ours.exists()
+    swap = batch / ".summary.csv.swp"
+    swap.write_bytes(b"b0VIM 9.0")
+    capsys.readouterr()
+    assert _detect(cases, cases, tiny_checkpoint, batch) == 2
+    assert ".summary.csv.swp" in _errors(capsys)[0]
+    assert swap.read_bytes() == b"b0VIM 9.0"
+
+
+def test_a_writer_in_another_container_is_never_taken_for_gone():
+    """Containers that share the host name (``--network host``) have their own pids: a
+    marker from one must not be judged by the other's process table."""
+    import socket
+
+    from GDPILiverAnomalyLib.files.outputs import _me, writer_gone
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    here = {**_me(), "pid": int(dead)}
+    assert writer_gone(here)  # same host and pid space, the process has ended
+    assert not writer_gone({**here, "pid_space": "another-boot:4026531836"})
+    assert not writer_gone({**here, "host": socket.gethostname() + "-other"})
+    assert not writer_gone(_me())  # this process runs

@@ -31,7 +31,7 @@ from GDPILiverAnomalyLib.slicer_side.logic import DetectionLogic  # noqa: E402
 from GDPILiverAnomalyLib.slicer_side.settings import DetectionSettings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = dict(preset="custom", steps=10, jump_length=2, jump_n_sample=2, device="cpu")
+QUICK = dict(preset="custom", steps=4, jump_length=2, jump_n_sample=1, device="cpu")
 
 
 def _read(scene, path: Path, class_name: str, name: str):

@@ -604,6 +604,6 @@ def evaluate(config: EvaluateConfig, log=print) -> dict:
         "versions": versions(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=False) as tmp:  # never over files that came meanwhile
         write_report(tmp, report, test, outputs, config.panels, config.title)
     return report

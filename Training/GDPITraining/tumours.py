@@ -242,7 +242,7 @@ def write_synthetic_case(
         "labels": {"1": "liver", "2": "synthetic tumour", "3": "source tumour (ignore)"},
         "tumours": [asdict(t) for t in tumours],
     }
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=False) as tmp:  # never over files that came meanwhile
         sitk.WriteImage(out_ct, str(tmp / "ct.nii.gz"), True)
         sitk.WriteImage(out_seg, str(tmp / "seg.nii.gz"), True)
         (tmp / "tumours.json").write_text(json.dumps(info, indent=2))

@@ -17,8 +17,9 @@ stack is read as an orthogonal one. Here, as Slicer's DICOM reader
   request (``gdpi detect`` without ``--allow-non-ct``);
 - slices are sorted by their position along the slice normal (row x column cosines),
   never by file name or instance number; no two at the same position, no gap, uniform
-  steps (within :data:`SPACING_TOL_MM`, Slicer's spacing tolerance), and the positions
-  on one line along the normal (else the stack is sheared: gantry tilt, refused);
+  steps (every slice within :func:`position_tolerance` of a uniform grid), and the
+  positions on one line along the normal (else the stack is sheared: gantry tilt,
+  refused);
 - ``sitk.ImageSeriesReader`` reads the sorted files (rescale slope/intercept applied)
   and its geometry must equal the one computed from the headers.
 
@@ -37,14 +38,23 @@ import SimpleITK as sitk
 from ..errors import InputError
 from .checks import itk_path
 
-#: Slice positions closer than this (mm) are the same position; the steps between
-#: neighbouring slices may differ by at most this much (Slicer's DICOMScalarVolumePlugin
-#: ``spacingEpsilon``). A shift across the normal beyond this (plus
-#: :data:`ORIENTATION_TOL` x the distance along it) is a sheared stack.
+#: Slice positions closer than this (mm) are the same position (Slicer's
+#: DICOMScalarVolumePlugin ``spacingEpsilon``).
 SPACING_TOL_MM = 0.01
+#: How far (mm) a slice may lie from the uniform grid fitted to the positions: the larger
+#: of this and :data:`POSITION_TOL_FRACTION` of the spacing. Scanners write positions as
+#: decimal strings, often rounded to 0.01 mm; a missing slice is off by half a spacing.
+POSITION_TOL_MM = 0.02
+POSITION_TOL_FRACTION = 0.05
+#: A shift across the normal beyond the position tolerance plus this fraction of the
+#: distance along it (0.06 degrees) is a sheared stack (gantry tilt).
+SHEAR_TOL = 1e-3
 #: Largest difference of a direction cosine between the slices of one series (about
 #: 0.006 degrees; DICOM stores the cosines as decimal strings).
 ORIENTATION_TOL = 1e-4
+#: SOP Class UIDs of DICOM's standard storage classes start with this; others are a
+#: vendor's private classes.
+STANDARD_STORAGE_PREFIX = "1.2.840.10008.5.1.4.1.1."
 #: SOP Class UID of a DICOM Segmentation object.
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 #: SOP Class UIDs (prefixes) of DICOM objects without an image, ignored in a folder:
@@ -184,13 +194,18 @@ def _media_sop_class(head: bytes) -> str:
 
 def _damaged(path: Path) -> bool:
     """A file with the DICOM preamble that GDCM could not read as an image: damaged or
-    cut short, unless its meta header names a class that holds no image (DICOMDIR,
-    reports, presentation states, RT plans and structures, documents, waveforms)."""
+    cut short when its meta header names a standard storage class that holds an image
+    (or cannot be read itself); a class without an image (DICOMDIR, reports,
+    presentation states, RT plans and structures, documents, waveforms) or a vendor's
+    private class (Siemens CSA non-image, GE private objects) is ignored."""
     if not is_dicom_file(path):
         return False
     with open(path, "rb") as f:
         sop_class = _media_sop_class(f.read(1 << 16))
-    return sop_class == SEG_SOP_CLASS or not sop_class.startswith(NON_IMAGE_SOP_CLASSES)
+    if sop_class == SEG_SOP_CLASS or not sop_class:
+        return True
+    standard = sop_class.startswith(STANDARD_STORAGE_PREFIX)
+    return standard and not sop_class.startswith(NON_IMAGE_SOP_CLASSES)
 
 
 def read_header(path: Path, what: str) -> SliceHeader | None:
@@ -413,9 +428,10 @@ def check_series(headers: list[SliceHeader], folder: Path, what: str) -> DicomSe
             f"{prefix} files {a.path.name} and {b.path.name} have the same slice position "
             f"({along[same[0]] + float(positions[0] @ normal):.2f} mm along the normal)"
         )
+    tol = position_tolerance(float(np.median(steps)) if len(steps) else 0.0)
     across = positions - positions[0] - np.outer(along - along[0], normal)
     shift = np.linalg.norm(across, axis=1)
-    sheared = np.flatnonzero(shift > SPACING_TOL_MM + ORIENTATION_TOL * np.abs(along - along[0]))
+    sheared = np.flatnonzero(shift > tol + SHEAR_TOL * np.abs(along - along[0]))
     if len(sheared):
         k = int(np.argmax(shift))
         angle = math.degrees(math.atan2(float(shift[k]), float(abs(along[k] - along[0]))))
@@ -430,8 +446,13 @@ def check_series(headers: list[SliceHeader], folder: Path, what: str) -> DicomSe
         )
     spacing = None
     if len(steps):
-        regular = float(np.min(steps))
-        odd = np.flatnonzero(steps - regular > SPACING_TOL_MM)
+        regular = float(np.median(steps))
+        index = np.arange(len(along))
+        fitted = np.polyval(np.polyfit(index, along, 1), index) if len(along) > 2 else along
+        drift = np.abs(along - fitted)
+        odd = np.flatnonzero(np.abs(steps - regular) > 2 * tol)
+        if not len(odd) and drift.max() > tol:  # each step near enough, their sum drifts
+            odd = np.array([int(np.argmax(np.abs(steps - regular)))])
         if len(odd):
             k = int(odd[0])
             ratio = steps[k] / regular
@@ -445,10 +466,10 @@ def check_series(headers: list[SliceHeader], folder: Path, what: str) -> DicomSe
                 )
             raise InputError(
                 f"{prefix} the slice positions are irregular: {steps[k]:.4g} mm between {a} "
-                f"and {b}, {regular:.4g} mm elsewhere (tolerance {SPACING_TOL_MM:g} mm); a "
-                "volume needs uniform slice spacing"
+                f"and {b}, {regular:.4g} mm elsewhere (each slice may lie {tol:.3g} mm off a "
+                "uniform grid); a volume needs uniform slice spacing"
             )
-        spacing = (*first.pixel_spacing, float(np.mean(steps)))
+        spacing = (*first.pixel_spacing, float((along[-1] - along[0]) / (len(along) - 1)))
     direction = tuple(float(v) for v in np.column_stack([row, col, normal]).ravel())
     return DicomSeries(
         folder=folder,
@@ -474,18 +495,24 @@ def check_modality(series: DicomSeries, what: str) -> None:
         )
 
 
+def position_tolerance(spacing_mm: float) -> float:
+    """How far (mm) a slice may lie from the uniform grid of a series of this spacing."""
+    return max(POSITION_TOL_MM, POSITION_TOL_FRACTION * spacing_mm)
+
+
 def _check_read(image: sitk.Image, series: DicomSeries, what: str) -> None:
     """The volume ITK read must have the geometry the headers state."""
     problems = []
     n = len(series.files)
     if image.GetSize()[2] != n:
         problems.append(f"{image.GetSize()[2]} slices, not {n}")
-    if not np.allclose(image.GetOrigin(), series.origin, rtol=0, atol=SPACING_TOL_MM):
+    tol = position_tolerance(series.spacing[2] if series.spacing is not None else 0.0)
+    if not np.allclose(image.GetOrigin(), series.origin, rtol=0, atol=tol):
         problems.append(f"origin {image.GetOrigin()}, not {series.origin}")
     if not np.allclose(image.GetDirection(), series.direction, rtol=0, atol=ORIENTATION_TOL):
         problems.append(f"direction {image.GetDirection()}, not {series.direction}")
     if series.spacing is not None and not np.allclose(
-        image.GetSpacing(), series.spacing, rtol=0, atol=SPACING_TOL_MM
+        image.GetSpacing(), series.spacing, rtol=0, atol=tol
     ):
         problems.append(f"spacing {image.GetSpacing()}, not {series.spacing}")
     if problems:
@@ -520,6 +547,8 @@ def read_series(folder: Path, what: str, ct_only: bool = False) -> tuple[sitk.Im
         image.SetOrigin(series.origin)
         image.SetDirection(series.direction)
     _check_read(image, series, what)
+    if series.spacing is not None:  # the spacing of all positions, not of the first two
+        image.SetSpacing(series.spacing)
     return image, series
 
 

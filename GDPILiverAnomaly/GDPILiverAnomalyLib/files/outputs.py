@@ -5,6 +5,7 @@ CSV cells that a spreadsheet never runs as formulas."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -122,15 +123,19 @@ def atomic_dir(out: Path, replace: bool = True) -> Iterator[Path]:
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
+        if old is not None and not (old / out.name).exists():  # else: the only copy left
             shutil.rmtree(old, ignore_errors=True)
+
+
+#: Ending of :func:`write_text_atomic`'s temporary files (never a user's file name).
+TEXT_TMP_SUFFIX = ".gdpi-tmp"
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename; on any
     failure the temporary file is removed and ``path`` is left as it was. Characters that
     UTF-8 cannot hold (a file name's non-UTF-8 bytes) are written as ``\\xNN``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEXT_TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
             f.write(text)
@@ -163,7 +168,18 @@ def csv_safe_row(row: dict) -> dict:
 def _me() -> dict:
     """This process, as a writer or lock holder records it."""
     return {"tool": "gdpi", "pid": os.getpid(), "host": socket.gethostname(),
+            "pid_space": _pid_space(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+
+
+def _pid_space() -> str | None:
+    """Which running kernel and PID namespace a pid belongs to (Linux: the boot id and
+    the namespace's inode; containers sharing a host name differ here), else None."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
 
 
 def _write_marker(folder: Path, target: str) -> None:
@@ -207,7 +223,11 @@ def _pid_running(pid: int) -> bool:
 def writer_gone(record: dict) -> bool:
     """Whether the process a marker or lock ``record`` names has ended: only provable on
     the same host (another host's process may still run)."""
-    return record.get("host") == socket.gethostname() and not _pid_running(record["pid"])
+    return (
+        record.get("host") == socket.gethostname()
+        and record.get("pid_space") == _pid_space()
+        and not _pid_running(record["pid"])
+    )
 
 
 def remove_stale_partials(parent: Path) -> list[Path]:
@@ -272,9 +292,14 @@ def folder_lock(folder: Path, name: str, what: str) -> Iterator[dict | None]:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except OSError as exc:
                 holder = _read_record(_read_fd(fd))
                 os.close(fd)
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise OutputError(
+                        f"cannot lock {path} ({exc.strerror or exc}): this file system does "
+                        f"not support file locks; use a folder on another file system"
+                    ) from None
                 raise OutputError(_busy(folder, path, holder, what)) from None
             try:  # the holder before may have removed the file just now: lock the new one
                 current = os.stat(path)

@@ -460,6 +460,8 @@ def _check_checkpoint_out(out: Path, overwrite: bool) -> Path:
         raise OutputError(
             f"{out} exists: pass --overwrite to replace it (only a gdpi checkpoint is replaced)"
         )
+    if not out.is_file():  # a named pipe would block the read below
+        raise OutputError(f"{out} is not a regular file: choose another --out")
     try:
         with open(out, "rb") as f:
             n = int.from_bytes(f.read(8), "little")

@@ -30,6 +30,7 @@ from ..files.cases import Case, Skipped, find_cases
 from ..files.checkpoint import Checkpoint
 from ..files.checks import itk_path
 from ..files.outputs import (
+    TEXT_TMP_SUFFIX,
     atomic_dir,
     check_output_dir,
     csv_safe_row,
@@ -295,7 +296,9 @@ class Batch:
         warning) for each skipped entry."""
         if self.out.is_dir():
             remove_stale_partials(self.out)
-            for leftover in self.out.glob(".summary.csv.*"):  # write_text_atomic's
+            for leftover in self.out.glob(
+                f".summary.csv.*{TEXT_TMP_SUFFIX}"
+            ):  # write_text_atomic's
                 if leftover.is_file() and not leftover.is_symlink():
                     leftover.unlink()
         for folder in self.incomplete:
@@ -469,7 +472,7 @@ def _is_case_result(path: Path) -> bool:
 def _is_leftover(path: Path) -> bool:
     """A temporary folder of gdpi's atomic writes (it carries gdpi's marker; case names
     never start with a dot) or a temporary ``summary.csv`` of an interrupted run."""
-    if path.name.startswith(".summary.csv."):
+    if path.name.startswith(".summary.csv.") and path.name.endswith(TEXT_TMP_SUFFIX):
         return path.is_file() and not path.is_symlink()
     return partial_record(path) is not None
 
