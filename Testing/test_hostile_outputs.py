@@ -384,12 +384,12 @@ def test_a_writer_in_another_container_is_never_taken_for_gone():
     marker from one must not be judged by the other's process table."""
     import socket
 
-    from GDPILiverAnomalyLib.files.outputs import _me, writer_gone
+    from GDPILiverAnomalyLib.files.outputs import this_process, writer_gone
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()  # fmt: skip
-    here = {**_me(), "pid": int(dead)}
+    here = {**this_process(), "pid": int(dead)}
     assert writer_gone(here)  # same host and pid space, the process has ended
     assert not writer_gone({**here, "pid_space": "another-boot:4026531836"})
     assert not writer_gone({**here, "host": socket.gethostname() + "-other"})
-    assert not writer_gone(_me())  # this process runs
+    assert not writer_gone(this_process())  # this process runs

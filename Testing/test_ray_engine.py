@@ -12,7 +12,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest import shared
+from GDPILiverAnomalyLib.files.outputs import this_process
 from GDPILiverAnomalyLib.running.runner import OUTPUT_FILES
 
 pytest.importorskip("ray")  # the [ray] extra; README command 2 installs it
@@ -139,7 +139,7 @@ def test_ray_gives_the_local_outputs_summary_and_resumes(batch):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)  # fmt: skip
     (leftover / ".gdpi-writing").write_text(json.dumps(
-        {"tool": "gdpi", "pid": int(gone.stdout), "host": socket.gethostname(), "target": redo}
+        {**this_process(), "pid": int(gone.stdout), "target": redo}
     ))  # fmt: skip
     proc = _gdpi(batch["cases"], out, *batch["options"], "--batch-size", "8", "--engine", "ray")
     assert proc.returncode == 3, proc.stderr

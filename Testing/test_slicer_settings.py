@@ -1,4 +1,7 @@
-"""The settings a Slicer detection runs with (pure Python: no slicer, no torch)."""
+"""The settings a Slicer detection runs with (pure Python: no slicer, no torch; the
+checks through ``gdpi detect``'s parser need torch and skip without it)."""
+
+from __future__ import annotations
 
 import pytest
 from GDPILiverAnomalyLib.errors import InputError

@@ -123,8 +123,8 @@ def atomic_dir(out: Path, replace: bool = True) -> Iterator[Path]:
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not (old / out.name).exists():  # else: the only copy left
-            shutil.rmtree(old, ignore_errors=True)
+        if old is not None and (out.exists() or not (old / out.name).exists()):
+            shutil.rmtree(old, ignore_errors=True)  # kept only when it holds the only copy
 
 
 #: Ending of :func:`write_text_atomic`'s temporary files (never a user's file name).
@@ -165,7 +165,7 @@ def csv_safe_row(row: dict) -> dict:
     return {key: csv_safe(value) for key, value in row.items()}
 
 
-def _me() -> dict:
+def this_process() -> dict:
     """This process, as a writer or lock holder records it."""
     return {"tool": "gdpi", "pid": os.getpid(), "host": socket.gethostname(),
             "pid_space": _pid_space(),
@@ -183,7 +183,7 @@ def _pid_space() -> str | None:
 
 
 def _write_marker(folder: Path, target: str) -> None:
-    (folder / WRITER_MARKER).write_text(json.dumps({**_me(), "target": target}))
+    (folder / WRITER_MARKER).write_text(json.dumps({**this_process(), "target": target}))
 
 
 def _read_record(text: str) -> dict | None:
@@ -311,7 +311,7 @@ def folder_lock(folder: Path, name: str, what: str) -> Iterator[dict | None]:
             os.close(fd)
         previous = _read_record(_read_fd(fd))  # a holder that died without removing it
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(_me()).encode())
+        os.write(fd, json.dumps(this_process()).encode())
     try:
         yield previous
     finally:
@@ -355,6 +355,6 @@ def _exclusive_lock_file(path: Path, what: str) -> tuple[int, dict | None]:
             previous = holder
             path.unlink(missing_ok=True)
             continue
-        os.write(fd, json.dumps(_me()).encode())
+        os.write(fd, json.dumps(this_process()).encode())
         return fd, previous
     raise OutputError(_busy(path.parent, path, None, what))

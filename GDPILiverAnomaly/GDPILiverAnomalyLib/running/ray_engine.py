@@ -49,6 +49,7 @@ from .runner import (
     CaseInputs,
     complete_result,
     error_row,
+    file_stamp,
     start_batch,
     summary_row,
     write_case,
@@ -146,6 +147,11 @@ def finish_case(
     if written is not None:  # this task ran before and died after moving the case in place
         return written
     try:
+        if inputs.stamps is not None and inputs.stamps != {
+            "ct": file_stamp(inputs.ct),
+            "liver": file_stamp(inputs.liver),
+        }:
+            return {"error": "its CT or liver mask file changed during the run; run it again"}
         ct, liver = inputs.read()
         plan = plan.attach(ct, liver)
         diff_grid = np.zeros((len(plan.liver_slices), *plan.cand_grid.shape[1:]), np.float32)
@@ -502,6 +508,8 @@ class _Loop:
             case = self.todo.pop()
             case.submitted = time.perf_counter()
             case.started = datetime.now(timezone.utc)
+            # the files as they are now: finish_case reads them again and compares
+            case.inputs = dataclasses.replace(case.inputs, stamps=case.inputs.file_stamps())
             work_ref, case.plan = self.prepare.remote(case.inputs, self.grid, self.params)
             self.preparing[work_ref] = case
 
