@@ -170,8 +170,8 @@ def sliding_windows(mapping: PlaneMapping, liver: np.ndarray) -> list[PlaneMappi
     """Windows of ``mapping``'s size and step covering the in-plane bounding box of
     ``liver`` (``[Z, H, W]`` or ``[H, W]``, on the CT slices): ``mapping`` itself first,
     then, along each axis where the box reaches beyond it, ``k`` windows on each side
-    evenly spaced up to the box's edge (the outermost grid pixel centre on the outermost
-    liver pixel), neighbours overlapping by at least :data:`WINDOW_OVERLAP` of the field
+    evenly spaced up to the box's edge (the outermost grid pixel centre half a CT pixel
+    beyond the outermost liver pixel), neighbours overlapping by at least :data:`WINDOW_OVERLAP` of the field
     of view; every combination of row and column shifts. ``[mapping]`` when it fits."""
     footprint = liver.reshape(-1, *liver.shape[-2:]).any(axis=0)
     if not footprint.any():
@@ -186,6 +186,7 @@ def sliding_windows(mapping: PlaneMapping, liver: np.ndarray) -> list[PlaneMappi
         if beyond <= 0:
             shifts.append([0.0])
             continue
+        beyond += 0.5  # CT pixels: the edge pixel well inside, whatever the rounding
         k = math.ceil(beyond / ((1 - WINDOW_OVERLAP) * mapping.size * step))
         shifts.append([j * beyond / k for j in range(-k, k + 1)])
     windows = [mapping]

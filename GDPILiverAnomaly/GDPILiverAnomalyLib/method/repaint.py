@@ -41,9 +41,7 @@ class SliceNoise:
         ).to(x.dtype)
 
 
-def slice_seeds(
-    seed: int, slice_ids: Sequence[int], sample: int = 0, window: int = 0
-) -> list[int]:
+def slice_seeds(seed: int, slice_ids: Sequence[int], sample: int = 0, window: int = 0) -> list[int]:
     """Noise seed of each slice from the run's ``seed`` and the slice's own id (its k
     index in a CT, its store index in an evaluation), so batching never changes it;
     ``sample`` k > 0: the k-th further inpainting of the same slice; ``window`` w > 0:
