@@ -389,8 +389,7 @@ def finish_detection(
         "slices_total": int(case.ct.shape[0]),
         "slab_slices": z1 - z0,
         "slices_with_liver": len(plan.liver_slices),
-        "slices_inpainted": len(np.unique(plan.image_slice[work])),
-        "grid_images_inpainted": len(work),
+        "slices_inpainted": len(work),  # grid images: a slice once per sliding window
         "batches": inpainting["batches"],
         "batch_size": inpainting["batch_size"],
         "nfe": inpainting["nfe"],
