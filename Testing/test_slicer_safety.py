@@ -26,7 +26,11 @@ from GDPILiverAnomalyLib.slicer_side.display import (  # noqa: E402
     resultVolumeIds,
     sliceCompositeNodes,
 )
-from GDPILiverAnomalyLib.slicer_side.job import coverageWarning, formatRunDetails  # noqa: E402
+from GDPILiverAnomalyLib.slicer_side.job import (  # noqa: E402
+    completionMessage,
+    coverageWarning,
+    formatRunDetails,
+)
 from GDPILiverAnomalyLib.slicer_side.logic import DetectionLogic  # noqa: E402
 from GDPILiverAnomalyLib.slicer_side.settings import DetectionSettings  # noqa: E402
 
@@ -200,8 +204,9 @@ def test_outputs_are_marked_before_they_enter_the_scene_and_never_offered_as_ct(
 
 def test_liver_outside_the_model_grid_is_reported_in_plain_words(tmp_path, monkeypatch):
     """A model whose field of view (64 px at 1.5 mm = 96 mm) is smaller than the liver:
-    run.json counts the liver outside it, and the finished job's status line and log
-    say how much of the liver (percent and mL) was not analysed. While it runs, a
+    sliding windows cover the whole liver, and the panel says so; a result where liver
+    was left outside (run.json of an earlier version) gets a status line and log saying
+    how much of the liver (percent and mL) was not analysed. While it runs, a
     streamed heatmap file that cannot be opened yet (Windows: still held by the worker
     or a virus scanner; simulated, Linux has no such lock) is read again at the next
     poll instead of being dropped."""
@@ -238,8 +243,11 @@ def test_liver_outside_the_model_grid_is_reported_in_plain_words(tmp_path, monke
     outputs = job.wait(pollInterval=0.05)
     assert reads[0][1] is False and reads[1] == (reads[0][0], True), reads
     info = outputs.runInfo
-    outside = info["stats"]["liver_outside_grid_voxels"]
-    assert outside > 0
+    assert info["stats"]["liver_outside_grid_voxels"] == 0 < info["stats"]["windows"]["windows"] - 1
+    assert coverageWarning(info) is None and "Not analysed" not in job.message
+    assert "Liver analysed: all of it" in formatRunDetails(info)
+    outside = 1234  # what an earlier version, without sliding windows, recorded
+    info = dict(info, stats=dict(info["stats"], liver_outside_grid_voxels=outside))
     percent = 100 * outside / info["inputs"]["liver_voxels"]
     ml = outside * np.prod(info["inputs"]["geometry"]["spacing_mm"]) / 1000
     warning = coverageWarning(info)
@@ -247,8 +255,7 @@ def test_liver_outside_the_model_grid_is_reported_in_plain_words(tmp_path, monke
         f"Not analysed: {percent:.1f} % of the liver ({ml:.0f} mL) lies outside the model's "
         "96 mm field of view; its score is 0 there, so a tumour in that part would not be shown."
     )
-    assert job.message.endswith(warning) and job.message.startswith("Done: ")
-    assert warning in job.log[-1]
+    assert completionMessage(info, 0, 20.0, 1.0).endswith(warning)
     assert warning in formatRunDetails(info).splitlines()
     # the run details the panel shows for this result
     details = logic.runDetails(outputs.scoreVolume)

@@ -6,11 +6,17 @@ in-plane bounding box (the same for every slice of a volume), so the network see
 anatomy at one scale whatever the scanner. With ``spacing_mm = None`` the whole
 slice is fitted into the grid (aspect kept), as in the paper's resized slices.
 Pixels of the grid outside the CT read -1024 HU.
+
+A liver wider than the field of view is covered by overlapping windows
+(:func:`sliding_windows`, sliding-window inference as in MONAI): the centred mapping
+first, then windows shifted towards the edges of the liver's bounding box; each window's
+results are blended back with :func:`window_weights`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from scipy import ndimage
@@ -18,6 +24,8 @@ from scipy import ndimage
 from ..errors import ParameterError
 
 AIR_HU = -1024.0
+#: Least overlap of neighbouring windows, a fraction of the field of view (MONAI's 0.25).
+WINDOW_OVERLAP = 0.25
 
 
 @dataclass
@@ -136,6 +144,12 @@ class PlaneMapping:
             return (sampled > 0.5).astype(np.uint8)
         raise ValueError(f"unknown kind {kind!r}")
 
+    def coverage(self, shape_yx: tuple[int, int]) -> np.ndarray:
+        """Bool ``[H, W]``: the CT pixels this grid covers (its pixels mapped back reach
+        at least half weight there); liver outside it is not analysed by this grid."""
+        ones = np.ones((1, self.size, self.size), np.float32)
+        return self.to_slices(ones, shape_yx)[0] >= 0.5
+
     def to_slices(self, grid_slices: np.ndarray, shape_yx: tuple[int, int]) -> np.ndarray:
         """Resample ``[Z, n, n]`` grid slices back onto ``[Z, H, W]`` CT slices (linear, 0 outside)."""
         matrix, offset = self._affine()
@@ -150,3 +164,45 @@ class PlaneMapping:
             mode="constant",
             cval=0.0,
         )
+
+
+def sliding_windows(mapping: PlaneMapping, liver: np.ndarray) -> list[PlaneMapping]:
+    """Windows of ``mapping``'s size and step covering the in-plane bounding box of
+    ``liver`` (``[Z, H, W]`` or ``[H, W]``, on the CT slices): ``mapping`` itself first,
+    then, along each axis where the box reaches beyond it, ``k`` windows on each side
+    evenly spaced up to the box's edge (the outermost grid pixel centre half a CT pixel
+    beyond the outermost liver pixel), neighbours overlapping by at least :data:`WINDOW_OVERLAP` of the field
+    of view; every combination of row and column shifts. ``[mapping]`` when it fits."""
+    footprint = liver.reshape(-1, *liver.shape[-2:]).any(axis=0)
+    if not footprint.any():
+        return [mapping]
+    shifts = []
+    for axis, lo_hi in enumerate(
+        (np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0)))
+    ):
+        centre, step = mapping.centre[axis], mapping.step[axis]
+        reach = (mapping.size - 1) / 2 * step  # CT pixels from the centre to the last grid pixel
+        beyond = max(centre - lo_hi[0], lo_hi[-1] - centre) - reach
+        if beyond <= 0:
+            shifts.append([0.0])
+            continue
+        beyond += 0.5  # CT pixels: the edge pixel well inside, whatever the rounding
+        k = math.ceil(beyond / ((1 - WINDOW_OVERLAP) * mapping.size * step))
+        shifts.append([j * beyond / k for j in range(-k, k + 1)])
+    windows = [mapping]
+    for dy in shifts[0]:
+        for dx in shifts[1]:
+            if dy or dx:
+                centre = (float(mapping.centre[0] + dy), float(mapping.centre[1] + dx))
+                windows.append(replace(mapping, centre=centre))
+    return windows
+
+
+def window_weights(size: int) -> np.ndarray:
+    """Blending weights of a window's ``size`` x ``size`` pixels where windows overlap:
+    a Gaussian of sigma ``size / 8`` around the centre (MONAI's ``"gaussian"`` mode), at
+    least 1e-3 of the peak, float32; the grid's centre counts more than its edges, where
+    the network saw the liver cut off."""
+    centre = (size - 1) / 2
+    profile = np.exp(-0.5 * ((np.arange(size) - centre) / (size / 8)) ** 2)
+    return np.maximum(np.outer(profile, profile), 1e-3).astype(np.float32)

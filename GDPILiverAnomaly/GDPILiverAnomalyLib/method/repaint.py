@@ -41,11 +41,16 @@ class SliceNoise:
         ).to(x.dtype)
 
 
-def slice_seeds(seed: int, slice_ids: Sequence[int], sample: int = 0) -> list[int]:
+def slice_seeds(seed: int, slice_ids: Sequence[int], sample: int = 0, window: int = 0) -> list[int]:
     """Noise seed of each slice from the run's ``seed`` and the slice's own id (its k
     index in a CT, its store index in an evaluation), so batching never changes it;
-    ``sample`` k > 0: the k-th further inpainting of the same slice."""
-    return [seed * 1_000_003 + int(i) + sample * 1_000_000_007_000 for i in slice_ids]
+    ``sample`` k > 0: the k-th further inpainting of the same slice; ``window`` w > 0:
+    the slice's w-th sliding window (:func:`.grid.sliding_windows`; window 0 keeps the
+    seeds of a liver that fits the grid)."""
+    return [
+        seed * 1_000_003 + int(i) + sample * 1_000_000_007_000 + window * 1_000_000_007
+        for i in slice_ids
+    ]
 
 
 ProgressFn = Callable[[int, int], None]  # (network evaluations done, total)

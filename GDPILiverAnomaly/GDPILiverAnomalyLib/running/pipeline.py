@@ -2,8 +2,10 @@
 
 Only axial slices with liver are processed; AME runs on the CT grid; slices are
 resampled to the model's grid, inpainted in batches (slices whose candidate mask is
-empty cost nothing), scored there, and mapped back. Every output array has the CT's
-own index order and geometry.
+empty cost nothing), scored there, and mapped back. A slice whose liver reaches beyond
+the grid's field of view is also resampled onto overlapping sliding windows, whose
+results are blended where they overlap. Every output array has the CT's own index
+order and geometry.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ..files.checkpoint import Checkpoint
 from ..method.ame import adaptive_mask, denoise_for_ame
 from ..method.calibration import reference_patches, remove_bias
 from ..method.diffusion import GaussianDiffusion
-from ..method.grid import InputGrid, PlaneMapping
+from ..method.grid import InputGrid, PlaneMapping, sliding_windows, window_weights
 from ..method.parameters import DetectionParams, default_batch_size
 from ..method.phase import PhaseEstimate, estimate_phase
 from ..method.repaint import SliceNoise, repaint, slice_seeds
@@ -56,7 +58,10 @@ class SlicePlan:
     """What a detection inpaints, before any network work (see :func:`plan_slices`).
 
     Arrays on the liver's slab are LPS-ordered ``[slab slice, row, column]``; grid
-    arrays ``[liver slice, n, n]`` on the model grid. Masks: 1 = re-paint.
+    arrays ``[grid image, n, n]`` on the model grid: image ``i < len(liver_slices)`` is
+    liver slice ``i`` on ``mapping`` (the field of view centred on the liver), further
+    images are the sliding windows of slices whose liver reaches beyond it
+    (``image_slice``, ``image_window``). Masks: 1 = re-paint.
     """
 
     params: DetectionParams  # with the automatic AME side resolved
@@ -73,15 +78,60 @@ class SlicePlan:
     cand_grid: np.ndarray  # AME candidates
     paint_grid: np.ndarray  # candidates plus the calibration discs
     refs_grid: np.ndarray | None  # the calibration discs (``calibrate``)
-    seeds: list[list[int]]  # seeds[k][i]: liver slice i's k-th inpainting
+    seeds: list[list[int]]  # seeds[k][i]: grid image i's k-th inpainting
+    windows: list[PlaneMapping]  # windows[0] is ``mapping``
+    image_slice: np.ndarray  # int, the liver slice (index into liver_slices) of each image
+    image_window: np.ndarray  # int, the window (index into windows) of each image
 
-    def on_slab(self, grid: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Grid slices (HU) back on the slab's ``rows``, 0 elsewhere and outside the liver."""
+    def to_slab(self, grid: np.ndarray, images: Sequence[int]) -> np.ndarray:
+        """Values of grid ``images`` (``grid[j]`` for ``images[j]``, HU) on the slab, 0
+        elsewhere and outside the liver. A slice with only its ``mapping`` image takes
+        it as is; where a slice has several windows, their values are blended with
+        :func:`.grid.window_weights` (a weighted mean over the windows covering a pixel)."""
+        images = np.asarray(images, dtype=np.intp)
         slab = np.zeros(self.slab_liver.shape, np.float32)
-        height, width = self.slab_liver.shape[1:]
-        slab[rows] = self.mapping.to_slices(grid, (height, width))
+        shape = self.slab_liver.shape[1:]
+        slices = self.image_slice[images]
+        counts = np.bincount(slices, minlength=len(self.liver_slices))
+        single = (self.image_window[images] == 0) & (counts[slices] == 1)
+        if single.all():  # every liver that fits the grid: one mapping, no blending
+            slab[self.in_slab[slices]] = self.mapping.to_slices(grid, shape)
+        else:
+            if single.any():
+                rows = self.in_slab[slices[single]]
+                slab[rows] = self.mapping.to_slices(grid[single], shape)
+            weights = window_weights(self.mapping.size)
+            total: dict[int, list[np.ndarray]] = {}
+            for j in np.flatnonzero(~single):
+                window = self.windows[self.image_window[images[j]]]
+                row = int(self.in_slab[slices[j]])
+                values = window.to_slices(np.stack([grid[j] * weights, weights]), shape)
+                if row in total:
+                    total[row][0] += values[0]
+                    total[row][1] += values[1]
+                else:
+                    total[row] = [values[0], values[1]]
+            for row, (weighted, weight) in total.items():
+                slab[row] = np.where(weight > 0, weighted / np.maximum(weight, 1e-12), 0.0)
         slab[self.slab_liver == 0] = 0.0
         return slab
+
+    def windows_per_slice(self) -> np.ndarray:
+        """Number of grid images (windows) of each liver slice."""
+        return np.bincount(self.image_slice, minlength=len(self.liver_slices))
+
+    def liver_outside_windows(self) -> int:
+        """Liver voxels that no window of their slice covers (they get score 0)."""
+        if not len(self.liver_slices):
+            return 0
+        shape = self.slab_liver.shape[1:]
+        covered = np.zeros((len(self.liver_slices), *shape), bool)
+        for w, window in enumerate(self.windows):
+            slices = self.image_slice[self.image_window == w]
+            if len(slices):
+                covered[slices] |= window.coverage(shape)
+        liver = self.slab_liver[self.in_slab] > 0
+        return int(np.count_nonzero(liver & ~covered))
 
     def detached(self) -> SlicePlan:
         """The plan without the volumes and grid images (the CT, its slab, ``ct_grid``,
@@ -133,18 +183,59 @@ def plan_slices(
     candidates = adaptive_mask(ame_ct, slab_liver, params.offset_hu, params.two_sided, min_area_px)
     del ame_ct
     mapping = PlaneMapping.for_volume(grid, (height, width), (sy, sx), slab_liver)
-    ct_grid = mapping.to_grid(slab_ct[in_slab], "image")
-    cand_grid = mapping.to_grid(candidates[in_slab], "mask")
-    seeds = [slice_seeds(params.seed, liver_slices, s) for s in range(params.samples)]
-    paint_grid, refs_grid = cand_grid, None
-    if params.calibrate:
-        liver_grid = mapping.to_grid(slab_liver[in_slab], "label")
-        refs_grid = reference_patches(liver_grid, cand_grid, seeds[0])
+    windows, image_slice, image_window = _windows(mapping, slab_liver[in_slab])
+    ct_grid, cand_grid, refs_grid = [], [], []
+    seeds: list[list[int]] = [[] for _ in range(params.samples)]
+    for w, window in enumerate(windows):  # window 0 (mapping): every liver slice, in order
+        which = image_slice[image_window == w]
+        if w and not len(which):
+            continue
+        rows = in_slab[which]
+        ct_grid.append(window.to_grid(slab_ct[rows], "image"))
+        cand_grid.append(window.to_grid(candidates[rows], "mask"))
+        window_seeds = [
+            slice_seeds(params.seed, liver_slices[which], s, w) for s in range(params.samples)
+        ]
+        for s in range(params.samples):
+            seeds[s].extend(window_seeds[s])
+        if params.calibrate:
+            liver_grid = window.to_grid(slab_liver[rows], "label")
+            refs_grid.append(reference_patches(liver_grid, cand_grid[-1], window_seeds[0]))
+    ct_grid, cand_grid = _stack(ct_grid), _stack(cand_grid)
+    paint_grid, refs_grid = cand_grid, (_stack(refs_grid) if params.calibrate else None)
+    if refs_grid is not None:
         paint_grid = np.maximum(cand_grid, refs_grid)
     return SlicePlan(
         params, case, (z0, z1), slab_ct, slab_liver, liver_slices, in_slab, phase, candidates,
-        mapping, ct_grid, cand_grid, paint_grid, refs_grid, seeds,
+        mapping, ct_grid, cand_grid, paint_grid, refs_grid, seeds, windows, image_slice,
+        image_window,
     )  # fmt: skip
+
+
+def _stack(parts: list[np.ndarray]) -> np.ndarray:
+    """The grid images of every window, window 0's first (itself when it is the only one)."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _windows(
+    mapping: PlaneMapping, liver: np.ndarray
+) -> tuple[list[PlaneMapping], np.ndarray, np.ndarray]:
+    """Sliding windows for the liver slices ``liver`` (``[N, H, W]``, 1 = liver) and the
+    grid images they need: every slice on ``mapping`` (window 0, in slice order), then
+    window by window the slices with liver that ``mapping`` misses and that window
+    covers. Returns ``(windows, image_slice, image_window)``."""
+    n = len(liver)
+    image_slice, image_window = [np.arange(n)], [np.zeros(n, np.intp)]
+    windows = sliding_windows(mapping, liver) if n else [mapping]
+    if len(windows) > 1:
+        shape = liver.shape[1:]
+        missed = (liver > 0) & ~mapping.coverage(shape)
+        if missed.any():
+            for w, window in enumerate(windows[1:], start=1):
+                which = np.flatnonzero((missed & window.coverage(shape)).any(axis=(1, 2)))
+                image_slice.append(which)
+                image_window.append(np.full(len(which), w, np.intp))
+    return windows, np.concatenate(image_slice), np.concatenate(image_window)
 
 
 def detect(
@@ -175,8 +266,8 @@ def detect(
 
     nfe_batch = params.nfe_per_batch()
     nfe_total = nfe_batch * len(batches)
-    n_liver = len(plan.liver_slices)
-    done = {"nfe": 0, "slices": n_liver - len(work)}
+    n_images = len(plan.cand_grid)  # liver slices, and their extra sliding windows
+    done = {"nfe": 0, "slices": n_images - len(work)}
     t0 = time.perf_counter()
 
     def report(nfe_in_batch: int = 0) -> None:
@@ -188,7 +279,7 @@ def detect(
         progress(
             Progress(
                 done["slices"],
-                n_liver,
+                n_images,
                 nfe,
                 nfe_total,
                 round(elapsed, 3),
@@ -203,7 +294,7 @@ def detect(
     def partial_score() -> np.ndarray:
         grid = finish_score(diff_grid[finished], params.two_sided, params.median_size)
         volume, lps = plan.case.new_original(np.float32)
-        lps[slice(*plan.slab)] = plan.on_slab(grid, plan.in_slab[finished])
+        lps[slice(*plan.slab)] = plan.to_slab(grid, finished)
         return volume
 
     last_partial = time.perf_counter()
@@ -263,16 +354,19 @@ def finish_detection(
     if params.calibrate:
         diff_grid, bias = remove_bias(diff_grid, plan.cand_grid, plan.refs_grid)
     score_grid = finish_score(diff_grid, params.two_sided, params.median_size)
-    positions = plan.liver_slices * case.spacing_zyx[0]
-    score_grid = smooth_across_slices(score_grid, positions, params.depth_sigma_mm)
+    positions = plan.liver_slices[plan.image_slice] * case.spacing_zyx[0]
+    score_grid = smooth_across_slices(  # each window on its own
+        score_grid, positions, params.depth_sigma_mm, plan.image_window
+    )
     # the outputs: full volumes in the CT's own index order, written through LPS views
     score, score_lps = case.new_original(np.float32)
     pseudo = case.to_original(case.ct)  # a copy of the CT in HU
     cand, cand_lps = case.new_original(np.uint8)
     cand_lps[z0:z1] = plan.candidates
     if len(plan.liver_slices):
-        score_lps[z0:z1] = plan.on_slab(score_grid, plan.in_slab)
-        case.lps(pseudo)[z0:z1] += plan.on_slab(diff_grid, plan.in_slab)
+        images = np.arange(len(score_grid))
+        score_lps[z0:z1] = plan.to_slab(score_grid, images)
+        case.lps(pseudo)[z0:z1] += plan.to_slab(diff_grid, images)
     for name, volume in (("score", score), ("pseudo-healthy image", pseudo)):
         if not np.isfinite(volume).all():  # never written: no NaN reaches lesions.csv
             raise GDPIError(
@@ -295,7 +389,7 @@ def finish_detection(
         "slices_total": int(case.ct.shape[0]),
         "slab_slices": z1 - z0,
         "slices_with_liver": len(plan.liver_slices),
-        "slices_inpainted": len(work),
+        "slices_inpainted": len(work),  # grid images: a slice once per sliding window
         "batches": inpainting["batches"],
         "batch_size": inpainting["batch_size"],
         "nfe": inpainting["nfe"],
@@ -314,9 +408,8 @@ def finish_detection(
             "centre_rc": plan.mapping.centre,
             "step_rc": plan.mapping.step,
         },
-        "liver_outside_grid_voxels": _liver_outside_grid(
-            plan.mapping, plan.slab_liver[plan.in_slab]
-        ),
+        "windows": _window_stats(plan),
+        "liver_outside_grid_voxels": plan.liver_outside_windows(),
         "timings_s": {
             **inpainting["timings_s"],
             "score": round(t_score, 3),
@@ -464,11 +557,15 @@ def check_network_output(out: torch.Tensor, checkpoint: Checkpoint) -> None:
         )
 
 
-def _liver_outside_grid(mapping: PlaneMapping, liver: np.ndarray) -> int:
-    """Liver voxels not covered by the model grid (they get score 0)."""
-    if not liver.size:
-        return 0
-    covered = mapping.to_slices(
-        np.ones((1, mapping.size, mapping.size), np.float32), liver.shape[1:]
-    )[0]
-    return int(np.count_nonzero((liver > 0) & (covered[None] < 0.5)))
+def _window_stats(plan: SlicePlan) -> dict:
+    """run.json's ``stats.windows``: the sliding windows a wide liver needed."""
+    per_slice = plan.windows_per_slice()
+    used = sorted(set(plan.image_window.tolist()))
+    return {
+        "windows": len(used),
+        "grid_images": len(plan.image_slice),
+        "slices_by_windows": {
+            str(n): int(np.count_nonzero(per_slice == n)) for n in np.unique(per_slice)
+        },
+        "centres_rc": [[round(c, 2) for c in plan.windows[w].centre] for w in used],
+    }

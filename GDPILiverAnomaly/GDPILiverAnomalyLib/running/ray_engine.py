@@ -154,7 +154,7 @@ def finish_case(
             return {"error": "its CT or liver mask file changed during the run; run it again"}
         ct, liver = inputs.read()
         plan = plan.attach(ct, liver)
-        diff_grid = np.zeros((len(plan.liver_slices), *plan.cand_grid.shape[1:]), np.float32)
+        diff_grid = np.zeros(plan.cand_grid.shape, np.float32)  # slices and windows
         if work:  # a case whose AME found nothing has no slices to inpaint
             diff_grid[work] = diff
         result = finish_detection(plan, diff_grid, work, inpainting, start)
