@@ -52,3 +52,17 @@ def one_error_line(code: int, captured, message: str) -> str:
     assert message in lines[0], lines[0]
     assert "Traceback" not in captured.err + captured.out
     return lines[0]
+
+
+def tree_snapshot(root: Path) -> dict[str, str]:
+    """Every file (sha256) and folder under ``root``, symbolic links not followed: two
+    snapshots are equal when nothing was written, removed or changed there."""
+    import hashlib
+
+    found = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            found[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+        elif path.is_dir():
+            found[str(path.relative_to(root)) + "/"] = "dir"
+    return found

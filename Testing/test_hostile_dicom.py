@@ -12,7 +12,6 @@ refusals can be replayed against an older checkout of the package.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import shared
+from conftest import shared, tree_snapshot
 from GDPITraining.cli import main
 
 SPACING = (6.0, 6.0)  # mm, in-plane
@@ -136,13 +135,6 @@ def _structured_report() -> bytes:
     return b"\x00" * 128 + b"DICM" + group_length + meta + data
 
 
-def _snapshot(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "/"
-        for p in sorted(root.rglob("*"))
-    }
-
-
 def _detect(ct: Path, liver: Path, out: Path, checkpoint, *extra: str) -> list[str]:
     return ["detect", "--ct", str(ct), "--liver", str(liver), "--checkpoint", str(checkpoint),
             "--out", str(out), "--device", "cpu", "--steps", "2", "--jump-length", "1",
@@ -160,7 +152,7 @@ def checkpoint(tmp_path_factory) -> Path:
 def _refused(tmp_path: Path, capsys, ct: Path, liver: Path, checkpoint, *extra: str) -> str:
     """Run ``gdpi detect`` expecting a refusal; return its one error line."""
     capsys.readouterr()
-    before = _snapshot(tmp_path)
+    before = tree_snapshot(tmp_path)
     out = tmp_path / "out"
     code = main(_detect(ct, liver, out, checkpoint, "--progress", "none", *extra))
     captured = capsys.readouterr()
@@ -169,7 +161,7 @@ def _refused(tmp_path: Path, capsys, ct: Path, liver: Path, checkpoint, *extra: 
     assert len(lines) == 1 and lines[0].startswith("gdpi: error: "), captured.err
     assert "Traceback" not in captured.err + captured.out
     assert not out.exists()
-    assert _snapshot(tmp_path) == before  # nothing written, the inputs byte-identical
+    assert tree_snapshot(tmp_path) == before  # nothing written, the inputs byte-identical
     return lines[0]
 
 

@@ -9,7 +9,6 @@ The Slicer logic's share is in ``test_slicer_logic.py`` (errors and an unchanged
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import one_error_line, shared
+from conftest import one_error_line, shared, tree_snapshot
 from GDPILiverAnomalyLib.files.checkpoint import init_checkpoint, save_checkpoint
 from GDPITraining.cli import main
 
@@ -201,16 +200,6 @@ def world(tmp_path_factory) -> Path:
     (w / "run").mkdir()
     (w / "run" / "state.pt").write_bytes(b"PK\x03\x04 cut short")
     return w
-
-
-def _snapshot(root: Path) -> dict[str, str]:
-    files = {}
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and not path.is_symlink():
-            files[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
-        elif path.is_dir():
-            files[str(path.relative_to(root)) + "/"] = "dir"
-    return files
 
 
 def _detect(ct="ct.nrrd", liver="liver.nrrd", ckpt="model.safetensors", out="out", *extra):
@@ -532,10 +521,10 @@ def test_at_least_fifty_classes():
 
 @pytest.mark.parametrize(("argv", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_hostile_input_is_refused_cleanly(world, capsys, argv, message):
-    before = _snapshot(world)
+    before = tree_snapshot(world)
     code = main(_resolve(world, argv))  # an escaping exception fails the test: no traceback
     one_error_line(code, capsys.readouterr(), message)
-    assert _snapshot(world) == before  # nothing written, inputs byte-identical, no temp
+    assert tree_snapshot(world) == before  # nothing written, inputs byte-identical, no temp
 
 
 # ---- as a user who cannot read or write everywhere (root's bypass dropped) ------------
@@ -660,8 +649,8 @@ def test_non_hu_override_processes_the_ct(world, capsys, tmp_path):
 
 
 def test_a_successful_run_leaves_the_inputs_byte_identical(world, capsys, tmp_path):
-    before = _snapshot(world)
+    before = tree_snapshot(world)
     argv = _resolve(world, _detect())
     argv[argv.index("--out") + 1] = str(tmp_path / "o")
     assert main(argv) == 0, capsys.readouterr().err
-    assert _snapshot(world) == before and (tmp_path / "o" / "score.nrrd").exists()
+    assert tree_snapshot(world) == before and (tmp_path / "o" / "score.nrrd").exists()

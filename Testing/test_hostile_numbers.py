@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import one_error_line, shared
+from conftest import one_error_line, shared, tree_snapshot
 from GDPILiverAnomalyLib.errors import CheckpointError, GDPIError, InputError
 from GDPILiverAnomalyLib.files.checkpoint import (
     FORMAT,
@@ -122,12 +122,6 @@ def _detect(world: Path, ct="ct.nrrd", liver="liver.nrrd", ckpt="model.safetenso
             *extra]  # fmt: skip
 
 
-def _snapshot(root: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
-    }
-
-
 def _refused(world: Path, capsys, argv: list[str], message: str) -> str:
     """Run ``gdpi argv``: exit 2, exactly one error line holding ``message``, no output
     folder, the inputs byte-identical. The output folder is a fresh one outside
@@ -135,11 +129,11 @@ def _refused(world: Path, capsys, argv: list[str], message: str) -> str:
     parent = Path(tempfile.mkdtemp(prefix="numbers-out-"))
     out = parent / "out"
     argv = [str(out) if a == str(world / "out") else a for a in argv]
-    before = _snapshot(world)
+    before = tree_snapshot(world)
     try:
         line = one_error_line(main(argv), capsys.readouterr(), message)
         assert not out.exists()
-        assert _snapshot(world) == before
+        assert tree_snapshot(world) == before
     finally:
         shutil.rmtree(parent)
     return line

@@ -224,12 +224,12 @@ def save_baseline(b: Baseline, path: str | Path) -> Path:
 
 
 def load_baseline(path: str | Path) -> Baseline:
-    from GDPILiverAnomalyLib.files.checkpoint import _read_header
+    from GDPILiverAnomalyLib.files.checkpoint import read_header
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"baseline checkpoint not found: {path}")
-    header = _read_header(path)
+    header = read_header(path)
     if header.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a baseline checkpoint (format {header.get('format')!r})"

@@ -224,7 +224,9 @@ def _check_shapes(path: Path, config: UNetConfig, tensors: dict) -> None:
         )
 
 
-def _read_header(path: Path, full: bool = False) -> dict:
+def read_header(path: Path, full: bool = False) -> dict:
+    """A safetensors file's JSON header (``full``) or its ``__metadata__``; refuses a file
+    whose header cannot be read with a :class:`CheckpointError`."""
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
@@ -249,7 +251,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a regular file (a named pipe or device?)")
-    full = _read_header(path, full=True)
+    full = read_header(path, full=True)
     header = full.get("__metadata__") or {}
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         found = header.get("format") if isinstance(header, dict) else None

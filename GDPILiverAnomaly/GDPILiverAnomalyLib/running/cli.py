@@ -21,9 +21,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import Cancelled, GDPIError, OutputError, ParameterError, os_error_message
+from ..errors import (
+    Cancelled,
+    CheckpointError,
+    GDPIError,
+    OutputError,
+    ParameterError,
+    os_error_message,
+)
 from ..files.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from ..files.checkpoint import init_checkpoint, load_checkpoint, save_checkpoint
+from ..files.checkpoint import init_checkpoint, load_checkpoint, read_header, save_checkpoint
 from ..files.checks import itk_path
 from ..files.dicom import describe_series
 from ..method.grid import InputGrid
@@ -463,11 +470,8 @@ def _check_checkpoint_out(out: Path, overwrite: bool) -> Path:
     if not out.is_file():  # a named pipe would block the read below
         raise OutputError(f"{out} is not a regular file: choose another --out")
     try:
-        with open(out, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n)) if 0 < n < 100_000_000 else None
-        found = header.get("__metadata__", {}).get("format") if isinstance(header, dict) else None
-    except (OSError, ValueError, AttributeError):
+        found = read_header(out).get("format")
+    except (CheckpointError, AttributeError):  # unreadable, or metadata not an object
         found = None
     if found != CHECKPOINT_FORMAT:
         raise OutputError(

@@ -49,7 +49,6 @@ from .runner import (
     CaseInputs,
     complete_result,
     error_row,
-    file_stamp,
     start_batch,
     summary_row,
     write_case,
@@ -147,10 +146,7 @@ def finish_case(
     if written is not None:  # this task ran before and died after moving the case in place
         return written
     try:
-        if inputs.stamps is not None and inputs.stamps != {
-            "ct": file_stamp(inputs.ct),
-            "liver": file_stamp(inputs.liver),
-        }:
+        if inputs.changed():
             return {"error": "its CT or liver mask file changed during the run; run it again"}
         ct, liver = inputs.read()
         plan = plan.attach(ct, liver)

@@ -152,7 +152,15 @@ class CaseInputs:
 
     def file_stamps(self) -> dict:
         """``stamps``, or the files' stamps now."""
-        return self.stamps or {"ct": file_stamp(self.ct), "liver": file_stamp(self.liver)}
+        return self.stamps or self.current_stamps()
+
+    def current_stamps(self) -> dict:
+        """The files' :func:`file_stamp` now."""
+        return {"ct": file_stamp(self.ct), "liver": file_stamp(self.liver)}
+
+    def changed(self) -> bool:
+        """Whether the files differ from ``stamps`` (False when none were taken)."""
+        return self.stamps is not None and self.stamps != self.current_stamps()
 
     def read(self) -> tuple[sitk.Image, np.ndarray]:
         """The CT (HU) and the liver mask on its grid (uint8, 1 = liver), checked."""
@@ -371,7 +379,7 @@ def start_batch(
             inputs = CaseInputs(Path(case.ct), Path(case.liver), liver_label, allow_non_hu)
             _check_same_settings(path / case.name, info, params, checkpoint_sha256, inputs)
             recorded = info.get("inputs", {}).get("files") or {}  # {}: made before it was
-            now = inputs.file_stamps()
+            now = inputs.current_stamps()
             changed = [k for k in ("ct", "liver") if k in recorded and recorded[k] != now[k]]
             if changed:
                 batch.incomplete.append(path / case.name)
