@@ -62,23 +62,34 @@ class WorkerProcess:
     :meth:`events` returns what arrived since the last call and never blocks. Lines
     that are not JSON arrive as ``{"event": "log", "message": line}``. Standard error
     goes to ``stderr_path`` so it can be shown when the run fails.
+
+    ``command`` runs another program the same way (its full argument list; ``args``
+    and ``python`` are then unused), e.g. TotalSegmentator; ``stderr_path=None`` merges
+    its standard error into the lines read (carriage-return progress bars included).
     """
 
     def __init__(
         self,
         args: list[str],
-        stderr_path: str | Path,
+        stderr_path: str | Path | None,
         python: str | None = None,
         env: dict | None = None,
+        command: list[str] | None = None,
     ):
-        self.args = [python or default_python(), "-m", "GDPILiverAnomalyLib", *args]
-        self.stderr_path = Path(stderr_path)
+        if command is not None:
+            self.args = list(command)
+        else:
+            self.args = [python or default_python(), "-m", "GDPILiverAnomalyLib", *args]
+        self.stderr_path = Path(stderr_path) if stderr_path is not None else None
         environment = dict(os.environ if env is None else env)
         paths = [LIB_PARENT, environment.get("PYTHONPATH", "")]
         environment["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
         environment["PYTHONUNBUFFERED"] = "1"
         self._queue: queue.Queue[dict] = queue.Queue()
-        stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - the child keeps its own copy
+        if self.stderr_path is None:
+            stderr = subprocess.STDOUT
+        else:
+            stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - the child keeps its own copy
         options = process_options()
         self.process = subprocess.Popen(
             self.args,
@@ -92,7 +103,8 @@ class WorkerProcess:
             bufsize=1,
             **options,
         )
-        stderr.close()
+        if self.stderr_path is not None:
+            stderr.close()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -132,7 +144,9 @@ class WorkerProcess:
         return code
 
     def stderr_tail(self, lines: int = 15) -> str:
-        """The last lines of the worker's standard error."""
+        """The last lines of the worker's standard error ("" when it was merged)."""
+        if self.stderr_path is None:
+            return ""
         try:
             with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
                 return "".join(deque(f, maxlen=lines)).rstrip()

@@ -276,40 +276,53 @@ class DetectionLogic(ResultDisplay):
         ctDisplay.SetWindowLevel(350, 50)  # abdomen
         return nodes[0], nodes[1]
 
-    def makeLiverSegmentation(self, ctNode, totalSegmentatorLogic, cpu: bool = False):
-        """Segment the liver with the TotalSegmentator extension (fast mode); returns
-        ``(segmentationNode, liverSegmentId)``. Blocks while it runs (minutes on a CPU).
+    def makeLiverSegmentation(
+        self,
+        ctNode,
+        totalSegmentatorLogic=None,
+        cpu: bool = False,
+        wait: bool = True,
+        onEvent: Callable[[dict], None] | None = None,
+        command: list[str] | None = None,
+    ):
+        """Segment the liver of ``ctNode`` with the TotalSegmentator extension: the liver
+        only, fast mode, in a background process (:class:`.totalseg.LiverSegmentationJob`:
+        its log lines to ``onEvent``, cancel with ``job.cancel()`` or :meth:`cancelAll`).
 
-        ``totalSegmentatorLogic`` is a ``TotalSegmentator.TotalSegmentatorLogic``; its
-        ``process`` took ``fast=`` until 2026 and ``quality=`` since, so the keyword is
-        chosen from its signature."""
-        import inspect
-
-        from .display import liverSegmentId, placeBeside
-
-        segmentation = self.scene.AddNewNodeByClass(
-            "vtkMRMLSegmentationNode", f"{ctNode.GetName()} TotalSegmentator"
+        ``wait`` (console use) blocks, Slicer processing events, and returns
+        ``(segmentationNode, liverSegmentId)``; otherwise returns the running job. The
+        new segmentation is under the CT's parent transform. ``totalSegmentatorLogic``
+        (a ``TotalSegmentator.TotalSegmentatorLogic``) installs TotalSegmentator's Python
+        packages the first time (its ``setupPythonRequirements``, which asks the user)
+        and names its weights folder; ``command`` is the program to run (default: as
+        that extension starts it, :func:`.totalseg.totalSegmentatorCommand`)."""
+        from .totalseg import (
+            LiverSegmentationJob,
+            totalSegmentatorCommand,
+            totalSegmentatorEnvironment,
+            totalSegmentatorInstalled,
         )
-        try:
-            if hasattr(totalSegmentatorLogic, "setupPythonRequirements"):
-                totalSegmentatorLogic.setupPythonRequirements()
-            accepted = inspect.signature(totalSegmentatorLogic.process).parameters
-            mode = {"fast": True} if "fast" in accepted else {"quality": "fast"}
-            totalSegmentatorLogic.process(
-                inputVolume=ctNode, outputSegmentation=segmentation, cpu=cpu, **mode
-            )
-        except BaseException:
-            removeNodeAndDisplay(self.scene, segmentation)
-            raise
-        segmentId = liverSegmentId(segmentation)
-        if (
-            segmentId is None
-            or "liver" not in segmentation.GetSegmentation().GetSegment(segmentId).GetName().lower()
-        ):
-            removeNodeAndDisplay(self.scene, segmentation)
-            raise GDPIError("TotalSegmentator produced no liver segment for this CT")
-        placeBeside(self.scene, ctNode, segmentation)
-        return segmentation, segmentId
+
+        if command is None:
+            command = totalSegmentatorCommand()
+            if not totalSegmentatorInstalled(command):
+                setup = getattr(totalSegmentatorLogic, "setupPythonRequirements", None)
+                if setup is None:
+                    raise GDPIError(
+                        "TotalSegmentator is not installed: install the 'TotalSegmentator' "
+                        "extension from the Extensions Manager and restart Slicer."
+                    )
+                setup()  # TotalSegmentator's own installer (asks, then installs)
+                if not totalSegmentatorInstalled(command):
+                    raise GDPIError(
+                        f"TotalSegmentator's program was not found at {command[-1]}: open "
+                        "the TotalSegmentator module once, then try again."
+                    )
+        job = LiverSegmentationJob(
+            self, ctNode, command, cpu=cpu, onEvent=onEvent,
+            env=totalSegmentatorEnvironment(totalSegmentatorLogic),
+        )  # fmt: skip
+        return job.wait() if wait else job
 
     # ---- devices ------------------------------------------------------------------
 
