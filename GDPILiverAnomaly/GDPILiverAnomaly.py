@@ -7,6 +7,7 @@ and detection runs in a background ``PythonSlicer`` process polled from a timer.
 
 import logging
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -258,6 +259,10 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._lesionTimer.setSingleShot(True)
         self._lesionTimer.setInterval(400)
         self._lesionTimer.timeout.connect(self.updateLesionTable)
+        self._liverJob = None  # TotalSegmentator making the liver segment
+        self._liverTimer = qt.QTimer()
+        self._liverTimer.setInterval(200)
+        self._liverTimer.timeout.connect(self._pollLiverJob)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -329,9 +334,11 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self._job is not None and self._job.running:
-            self._job.cancel()
+        for job in (self._job, self._liverJob):
+            if job is not None and job.running:
+                job.cancel()
         self._timer.stop()
+        self._liverTimer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -344,8 +351,9 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._job is not None and self._job.running:
-            self._job.cancel()
+        for job in (self._job, self._liverJob):
+            if job is not None and job.running:
+                job.cancel()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -391,8 +399,9 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Ask a worker which GPUs its PyTorch sees (needs the dependencies)."""
         if not self.ensureDependencies():
             return
+        self._showStatus(_("Asking PyTorch which GPUs it can use (a few seconds)..."))
         try:
-            with slicer.util.WaitCursor():
+            with slicer.util.WaitCursor():  # Slicer keeps handling events (logic.idle)
                 devices = self.logic.listDevices()
         except GDPIError as exc:
             slicer.util.errorDisplay(str(exc).splitlines()[0], detailedText=str(exc))
@@ -466,8 +475,25 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             problem = self._inputProblem()
             self.ui.detectButton.enabled = problem is None
             self.ui.detectButton.toolTip = problem or _("Detect anomalies in the liver.")
+        segmenting = self._liverJob is not None and self._liverJob.running
         for widget in (self.ui.inputsCollapsibleButton, self.ui.modelCollapsibleButton):
             widget.setEnabled(not running)
+        if segmenting:
+            # only the Cancel of TotalSegmentator (and the log) while it runs
+            self.ui.detectButton.enabled = False
+            self.ui.detectButton.toolTip = _("TotalSegmentator is making the liver segment.")
+            for widget in (self.ui.inputVolumeSelector, self.ui.liverSegmentSelector,
+                           self.ui.liverRegionSelector, self.ui.liverLabelmapSelector):  # fmt: skip
+                widget.setEnabled(False)
+        else:
+            for widget in (self.ui.inputVolumeSelector, self.ui.liverSegmentSelector,
+                           self.ui.liverRegionSelector, self.ui.liverLabelmapSelector):  # fmt: skip
+                widget.setEnabled(True)
+        self.ui.totalSegmentatorButton.text = (
+            _("Cancel TotalSegmentator") if segmenting
+            else _("Make liver segment with TotalSegmentator")
+        )  # fmt: skip
+        self.ui.totalSegmentatorButton.enabled = not running
         hasResult = p.scoreVolume is not None
         self.ui.createSegmentationButton.enabled = hasResult and not running
         if (
@@ -622,12 +648,21 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def ensureDependencies(self, upgrade: bool = False) -> bool:
         """Install missing packages after a confirmation (torch via the PyTorch extension,
         at least ``dependencies.MINIMUM_TORCH``); ``upgrade`` also reinstalls torch when
-        it is too old. Failures end in a dialog with advice and the details."""
+        it is too old. Then checks that torch and NumPy fit (macOS on Intel). Failures
+        end in a dialog with advice and the details."""
         versions = dependencies.installedVersions()
         missing = dependencies.missingModules()
         oldTorch = dependencies.torchTooOld(versions.get("torch"))
-        if not missing and not oldTorch and not upgrade:
-            return True
+        if missing or oldTorch or upgrade:
+            if not self._installWithConfirmation(missing, oldTorch or upgrade):
+                return False
+        problem = dependencies.numpyTorchProblem()
+        if problem:
+            slicer.util.errorDisplay(problem, windowTitle=_("GDPI: PyTorch and NumPy"))
+            return False
+        return True
+
+    def _installWithConfirmation(self, missing, torchToo: bool) -> bool:
         if not slicer.util.confirmOkCancelDisplay(
             _("GDPI needs these Python packages: {packages}. Install them now? This can take "
               "several minutes; Slicer's own numpy and SimpleITK are left untouched.").format(
@@ -635,18 +670,23 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
         ):  # fmt: skip
             return False
+        torchInvolved = "torch" in missing or torchToo
         try:
             with slicer.util.WaitCursor():
-                self._installDependencies(missing, oldTorch or upgrade)
+                self._installDependencies(missing, torchToo)
         except Exception as exc:
             logging.exception("GDPI: installing the dependencies failed")
+            self.ui.statusLabel.text = _("Installing the dependencies failed.")
             slicer.util.errorDisplay(
                 _("Installing the dependencies failed. {advice}").format(
-                    advice=dependencies.installFailureAdvice(exc)
+                    advice=dependencies.installFailureAdvice(
+                        exc, torchInvolved=torchInvolved, torchLoaded="torch" in sys.modules
+                    )
                 ),
                 detailedText=traceback.format_exc(),
             )
             return False
+        self.ui.statusLabel.text = ""
         still = dependencies.missingModules()
         if still:
             slicer.util.errorDisplay(
@@ -655,6 +695,12 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )  # fmt: skip
             return False
         return True
+
+    def _showStatus(self, text: str) -> None:
+        """A progress message shown at once (before a step that may block Slicer)."""
+        self.ui.statusLabel.text = text
+        self.ui.logTextEdit.appendPlainText(text)
+        slicer.app.processEvents()
 
     def _installDependencies(self, missing, torchToo: bool) -> None:
         if "torch" in missing or torchToo:
@@ -665,6 +711,10 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     "This module needs the PyTorch extension (PyTorchUtils): install "
                     "'PyTorch' from the Extensions Manager and restart Slicer."
                 ) from None
+            self._showStatus(
+                _("Installing PyTorch through the PyTorch extension: this can take several "
+                  "minutes (about 2-5 GB to download).")
+            )  # fmt: skip
             torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
                 askConfirmation=False,
                 torchVersionRequirement=f">={dependencies.MINIMUM_TORCH}",
@@ -676,7 +726,12 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
                 f.write(dependencies.pinnedConstraints())
             try:
-                slicer.util.pip_install(["-c", f.name, *requirements])
+                # slicer.packaging.pip_ensure (Slicer 5.11+: progress dialog, Slicer
+                # responsive), else slicer.util.pip_install after a progress message
+                dependencies.installPipRequirements(
+                    requirements, f.name, slicer.util.pip_install,
+                    packaging=dependencies.slicerPackaging(), status=self._showStatus,
+                )  # fmt: skip
             finally:
                 os.unlink(f.name)
 
@@ -703,7 +758,12 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateGui()
 
     def onTotalSegmentator(self) -> None:
-        """Make the liver segment with the TotalSegmentator extension (fast mode)."""
+        """Make the liver segment with the TotalSegmentator extension in the background
+        (liver only, fast mode); the button becomes Cancel while it runs."""
+        if self._liverJob is not None and self._liverJob.running:
+            self._liverJob.cancel()
+            self._liverJobEnded()
+            return
         p = self._parameterNode
         if p.inputVolume is None:
             slicer.util.errorDisplay(_("Select the CT first."))
@@ -717,26 +777,43 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         from TotalSegmentator import TotalSegmentatorLogic
 
-        self.ui.statusLabel.text = _("TotalSegmentator is segmenting the liver...")
-        slicer.app.processEvents()
+        self.ui.logTextEdit.clear()
+        self.ui.statusLabel.text = _("Starting TotalSegmentator...")
         try:
-            with slicer.util.WaitCursor():
-                segmentation, segmentId = self.logic.makeLiverSegmentation(
-                    p.inputVolume, TotalSegmentatorLogic(), cpu=p.device == "cpu"
-                )
-        except Exception as exc:
-            logging.exception("GDPI: TotalSegmentator failed")
+            self._liverJob = self.logic.makeLiverSegmentation(
+                p.inputVolume, TotalSegmentatorLogic(), cpu=p.device == "cpu", wait=False,
+                onEvent=self._onWorkerEvent,
+            )  # fmt: skip
+        except Exception as exc:  # its installer or the start: a dialog, not a traceback
+            logging.exception("GDPI: TotalSegmentator could not start")
             slicer.util.errorDisplay(
-                _("TotalSegmentator failed: {error}").format(error=exc),
+                _("TotalSegmentator could not start: {error}").format(error=exc),
                 detailedText=traceback.format_exc(),
             )
             return
-        p.liverSource = "Segmentation"
-        p.liverSegmentation = segmentation
-        p.liverSegmentId = segmentId
-        self.ui.statusLabel.text = _("Liver segment ready: {name}").format(
-            name=segmentation.GetName()
-        )
+        self.ui.statusLabel.text = self._liverJob.message
+        self._liverTimer.start()
+        self._updateGui()
+
+    def _pollLiverJob(self) -> None:
+        if self._liverJob is None or self._liverJob.poll():
+            return
+        self._liverJobEnded()
+
+    def _liverJobEnded(self) -> None:
+        self._liverTimer.stop()
+        job = self._liverJob
+        self.ui.statusLabel.text = job.message
+        if job.state == "completed":
+            segmentation, segmentId = job.outputs
+            p = self._parameterNode
+            p.liverSource = "Segmentation"
+            p.liverSegmentation = segmentation
+            p.liverSegmentId = segmentId
+            self._suggestLiverRegion()
+        elif job.state == "failed":
+            slicer.util.errorDisplay(job.message, detailedText=job.error)
+        self._updateGui()
 
     def onThresholdChanged(self, value) -> None:
         p = self._parameterNode

@@ -571,64 +571,7 @@ def test_synthetic_sample_case_has_the_demo_geometry(tmp_path):
     assert logic.inputProblem(ct, liver, labelValue=0) is None
 
 
-class _FakeTotalSegmentatorLogic:
-    """Stands in for ``TotalSegmentator.TotalSegmentatorLogic`` (that extension and its
-    network cannot run here): same ``process`` keywords, adds the segments it would."""
-
-    def __init__(self, keyword: str):
-        self.keyword, self.calls = keyword, []
-        self.setup = 0
-
-    def setupPythonRequirements(self):
-        self.setup += 1
-
-    def _run(self, inputVolume, outputSegmentation, cpu, mode, segments):
-        self.calls.append({"input": inputVolume, "cpu": cpu, self.keyword: mode})
-        # as TotalSegmentator does: import its label map, one segment per class name
-        scene = inputVolume.GetScene()
-        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-        values = np.zeros(slicer.util.arrayFromVolume(inputVolume).shape, np.uint8)
-        values.reshape(-1)[: len(segments)] = np.arange(1, len(segments) + 1)
-        slicer.util.updateVolumeFromArray(labelmap, values)
-        labelmap.CopyOrientation(inputVolume)
-        logic = slicer.vtkSlicerSegmentationsModuleLogic
-        assert logic.ImportLabelmapToSegmentationNode(labelmap, outputSegmentation)
-        scene.RemoveNode(labelmap)
-        segmentation = outputSegmentation.GetSegmentation()
-        for index, name in enumerate(segments):
-            segmentation.GetNthSegment(index).SetName(name)
-
-
-def _fake_logic(keyword: str, segments=("spleen", "liver", "stomach")):
-    fake = _FakeTotalSegmentatorLogic(keyword)
-    if keyword == "fast":
-
-        def process(inputVolume, outputSegmentation, fast=True, cpu=False, task=None):
-            fake._run(inputVolume, outputSegmentation, cpu, fast, segments)
-
-    else:
-
-        def process(inputVolume, outputSegmentation, quality=None, cpu=False, task=None):
-            fake._run(inputVolume, outputSegmentation, cpu, quality, segments)
-
-    fake.process = process
-    return fake
-
-
-@pytest.mark.parametrize(("keyword", "mode"), [("fast", True), ("quality", "fast")])
-def test_totalsegmentator_makes_and_selects_the_liver(tmp_path, keyword, mode):
-    scene = slicer.vtkMRMLScene()
-    logic = DetectionLogic(scene, tempRoot=str(tmp_path))
-    ct, _ = logic.loadSyntheticCase()
-    fake = _fake_logic(keyword)
-    segmentation, segment_id = logic.makeLiverSegmentation(ct, fake, cpu=True)
-    assert segmentation.GetSegmentation().GetSegment(segment_id).GetName() == "liver"
-    assert fake.setup == 1
-    assert fake.calls == [{"input": ct, "cpu": True, keyword: mode}]
-    before = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
-    with pytest.raises(GDPIError, match="no liver segment"):
-        logic.makeLiverSegmentation(ct, _fake_logic(keyword, ("spleen",)))
-    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == before
+# TotalSegmentator's liver in the background: test_slicer_background.py
 
 
 # ---- stopping everything -------------------------------------------------------------

@@ -32,7 +32,7 @@ from ..method.phase import PhaseEstimate, estimate_phase
 from ..method.repaint import SliceNoise, repaint, slice_seeds
 from ..method.scoring import Lesion, anomaly_mask, find_lesions, finish_score, smooth_across_slices
 from . import signals
-from .devices import resolve_device
+from .devices import auto_device
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -255,7 +255,8 @@ def detect(
     seconds; finished slices already hold their final values.
     """
     params.validate(checkpoint.diffusion.num_timesteps)
-    device = resolve_device(params.device)
+    # auto: CUDA, else the Apple GPU where it computes this network like the CPU
+    device, device_note = auto_device(params.device, checkpoint.model)
     start = time.perf_counter()
     plan = plan_slices(ct, liver, checkpoint.grid, params)
     params = plan.params
@@ -329,6 +330,7 @@ def detect(
         raise Cancelled()
     inpainting = {
         "device": str(device),
+        "device_check": device_note,
         "bf16": bf16_active(params.bf16, device),
         "batches": len(batches),
         "batch_size": batch_size,
@@ -381,6 +383,7 @@ def finish_detection(
     nfe_batch = params.nfe_per_batch()
     stats = {
         "device": device,
+        "device_check": inpainting.get("device_check"),
         "bf16": inpainting["bf16"],
         "two_sided": params.two_sided,
         "two_sided_from": "contrast phase" if plan.phase is not None else "parameter",

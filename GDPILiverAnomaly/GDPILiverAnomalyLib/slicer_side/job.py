@@ -50,6 +50,12 @@ def failureHint(stderr: str) -> str:
     """A user-facing hint for a failed worker, from its error output."""
     if any(marker in stderr for marker in _OOM_MARKERS):
         return "The GPU ran out of memory: choose a smaller batch size, or the CPU as device."
+    if "Numpy is not available" in stderr or "compiled using NumPy 1" in stderr:
+        return (
+            "The installed PyTorch was built for NumPy 1 but this Slicer has NumPy 2: "
+            "click Advanced > Install / upgrade (on a Mac with an Intel processor, use "
+            "Slicer 5.8 or install numpy<2; see the documentation)."
+        )
     if "No module named" in stderr:
         return "A Python package is missing: click Detect again to install the dependencies."
     if "CUDA" in stderr and ("not available" in stderr or "no kernel image" in stderr):
@@ -202,6 +208,8 @@ def formatRunDetails(runInfo: dict) -> str:
         f"Time: started {runInfo.get('started', '?')}, finished {runInfo.get('finished', '?')}"
         + (f", {timings['wall']:g} s" if timings.get("wall") is not None else ""),
     ]
+    if stats.get("device_check"):
+        lines.append(stats["device_check"])
     if stats.get("two_sided") is not None:
         side = "darker and brighter" if stats["two_sided"] else "darker"
         lines.append(f"Re-painted: {side} tissue ({stats.get('two_sided_from', 'setting')})")
@@ -419,6 +427,9 @@ class DetectionJob:
             runInfo, len(lesions), self.settings.value("threshold_hu"), seconds
         )
         self._log(self.message)
+        note = (runInfo.get("stats") or {}).get("device_check")
+        if note:  # auto on a Mac: whether the Apple GPU passed its self-check
+            self._log(note)
         warning = coverageWarning(runInfo)
         if warning:
             logging.warning("GDPI: %s", warning)

@@ -231,6 +231,11 @@ class DetectionLogic(ResultDisplay):
         :class:`DetectionOutputs`; otherwise returns the running :class:`DetectionJob`.
         ``onEvent`` receives every worker event (``progress``, ``partial``, ...).
         """
+        from .dependencies import numpyTorchProblem
+
+        problem = numpyTorchProblem()  # macOS on Intel: torch for NumPy 1, Slicer's NumPy 2
+        if problem:
+            raise GDPIError(problem)
         job = DetectionJob(
             self, ctNode, liverNode, segmentId, labelValue, settings or DetectionSettings(),
             onEvent, stream, show,
