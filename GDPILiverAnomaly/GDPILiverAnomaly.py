@@ -18,7 +18,7 @@ import slicer
 import vtk
 from GDPILiverAnomalyLib.errors import GDPIError
 from GDPILiverAnomalyLib.method.parameters import PRESETS, choices, help_text, value_range
-from GDPILiverAnomalyLib.slicer_side import dependencies
+from GDPILiverAnomalyLib.slicer_side import dependencies, sample
 from GDPILiverAnomalyLib.slicer_side.display import (
     LESION_TABLE_REFERENCE,
     PSEUDO_HEALTHY_REFERENCE,
@@ -132,41 +132,45 @@ class GDPILiverAnomaly(ScriptedLoadableModule):
 
 
 def registerSampleData():
-    """Offer the synthetic case in the Sample Data module (category GDPI Liver Anomaly)."""
+    """Offer the synthetic case in the Sample Data module (category GDPI Liver Anomaly):
+    files shipped with the module, so ``SampleData.downloadSample("GDPISyntheticLiverCT")``
+    works from the Python console too (it loads a source's files, never a custom
+    downloader); a click in the panel also selects them here."""
     try:
         import SampleData
     except ImportError:  # Sample Data module disabled
         return
-    iconsPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
-    SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category="GDPI Liver Anomaly",
-        sampleName="GDPISyntheticLiverCT",
-        uris="https://localhost/generated-on-click",  # never fetched: see customDownloader
-        fileNames="GDPISyntheticLiverCT.nrrd",
-        nodeNames="GDPI synthetic CT",
-        thumbnailFileName=os.path.join(iconsPath, "GDPILiverAnomaly.png"),
+    import inspect
+
+    register = SampleData.SampleDataLogic.registerCustomSampleDataSource
+    keyword = (
+        "loadFileTypes" if "loadFileTypes" in inspect.signature(register).parameters
+        else "loadFileType"  # Slicer 5.6
+    )  # fmt: skip
+    moduleDir = os.path.dirname(__file__)
+    thumbnail = os.path.join(moduleDir, "Resources", "Icons", "GDPILiverAnomaly.png")
+    register(
+        **sample.sampleDataSource(moduleDir, thumbnail, keyword),
         customDownloader=loadSyntheticSample,
     )
 
 
-def loadSyntheticSample(source=None):
-    """Generate the synthetic CT and liver labelmap and select them in the module."""
-    if "scipy" in dependencies.missingModules():
-        slicer.util.errorDisplay(
-            _("The synthetic case needs scipy: open GDPI Liver Anomaly and click Detect "
-              "once (or Advanced > Install / upgrade) to install the dependencies.")
-        )  # fmt: skip
-        return []
-    logic = slicer.util.getModuleLogic("GDPILiverAnomaly")  # the module's one logic
-    with slicer.util.WaitCursor():
-        ct, liver = logic.loadSyntheticCase()
-    parameterNode = logic.getParameterNode()
+def loadSyntheticSample(source):
+    """The Sample Data panel's click: load the shipped files as the console's
+    ``SampleData.downloadSample`` does, then select them in the module."""
+    import SampleData
+
+    nodes = SampleData.SampleDataLogic().downloadFromSource(source)
+    if len(nodes) != 2 or isinstance(nodes[0], str):
+        slicer.util.errorDisplay(_("Could not load the GDPI sample data (see the log)."))
+        return nodes
+    ct, segmentation = nodes
+    parameterNode = slicer.util.getModuleLogic("GDPILiverAnomaly").getParameterNode()
     parameterNode.inputVolume = ct
-    parameterNode.liverSource = "Labelmap"
-    parameterNode.liverLabelmap = liver
-    parameterNode.liverLabelValue = 0
-    slicer.util.setSliceViewerLayers(background=ct, label=liver, fit=True)
-    return [ct, liver]
+    parameterNode.liverSource = "Segmentation"
+    parameterNode.liverSegmentation = segmentation
+    parameterNode.liverSegmentId = liverSegmentId(segmentation) or ""
+    return nodes
 
 
 #

@@ -98,7 +98,9 @@ def test_a_failed_torch_install_names_the_usual_cause():
     loaded = advice(RuntimeError("pip exited with 1"), torchInvolved=True, torchLoaded=True)
     assert "already loaded" in loaded and "Restart Slicer" in loaded
     windows = advice(
-        PermissionError("[WinError 5] Access is denied: 'C:\\\\S\\\\lib\\\\torch\\\\lib\\\\c10.dll'"),
+        PermissionError(
+            "[WinError 5] Access is denied: 'C:\\\\S\\\\lib\\\\torch\\\\lib\\\\c10.dll'"
+        ),
         torchInvolved=True,
     )
     assert "already loaded" in windows

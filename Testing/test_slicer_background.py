@@ -164,3 +164,50 @@ def test_totalsegmentator_missing_says_what_to_install(tmp_path, monkeypatch):
     assert totalSegmentatorCommand(str(tmp_path), "PythonSlicer.exe", "nt")[1].endswith(
         "TotalSegmentator.exe"
     )
+
+
+# ---- the sample data: SampleData.downloadSample(...) from the console -----------------
+
+
+def test_sample_files_load_through_file_uris_as_sampledata_does(tmp_path):
+    """SampleData.downloadSample copies each source URI into its cache
+    (``urllib.request.urlretrieve``), checks the SHA256 and loads the file by type; the
+    module's sample is two shipped files: the demo's synthetic case (CT to 0.5 HU) and
+    its liver segment."""
+    from GDPILiverAnomalyLib.files.synthetic import synthetic_case
+    from GDPILiverAnomalyLib.slicer_side import sample
+
+    module_dir = Path(__file__).resolve().parents[1] / "GDPILiverAnomaly"
+    source = sample.sampleDataSource(module_dir, None, "loadFileType")  # Slicer 5.6
+    assert source["loadFileType"] == ["VolumeFile", "SegmentationFile"]
+    source = sample.sampleDataSource(module_dir)
+    assert source["sampleName"] == "GDPISyntheticLiverCT"
+    assert len(source["uris"]) == len(source["fileNames"]) == len(source["checksums"]) == 2
+    copies = []
+    for uri, name, checksum in zip(
+        source["uris"], source["fileNames"], source["checksums"], strict=True
+    ):
+        assert uri.startswith("file://")
+        copy = tmp_path / name
+        urllib.request.urlretrieve(uri, copy)  # what SampleDataLogic.downloadFile runs
+        assert checksum == "SHA256:" + hashlib.sha256(copy.read_bytes()).hexdigest()
+        copies.append(copy)
+    scene = slicer.vtkMRMLScene()
+    ct = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", source["nodeNames"][0])
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(copies[0]))
+    assert storage.ReadData(ct)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", source["nodeNames"][1])
+    seg_storage = slicer.vtkMRMLSegmentationStorageNode()
+    seg_storage.SetFileName(str(copies[1]))
+    assert seg_storage.ReadData(segmentation)
+    case = synthetic_case(seed=sample.SEED)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(ct), case.ct, atol=0.5)
+    logic = DetectionLogic(scene, tempRoot=str(tmp_path))
+    from GDPILiverAnomalyLib.slicer_side.display import liverSegmentId
+
+    liver_id = liverSegmentId(segmentation)
+    assert segmentation.GetSegmentation().GetSegment(liver_id).GetName() == "liver"
+    liver = logic._segmentArray(segmentation, [liver_id], ct)
+    np.testing.assert_array_equal(liver, case.liver)
+    assert logic.inputProblem(ct, segmentation, liver_id) is None

@@ -144,7 +144,10 @@ def test_module_cmakelists_lists_every_file():
         f"GDPILiverAnomalyLib/models/{p.name}"
         for p in (MODULE / "GDPILiverAnomalyLib" / "models").iterdir()
     }
-    assert resources == models | {
+    samples = {
+        f"Resources/SampleData/{p.name}" for p in (MODULE / "Resources" / "SampleData").iterdir()
+    }  # the sample data's files (SampleData.downloadSample loads them)
+    assert resources == models | samples | {
         "Resources/Icons/GDPILiverAnomaly.png",
         "Resources/UI/GDPILiverAnomaly.ui",
     }

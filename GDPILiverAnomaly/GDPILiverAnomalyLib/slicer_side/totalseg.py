@@ -280,4 +280,3 @@ def totalSegmentatorInstalled(command: list[str]) -> bool:
     import importlib.util
 
     return Path(command[-1]).exists() and importlib.util.find_spec("totalsegmentator") is not None
-
