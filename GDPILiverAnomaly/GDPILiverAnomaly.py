@@ -622,8 +622,10 @@ class GDPILiverAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.logTextEdit.appendPlainText(event.get("message", ""))
         elif event.get("text"):
             self.ui.logTextEdit.appendPlainText(event["text"])
-        if self._job is not None:
-            self.ui.statusLabel.text = self._job.message
+        liverJob = self._liverJob if self._liverJob is not None and self._liverJob.running else None
+        job = liverJob or self._job
+        if job is not None:
+            self.ui.statusLabel.text = job.message
 
     def _pollJob(self) -> None:
         if self._job is None or self._job.poll():

@@ -156,6 +156,8 @@ class LiverSegmentationJob:
                 self._tail.append(line)
                 self._log(line)
         if code is None:
+            seconds = time.monotonic() - self.startTime
+            self.message = f"TotalSegmentator is segmenting the liver ({seconds:.0f} s)"
             return True
         if code != 0:
             self._fail(failureMessage(code, list(self._tail)))
