@@ -925,6 +925,25 @@ class GDPILiverAnomalyTest(ScriptedLoadableModuleTest):
             self.test_detect_synthetic_case()
         self.setUp()
         self.test_panel_state()
+        self.setUp()
+        self.test_sample_data_from_console()
+
+    def test_sample_data_from_console(self):
+        # SampleData.downloadSample loads a source's files (never a custom downloader):
+        # the module's sample must load from the console too
+        import SampleData
+
+        self.delayDisplay("Sample data: SampleData.downloadSamples from the console")
+        nodes = SampleData.downloadSamples(sample.SAMPLE_NAME)
+        self.assertEqual(len(nodes), 2)
+        ct, segmentation = nodes
+        self.assertEqual(slicer.util.arrayFromVolume(ct).shape, (16, 192, 192))
+        segmentId = liverSegmentId(segmentation)
+        self.assertEqual(segmentation.GetSegmentation().GetSegment(segmentId).GetName(), "liver")
+        self.assertIsNone(
+            DetectionLogic(slicer.mrmlScene).inputProblem(ct, segmentation, segmentId)
+        )
+        self.delayDisplay("Sample data test passed")
 
     def _syntheticNodes(self):
         from GDPILiverAnomalyLib.files.synthetic import synthetic_case
