@@ -934,6 +934,8 @@ class GDPILiverAnomalyTest(ScriptedLoadableModuleTest):
         import SampleData
 
         self.delayDisplay("Sample data: SampleData.downloadSamples from the console")
+        if SampleData.SampleDataLogic().sourceForSampleName(sample.SAMPLE_NAME) is None:
+            registerSampleData()  # ctest may run before startupCompleted registered it
         nodes = SampleData.downloadSamples(sample.SAMPLE_NAME)
         self.assertEqual(len(nodes), 2)
         ct, segmentation = nodes

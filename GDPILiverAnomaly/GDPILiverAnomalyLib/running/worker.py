@@ -82,8 +82,9 @@ class WorkerProcess:
             self.args = [python or default_python(), "-m", "GDPILiverAnomalyLib", *args]
         self.stderr_path = Path(stderr_path) if stderr_path is not None else None
         environment = dict(os.environ if env is None else env)
-        paths = [LIB_PARENT, environment.get("PYTHONPATH", "")]
-        environment["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+        if command is None:  # our package; another program gets the environment as it is
+            paths = [LIB_PARENT, environment.get("PYTHONPATH", "")]
+            environment["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
         environment["PYTHONUNBUFFERED"] = "1"
         self._queue: queue.Queue[dict] = queue.Queue()
         if self.stderr_path is None:
