@@ -34,7 +34,7 @@ STAND_IN = textwrap.dedent(
     import SimpleITK as sitk
     args = sys.argv[1:]
     with open(os.environ["STANDIN_ARGS"], "w") as f:
-        json.dump(args, f)
+        json.dump({"args": args, "weights": os.environ.get("TOTALSEG_WEIGHTS_PATH")}, f)
     print("stand-in: started", flush=True)
     sys.stderr.write("Predicting: 50%\\r")
     sys.stderr.flush()
@@ -100,7 +100,7 @@ def test_totalsegmentator_liver_only_under_the_cts_transform(tmp_path, stand_in)
     segmentation, segment_id = logic.makeLiverSegmentation(
         ct, cpu=True, command=command, onEvent=lambda e: lines.append(e["message"])
     )
-    args = json.loads(record.read_text())
+    args = json.loads(record.read_text())["args"]
     subset = args[args.index("--roi_subset") + 1 :]
     assert subset[0] == "liver" and subset[1].startswith("--"), args  # nothing else asked
     assert "--fast" in args and args[args.index("--device") + 1] == "cpu"
@@ -150,6 +150,44 @@ def test_totalsegmentator_failures_in_plain_words(tmp_path, stand_in, monkeypatc
     with pytest.raises(GDPIError, match=message):
         logic.makeLiverSegmentation(ct, command=command)
     assert _node_ids(scene) == before and not logic._running
+
+
+class _StandInTotalSegmentatorLogic:
+    """Stands in for ``TotalSegmentator.TotalSegmentatorLogic`` (the extension needs a
+    running Slicer): its installer writes the program where pip would, its weights
+    folder is set."""
+
+    def __init__(self, scripts: Path, program: str):
+        self.scripts, self.program = scripts, program
+        self.totalSegmentatorWeightsPath = str(scripts / "weights")
+        self.installs = 0
+
+    def setupPythonRequirements(self, upgrade=False):
+        self.installs += 1
+        (self.scripts / "TotalSegmentator").write_text(self.program)
+
+
+def test_totalsegmentator_first_use_installs_then_runs_the_program(tmp_path, stand_in, monkeypatch):
+    """The default command: PythonSlicer (here this Python) and the TotalSegmentator
+    script of Slicer's Python scripts folder, installed by the extension on first use;
+    its weights folder reaches the program."""
+    import GDPILiverAnomalyLib.slicer_side.totalseg as totalseg
+
+    command, record = stand_in
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    monkeypatch.setattr(totalseg.sysconfig, "get_path", lambda name: str(scripts))
+    extension = _StandInTotalSegmentatorLogic(scripts, Path(command[1]).read_text())
+    scene = slicer.vtkMRMLScene()
+    logic = DetectionLogic(scene, tempRoot=str(tmp_path))
+    ct = _ct_under_transform(scene)
+    segmentation, _ = logic.makeLiverSegmentation(ct, extension)
+    assert extension.installs == 1 and segmentation.GetTransformNodeID() == ct.GetTransformNodeID()
+    called = json.loads(record.read_text())
+    assert called["weights"] == extension.totalSegmentatorWeightsPath
+    assert called["args"][called["args"].index("--device") + 1] == "gpu"  # TS falls back to CPU
+    logic.makeLiverSegmentation(ct, extension)  # installed now: not again
+    assert extension.installs == 1
 
 
 def test_totalsegmentator_missing_says_what_to_install(tmp_path, monkeypatch):

@@ -277,8 +277,6 @@ def totalSegmentatorEnvironment(totalSegmentatorLogic=None) -> dict:
 
 
 def totalSegmentatorInstalled(command: list[str]) -> bool:
-    """True when TotalSegmentator's program is there (the extension installs its Python
-    package on first use)."""
-    import importlib.util
-
-    return Path(command[-1]).exists() and importlib.util.find_spec("totalsegmentator") is not None
+    """True when TotalSegmentator's program is there (pip writes it with the Python
+    package, which the extension installs on first use)."""
+    return Path(command[-1]).exists()
