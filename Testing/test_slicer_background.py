@@ -249,3 +249,15 @@ def test_sample_files_load_through_file_uris_as_sampledata_does(tmp_path):
     liver = logic._segmentArray(segmentation, [liver_id], ct)
     np.testing.assert_array_equal(liver, case.liver)
     assert logic.inputProblem(ct, segmentation, liver_id) is None
+
+
+def test_totalsegmentator_failure_advice():
+    from GDPILiverAnomalyLib.slicer_side.totalseg import failureMessage
+
+    cite = "If you use this tool please cite: https://pubs.rsna.org/doi/10.1148/ryai.230024"
+    assert "Its last messages" in failureMessage(1, [cite, "KeyError: 'liver'"])
+    offline = failureMessage(1, [cite, "requests.exceptions.ConnectionError: Max retries exceeded"])
+    assert "internet connection" in offline
+    assert "open the TotalSegmentator module" in failureMessage(
+        1, ["ModuleNotFoundError: No module named 'nnunetv2'"]
+    )

@@ -60,6 +60,14 @@ def totalSegmentatorArguments(ctPath: str, outputDir: str, cpu: bool) -> list[st
     ]  # fmt: skip
 
 
+#: Lines of a failed download of TotalSegmentator's weights (not a URL in its citation).
+_NETWORK_ERRORS = (
+    "urlopen error", "connectionerror", "connection refused", "connection reset",
+    "max retries exceeded", "name resolution", "failed to establish", "timed out",
+    "ssl", "proxy",
+)  # fmt: skip
+
+
 def failureMessage(code: int, lines: list[str]) -> str:
     """What went wrong, in plain words, from TotalSegmentator's exit status and last
     lines; the lines follow for the details."""
@@ -76,7 +84,7 @@ def failureMessage(code: int, lines: list[str]) -> str:
             "TotalSegmentator module once, click Apply on any CT (it installs what is "
             "missing), then try again."
         )
-    elif any(w in lowered for w in ("urlopen", "connection", "http", "download")):
+    elif any(w in lowered for w in _NETWORK_ERRORS):
         advice = (
             "TotalSegmentator downloads its model the first time it runs and could not: "
             "check the internet connection or proxy, then try again."
