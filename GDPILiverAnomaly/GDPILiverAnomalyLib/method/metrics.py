@@ -57,6 +57,26 @@ def pixel_metrics(
     return result
 
 
+def consecutive_runs(groups: list[tuple[str, int]]) -> list[tuple[str, list[int]]]:
+    """``(case, rows)`` for each run of slices of one case with consecutive slice numbers
+    (``groups[i] = (case, slice number)``), rows in slice order; cases in first-seen order."""
+    by_case: dict[str, list[int]] = {}
+    for i, (case, _) in enumerate(groups):
+        by_case.setdefault(case, []).append(i)
+    out = []
+    for case, rows in by_case.items():
+        rows = sorted(rows, key=lambda i: groups[i][1])
+        current = [rows[0]]
+        for a, b in zip(rows, rows[1:]):
+            if groups[b][1] == groups[a][1] + 1:
+                current.append(b)
+            else:
+                out.append((case, current))
+                current = [b]
+        out.append((case, current))
+    return out
+
+
 def lesion_detection(
     score: np.ndarray,
     truth: np.ndarray,
@@ -73,30 +93,14 @@ def lesion_detection(
 
     truth = np.asarray(truth) > 0
     hit = np.asarray(score) >= threshold
-    by_case: dict[str, list[int]] = {}
-    for i, (case, _) in enumerate(groups):
-        by_case.setdefault(case, []).append(i)
     found, sizes = [], []
-    for rows in by_case.values():
-        rows = sorted(rows, key=lambda i: groups[i][1])
-        # runs of consecutive slice numbers form one volume
-        runs, current = [], [rows[0]]
-        for a, b in zip(rows, rows[1:]):
-            if groups[b][1] == groups[a][1] + 1:
-                current.append(b)
-            else:
-                runs.append(current)
-                current = [b]
-        runs.append(current)
-        for run in runs:
-            labels, n = ndimage.label(truth[run], structure=np.ones((3, 3, 3), bool))
-            if n == 0:
-                continue
-            ids = np.arange(1, n + 1)
-            sizes.extend(ndimage.sum(np.ones_like(labels), labels, ids).astype(int).tolist())
-            found.extend(
-                ndimage.maximum(hit[run].astype(np.uint8), labels, ids).astype(bool).tolist()
-            )
+    for _, run in consecutive_runs(groups):
+        labels, n = ndimage.label(truth[run], structure=np.ones((3, 3, 3), bool))
+        if n == 0:
+            continue
+        ids = np.arange(1, n + 1)
+        sizes.extend(ndimage.sum(np.ones_like(labels), labels, ids).astype(int).tolist())
+        found.extend(ndimage.maximum(hit[run].astype(np.uint8), labels, ids).astype(bool).tolist())
     total = len(found)
     return {
         "lesions": total,
