@@ -206,28 +206,21 @@ def bootstrap_weights(n_scans: int, resamples: int = 1000, seed: int = 0) -> np.
     drawn with replacement, ``n_scans`` per resample; seeded, reproducible)."""
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n_scans, size=(resamples, n_scans))
-    return np.stack([np.bincount(d, minlength=n_scans) for d in draws]).astype(np.float64)
+    counts = [np.bincount(d, minlength=n_scans) for d in draws]
+    return np.stack(counts).astype(np.float64) if counts else np.zeros((0, n_scans))
 
 
 def interval(values: np.ndarray, point: float | None, level: float = 0.95) -> dict:
     """``{"value", "low", "high", "resamples"}``: the point estimate and the percentile
     interval of bootstrap ``values`` (NaN = resample where the figure is undefined,
-    left out). ``low``/``high`` None when fewer than two resamples are usable or they
-    all agree only because there is a single scan (see callers)."""
+    left out); ``low``/``high`` None when fewer than two resamples are usable."""
     values = np.asarray(values, np.float64)
     usable = values[np.isfinite(values)]
     if point is None or len(usable) < 2:
         return {"value": point, "low": None, "high": None, "resamples": int(len(usable))}
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(usable, [tail, 100 - tail])
-    # the interval always holds the estimate (percentile intervals of skewed figures can
-    # miss it by a hair; the point is what is reported)
-    return {
-        "value": point,
-        "low": float(min(low, point)),
-        "high": float(max(high, point)),
-        "resamples": int(len(usable)),
-    }
+    return {"value": point, "low": float(low), "high": float(high), "resamples": int(len(usable))}
 
 
 def _size_table(result: LesionSweep, k: int | None) -> dict:
@@ -357,14 +350,12 @@ def bootstrap_pixel_metrics(
         return out
 
     point = figures(np.ones((1, n_scans)))[0]
-    values = point.reshape(1, 2) if n_scans < 2 else None
-    if n_scans >= 2:
+    values = np.full((1, 2), np.nan)  # one scan, or no resamples: no interval
+    if n_scans >= 2 and resamples > 0:
         weights = bootstrap_weights(n_scans, resamples, seed)
         values = np.concatenate(
             [figures(weights[i : i + chunk]) for i in range(0, resamples, chunk)]
         )
-    else:
-        values = np.full((1, 2), np.nan)
     result = {}
     for i, name in enumerate(("auroc", "ap")):
         value = None if not np.isfinite(point[i]) else float(point[i])
