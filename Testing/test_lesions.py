@@ -143,3 +143,12 @@ def test_pixel_bootstrap_matches_sklearn_and_holds_the_estimate():
     assert few["auroc"]["resamples"] < 100
     single = bootstrap_pixel_metrics(score[:2], truth[:2], scans[:2], resamples=100)
     assert single["auroc"]["low"] is None and single["auroc"]["value"] is not None
+
+
+def test_pixel_bootstrap_uses_every_resample_when_every_scan_has_tumour():
+    rng = np.random.default_rng(2)
+    truth = np.zeros((3, 16, 16), bool)
+    truth[:, 4:8, 4:8] = True
+    score = rng.normal(size=truth.shape) + 2.0 * truth
+    out = bootstrap_pixel_metrics(score, truth, ["a", "b", "c"], resamples=200)
+    assert out["auroc"]["resamples"] == out["ap"]["resamples"] == 200

@@ -312,53 +312,58 @@ def bootstrap_pixel_metrics(
     region: np.ndarray | None = None,
     resamples: int = 1000,
     seed: int = 0,
-    chunk: int = 25,
 ) -> dict:
     """Pixel AUROC and AP with bootstrap intervals over scans: ``score``, ``truth`` and
     ``region`` are ``[N, ...]`` stacks of slices and ``scans[i]`` names the scan of slice
     ``i``; each resample draws scans with replacement and weights their pixels by how
     often they were drawn. The point estimates equal ``sklearn``'s ``roc_auc_score``
-    and ``average_precision_score``. Returns ``{"auroc": interval, "ap": interval}``
-    (:func:`interval`; no interval with a single scan)."""
+    and ``average_precision_score``. Returns ``{"auroc": interval, "ap": interval,
+    "scans"}`` (:func:`interval`; no interval with a single scan).
+
+    Exact and fast: both figures only change at the distinct scores of tumour pixels,
+    so each scan is summarised, at each of those, by its counts of tumour pixels equal
+    to it and at or above it and of other pixels below, equal to and at or above it; a
+    resample is then a weighted sum over scans (one matrix product for all resamples).
+    """
     names, scan_of_slice = np.unique(np.asarray(scans), return_inverse=True)
     score = np.asarray(score, np.float64)
     truth = np.asarray(truth) > 0
     scan_px = np.broadcast_to(scan_of_slice.reshape(-1, *[1] * (score.ndim - 1)), score.shape)
     keep = np.ones(score.shape, bool) if region is None else np.asarray(region) > 0
     s, t, c = score[keep], truth[keep], scan_px[keep]
-    order = np.argsort(-s, kind="stable")
-    s, t, c = s[order], t[order], c[order]
-    ends = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last pixel of each distinct score
-    n_scans = len(names)
-    # cumulative positives and negatives of each scan at each distinct score: [scans, D]
-    tp = np.stack([np.cumsum(t & (c == j))[ends] for j in range(n_scans)]).astype(np.float64)
-    fp = np.stack([np.cumsum(~t & (c == j))[ends] for j in range(n_scans)]).astype(np.float64)
+    levels = np.unique(s[t])  # distinct tumour-pixel scores, ascending
+    counts = {k: np.zeros((len(names), len(levels))) for k in ("pos_eq", "pos_ge", "neg_lt", "neg_eq", "neg_ge")}  # fmt: skip
+    for j in range(len(names)):
+        pos, neg = np.sort(s[t & (c == j)]), np.sort(s[~t & (c == j)])
+        pos_lt, pos_le = (np.searchsorted(pos, levels, side) for side in ("left", "right"))
+        neg_lt, neg_le = (np.searchsorted(neg, levels, side) for side in ("left", "right"))
+        counts["pos_eq"][j], counts["pos_ge"][j] = pos_le - pos_lt, len(pos) - pos_lt
+        counts["neg_lt"][j], counts["neg_eq"][j] = neg_lt, neg_le - neg_lt
+        counts["neg_ge"][j] = len(neg) - neg_lt
+    n_pos = np.array([np.sum(t & (c == j)) for j in range(len(names))], np.float64)
+    n_neg = np.array([np.sum(~t & (c == j)) for j in range(len(names))], np.float64)
 
     def figures(weights: np.ndarray) -> np.ndarray:
         """AUROC and AP of each weight row ``[B, scans]`` -> ``[B, 2]`` (NaN: undefined)."""
-        tps, fps = weights @ tp, weights @ fp
-        pos, neg = tps[:, -1:], fps[:, -1:]
+        w = {k: weights @ v for k, v in counts.items()}
+        pos, neg = weights @ n_pos, weights @ n_neg
         with np.errstate(invalid="ignore", divide="ignore"):
-            tpr = np.concatenate([np.zeros_like(pos), tps], axis=1) / pos
-            fpr = np.concatenate([np.zeros_like(neg), fps], axis=1) / neg
-            auroc = np.sum(np.diff(fpr, axis=1) * (tpr[:, 1:] + tpr[:, :-1]) / 2, axis=1)
-            precision = tps / np.maximum(tps + fps, 1e-300)
-            ap = np.sum(np.diff(tpr, axis=1) * precision, axis=1)
-        bad = (pos[:, 0] == 0) | (neg[:, 0] == 0)
+            # pairs (tumour pixel, other pixel) ordered right, ties half
+            auroc = (w["pos_eq"] * (w["neg_lt"] + 0.5 * w["neg_eq"])).sum(axis=1) / (pos * neg)
+            above = w["pos_ge"] + w["neg_ge"]  # 0 only where no drawn scan reaches the level
+            precision = np.divide(w["pos_ge"], above, out=np.zeros_like(above), where=above > 0)
+            ap = (w["pos_eq"] * precision).sum(axis=1) / pos
         out = np.stack([auroc, ap], axis=1)
-        out[bad] = np.nan
+        out[(pos == 0) | (neg == 0)] = np.nan
         return out
 
-    point = figures(np.ones((1, n_scans)))[0]
+    point = figures(np.ones((1, len(names))))[0]
     values = np.full((1, 2), np.nan)  # one scan, or no resamples: no interval
-    if n_scans >= 2 and resamples > 0:
-        weights = bootstrap_weights(n_scans, resamples, seed)
-        values = np.concatenate(
-            [figures(weights[i : i + chunk]) for i in range(0, resamples, chunk)]
-        )
+    if len(names) >= 2 and resamples > 0:
+        values = figures(bootstrap_weights(len(names), resamples, seed))
     result = {}
     for i, name in enumerate(("auroc", "ap")):
         value = None if not np.isfinite(point[i]) else float(point[i])
         result[name] = interval(values[:, i], value)
-    result["scans"] = int(n_scans)
+    result["scans"] = int(len(names))
     return result
