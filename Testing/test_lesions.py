@@ -60,6 +60,17 @@ def test_sweep_counts_components_lesions_and_false_positives_as_by_hand():
     np.testing.assert_array_equal(sized.found, result.found)
 
 
+def test_thresholds_that_flag_much_of_the_liver_are_not_swept():
+    # at t = -1 every voxel is detected: scan a is one component over all three lesions
+    # (sensitivity 1, no false positive); a detector that flags the liver is no detector
+    loose = sweep(_two_scans(), thresholds=[25, -1], max_liver_fraction=None)
+    assert loose.curve()[1].tolist() == [2 / 3, 1.0] and loose.fp[1].tolist() == [0, 1]
+    capped = sweep(_two_scans(), thresholds=[25, -1])  # default: at most 10 % of the liver
+    assert capped.thresholds.tolist() == [25]
+    figures = lesion_figures(_two_scans(), resamples=10, max_liver_fraction=0.05)
+    assert figures["curve"]["threshold"][-1] >= 12  # 6.4 % of the liver scores > 0
+
+
 def test_froc_points_mean_and_size_classes_match_the_hand_count():
     figures = lesion_figures(_two_scans(), resamples=200)
     assert figures["scans"] == 2 and figures["lesions"] == 3

@@ -11,7 +11,10 @@ two components is found once); a detected component that overlaps no lesion is a
 false-positive components per scan, over thresholds; the sensitivity at a false-positive
 rate ``r`` is the highest sensitivity of any swept threshold with at most ``r`` false
 positives per scan (no interpolation), and the mean over :data:`FROC_RATES` is the
-competition performance metric of LUNA16 (Setio et al. 2017).
+competition performance metric of LUNA16 (Setio et al. 2017). Thresholds that more
+than :data:`MAX_LIVER_FRACTION` of the liver voxels exceed are not swept: there the
+components merge into a few over most of the liver, which would "find" every lesion
+with hardly a false positive.
 
 Confidence intervals resample *scans* (patients) with replacement (percentile
 intervals, fixed seed): lesions and pixels of one scan stay together.
@@ -34,6 +37,8 @@ REPORTED_RATES = (0.5, 1.0, 2.0, 4.0)
 SIZE_CLASSES = (("<1 mL", 0.0, 1.0), ("1-10 mL", 1.0, 10.0), (">10 mL", 10.0, np.inf))
 #: The rate at which the sensitivity per size class is reported.
 SIZE_RATE = 1.0
+#: Thresholds that more than this fraction of the liver voxels exceed are not swept.
+MAX_LIVER_FRACTION = 0.1
 _CONNECTIVITY = np.ones((3, 3, 3), bool)
 
 
@@ -123,13 +128,18 @@ def sweep(
     thresholds: np.ndarray | None = None,
     levels: int = 40,
     min_voxels: int = 0,
+    max_liver_fraction: float | None = MAX_LIVER_FRACTION,
 ) -> LesionSweep:
     """Detected components, false positives and found lesions at every threshold.
 
     Default thresholds: just below each lesion's maximum liver score (where the
-    sensitivity steps) and ``levels`` quantiles of the liver scores (from the level above
-    which half the liver lies to the one above which 1 in 10,000 voxels lies), plus the
-    maximum (nothing detected). Each threshold labels the liver's bounding box once
+    sensitivity steps) and ``levels`` quantiles of the liver scores (from the level that
+    ``max_liver_fraction`` of the liver voxels exceed to the one that 1 in 10,000
+    exceed), plus the maximum (nothing detected). Thresholds that more than
+    ``max_liver_fraction`` of the liver voxels (all volumes pooled) exceed are left out,
+    given or not (None: none left out): there the components merge into a few that
+    cover most of the liver, which would "find" every lesion with hardly a false
+    positive. Each threshold labels the liver's bounding box once
     (``scipy.ndimage.label``): a few milliseconds per threshold on a model-grid volume.
     ``min_voxels`` > 0 drops smaller components (they neither find nor count as false).
     """
@@ -147,19 +157,22 @@ def sweep(
         inside = labels[box]
         np.maximum.at(lesion_max, inside.ravel(), score.ravel())
         prepared.append((v, score, inside, n, sizes, lesion_max[1:]))
+    liver_scores = np.concatenate([s[np.isfinite(s)] for _, s, *_ in prepared] or [[]])
+    cap = 1.0 if max_liver_fraction is None else float(max_liver_fraction)
     if thresholds is None:
-        liver_scores = np.concatenate([s[np.isfinite(s)] for _, s, *_ in prepared] or [[]])
         finite_max = [m[np.isfinite(m)] for *_, m in prepared]
         candidates = [np.nextafter(np.concatenate(finite_max or [[]]), -np.inf)]
         if len(liver_scores):
-            q = 1.0 - np.geomspace(0.5, 1e-4, levels)
+            q = 1.0 - np.geomspace(min(cap, 0.5), 1e-4, levels)
             candidates += [np.quantile(liver_scores, q), [liver_scores.max()]]
-        thresholds = np.concatenate(candidates) if candidates else np.zeros(0)
-        if not len(thresholds):
-            thresholds = np.zeros(1)
-        thresholds = np.unique(thresholds)[::-1]
-    else:
-        thresholds = np.unique(np.asarray(thresholds, np.float64))[::-1]
+        thresholds = np.concatenate(candidates)
+    thresholds = np.unique(np.asarray(thresholds, np.float64))[::-1]
+    if len(liver_scores) and cap < 1.0:
+        ranked = np.sort(liver_scores)  # fraction of liver voxels above each threshold
+        above = 1.0 - np.searchsorted(ranked, thresholds, side="right") / len(ranked)
+        thresholds = thresholds[above <= cap]
+    if not len(thresholds):
+        thresholds = np.array([liver_scores.max() if len(liver_scores) else 0.0])
     k_count = len(thresholds)
     fp = np.zeros((k_count, len(scans)), np.int64)
     components = np.zeros(k_count, np.int64)
@@ -243,6 +256,7 @@ def lesion_figures(
     seed: int = 0,
     curve_points: int = 200,
     min_voxels: int = 0,
+    max_liver_fraction: float | None = MAX_LIVER_FRACTION,
 ) -> dict:
     """Every lesion-level figure of a set of scans (JSON-ready).
 
@@ -252,12 +266,13 @@ def lesion_figures(
     ``by_size``: lesions found per size class at :data:`SIZE_RATE` false positives per
     scan; ``curve``: the FROC curve (thinned to about ``curve_points`` thresholds).
     """
-    result = sweep(volumes, min_voxels=min_voxels)
+    result = sweep(volumes, min_voxels=min_voxels, max_liver_fraction=max_liver_fraction)
     fp_rate, sens = result.curve()
     figures: dict = {
         "scans": len(result.scans),
         "lesions": int(len(result.lesion_scan)),
         "min_voxels": min_voxels,
+        "max_liver_fraction": max_liver_fraction,
         "rule": "3-D components (26-conn.) of score > t in the liver; a lesion is found when "
         "a component overlaps it; a component overlapping no lesion is a false positive",
     }
