@@ -4,7 +4,8 @@ For each ``gdpi detect`` output folder and the reference label map of its CT, th
 lesions of the lesion table (3-D components, 26-connectivity, of score > threshold) at
 each ``--thresholds`` value are split into true (overlapping a voxel of ``--label`` in
 the reference) and false, and each candidate score ranks them: AUC of true against
-false components, pooled over the cases, with a bootstrap interval over cases.
+false components, pooled over the cases, with a 95 % interval from a stratified
+bootstrap over components (true and false ones resampled apart, seed 0).
 
     python bench/lesion_score.py --case DET_FOLDER SEG [--case ...] --json out.json
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from GDPILiverAnomalyLib.method.lesions import bootstrap_weights, interval
+from GDPILiverAnomalyLib.method.lesions import interval
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
@@ -50,16 +51,25 @@ def components(score: np.ndarray, truth: np.ndarray, threshold: float, voxel_ml:
     }
 
 
-def auc(parts: list[dict], name: str, weights: np.ndarray | None = None) -> float:
-    """AUC of true vs false components over cases (``weights``: times each case counts)."""
-    w = np.ones(len(parts)) if weights is None else weights
-    s = np.concatenate([p[name] for p in parts])
-    t = np.concatenate([p["true"] for p in parts])
-    sw = np.concatenate([np.full(len(p["true"]), wi) for p, wi in zip(parts, w, strict=True)])
-    keep = sw > 0
-    if t[keep].all() or not t[keep].any():
+def auc(scores: np.ndarray, true: np.ndarray) -> float:
+    """AUC of true vs false components (NaN without both)."""
+    if true.all() or not true.any():
         return float("nan")
-    return float(roc_auc_score(t[keep], s[keep], sample_weight=sw[keep]))
+    return float(roc_auc_score(true, scores))
+
+
+def bootstrap_auc(scores: np.ndarray, true: np.ndarray, resamples: int) -> np.ndarray:
+    """AUC of ``resamples`` stratified bootstrap resamples of the components (true and
+    false ones each drawn with replacement; seed 0)."""
+    rng = np.random.default_rng(0)
+    pos, neg = np.flatnonzero(true), np.flatnonzero(~true)
+    if not len(pos) or not len(neg):
+        return np.full(resamples, np.nan)
+    out = np.empty(resamples)
+    for b in range(resamples):
+        pick = np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]
+        out[b] = auc(scores[pick], true[pick])
+    return out
 
 
 def _text(ci: dict) -> str:
@@ -88,14 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     result = {"cases": [c[0] for c in cases], "thresholds": {}}
     for threshold in args.thresholds:
         parts = [components(s, t, threshold, ml) for _, s, t, ml in cases]
-        weights = bootstrap_weights(len(parts), args.resamples, seed=0)
-        row = {
-            "true": int(sum(p["true"].sum() for p in parts)),
-            "false": int(sum((~p["true"]).sum() for p in parts)),
-        }
+        true = np.concatenate([p["true"] for p in parts])
+        row = {"true": int(true.sum()), "false": int((~true).sum())}
         for name in CANDIDATES:
-            boot = np.array([auc(parts, name, w) for w in weights])
-            point = auc(parts, name)
+            values = np.concatenate([p[name] for p in parts])
+            point = auc(values, true)
+            boot = bootstrap_auc(values, true, args.resamples)
             row[name] = interval(boot, point if np.isfinite(point) else None)
         result["thresholds"][str(threshold)] = row
         cells = "  ".join(f"{n} {_text(row[n])}" for n in CANDIDATES)

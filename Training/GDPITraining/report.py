@@ -217,6 +217,8 @@ def froc_png(path: Path, curves: dict[str, dict], title: str = "FROC, liver") ->
     for rate in (0.125, 0.25, 0.5, 1, 2, 4, 8):
         ax.axvline(rate, color="0.85", lw=0.6, zorder=0)
     ax.set_xscale("log", base=2)
+    ax.set_xticks([0.125, 0.25, 0.5, 1, 2, 4, 8], ["1/8", "1/4", "1/2", "1", "2", "4", "8"])
+    ax.minorticks_off()
     ax.set(xlim=(1 / 16, 16), ylim=(0, 1.01), title=title,
            xlabel="false-positive components per case", ylabel="lesion sensitivity")  # fmt: skip
     ax.legend(fontsize=7, loc="lower right")
