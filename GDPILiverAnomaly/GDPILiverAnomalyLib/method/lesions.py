@@ -27,8 +27,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .metrics import consecutive_runs
-
 #: The false-positive rates (per scan) of the FROC score (LUNA16's seven points).
 FROC_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 #: The rates whose sensitivity is reported on its own.
@@ -40,6 +38,26 @@ SIZE_RATE = 1.0
 #: Thresholds that more than this fraction of the liver voxels exceed are not swept.
 MAX_LIVER_FRACTION = 0.1
 _CONNECTIVITY = np.ones((3, 3, 3), bool)
+
+
+def consecutive_runs(groups: list[tuple[str, int]]) -> list[tuple[str, list[int]]]:
+    """``(case, rows)`` for each run of slices of one case with consecutive slice numbers
+    (``groups[i] = (case, slice number)``), rows in slice order; cases in first-seen order."""
+    by_case: dict[str, list[int]] = {}
+    for i, (case, _) in enumerate(groups):
+        by_case.setdefault(case, []).append(i)
+    out = []
+    for case, rows in by_case.items():
+        rows = sorted(rows, key=lambda i: groups[i][1])
+        current = [rows[0]]
+        for a, b in zip(rows, rows[1:]):
+            if groups[b][1] == groups[a][1] + 1:
+                current.append(b)
+            else:
+                out.append((case, current))
+                current = [b]
+        out.append((case, current))
+    return out
 
 
 @dataclass

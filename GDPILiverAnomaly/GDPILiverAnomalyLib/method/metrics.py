@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
+from .lesions import consecutive_runs
+
 
 def pixel_metrics(
     score: np.ndarray,
@@ -55,26 +57,6 @@ def pixel_metrics(
         rec_t, prec_t = thin(recall, precision)
         result["curves"] = {"fpr": fpr_t, "tpr": tpr_t, "recall": rec_t, "precision": prec_t}
     return result
-
-
-def consecutive_runs(groups: list[tuple[str, int]]) -> list[tuple[str, list[int]]]:
-    """``(case, rows)`` for each run of slices of one case with consecutive slice numbers
-    (``groups[i] = (case, slice number)``), rows in slice order; cases in first-seen order."""
-    by_case: dict[str, list[int]] = {}
-    for i, (case, _) in enumerate(groups):
-        by_case.setdefault(case, []).append(i)
-    out = []
-    for case, rows in by_case.items():
-        rows = sorted(rows, key=lambda i: groups[i][1])
-        current = [rows[0]]
-        for a, b in zip(rows, rows[1:]):
-            if groups[b][1] == groups[a][1] + 1:
-                current.append(b)
-            else:
-                out.append((case, current))
-                current = [b]
-        out.append((case, current))
-    return out
 
 
 def lesion_detection(
