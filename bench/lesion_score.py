@@ -33,7 +33,7 @@ def components(score: np.ndarray, truth: np.ndarray, threshold: float, voxel_ml:
     """Candidate scores and truth (overlaps the reference) of each component."""
     labels, n = ndimage.label(score > threshold, structure=np.ones((3, 3, 3), bool))
     if n == 0:
-        return {c: np.zeros(0) for c in (*CANDIDATES, "true")}
+        return {**{c: np.zeros(0) for c in CANDIDATES}, "true": np.zeros(0, bool)}
     k = labels[labels > 0]
     values = score[labels > 0].astype(np.float64)
     voxels = np.bincount(k, minlength=n + 1)[1:]
