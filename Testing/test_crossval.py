@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO, shared
 
 
@@ -60,10 +61,25 @@ def test_cross_validation_script_end_to_end(tmp_path):
     assert pooled["gdpi (auto)"] == pooled["gdpi-one-sided"]
     for figures in pooled.values():
         assert 0 <= figures["auroc"] <= 1 and figures["lesions"] == 3  # 2 + 1 real tumours
+        lesion = figures["lesion_level"]
+        assert lesion["lesions"] == 3 and lesion["scans"] == 2
+        mean = lesion["froc"]["mean"]  # pooled: an interval over the two patients
+        assert mean["low"] <= mean["value"] <= mean["high"]
+        assert lesion["pixel_bootstrap"]["auroc"]["value"] == pytest.approx(figures["auroc"])
+    # one fold: one patient, no interval
+    assert real["hcc_0697"]["darkness"]["lesion_level"]["froc"]["mean"]["low"] is None
+    synth = table["tiny"]["synth"]["pooled"]["darkness"]["lesion_level"]
+    assert synth["scans"] == 2 and synth["froc"] is not None
     curve = tmp_path / "curve.png"
     assert main(["--runs", str(runs), "--out", str(tmp_path / "table.md"), "--curve", str(curve),
-                 "--seconds-per-nfe", "0.2", "--fixed-seconds", "3"]) == 0  # fmt: skip
-    assert "Real tumours, pooled over folds" in (tmp_path / "table.md").read_text()
+                 "--seconds-per-nfe", "0.2", "--fixed-seconds", "3",
+                 "--froc", str(tmp_path / "froc.png")]) == 0  # fmt: skip
+    text = (tmp_path / "table.md").read_text()
+    assert "Real tumours, pooled over folds" in text
+    assert "Synthetic tumours, lesion level, pooled over folds" in text
+    assert "| tiny · darkness | 3 |" in text
+    for which in ("real", "synth"):
+        assert (tmp_path / f"froc_{which}.png").read_bytes()[:4] == b"\x89PNG"
     assert curve.stat().st_size > 10_000 and curve.read_bytes()[:4] == b"\x89PNG"
     assert schedules(runs)["tiny"] == {"sampler": "repaint", "steps": 4, "jump_length": 1,
                                        "jump_n_sample": 1, "nfe": 4}  # fmt: skip

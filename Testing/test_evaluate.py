@@ -264,13 +264,27 @@ def test_gdpi_evaluate_end_to_end_writes_every_table_json_and_figure(
             assert 0 <= r[pool]["healthy_fp_fraction"] <= 1
         assert r["slice_auroc"] is not None and r["normal_bias"] is not None
     assert report["methods"]["gdpi"]["nfe"] > 0
+    # lesion level: FROC points with intervals over cases, size classes in mL of the grid
+    for r in report["methods"].values():
+        lesion = r["lesion_level"]
+        assert lesion["scans"] == len(report["test_set"]["cases"]) == 1
+        assert lesion["lesions"] == r["liver"]["lesions"]["lesions"]
+        for rate in ("0.125", "0.5", "1.0", "2.0", "4.0", "8.0", "mean"):
+            ci = lesion["froc"][rate]  # one case: no interval over cases
+            assert 0 <= ci["value"] <= 1 and ci["low"] is None and ci["high"] is None
+        assert sum(c["lesions"] for c in lesion["by_size"].values()) == lesion["lesions"]
+        assert "size unknown" not in lesion["by_size"]  # the store's grid is 7 mm
+        pixel = lesion["pixel_bootstrap"]
+        assert pixel["auroc"]["value"] == pytest.approx(r["liver"]["auroc"])
+        assert pixel["ap"]["value"] == pytest.approx(r["liver"]["ap"])
     assert report["config"]["steps"] == 6
     md = (out / "results.md").read_text()
     assert md.startswith("# tiny")
-    for heading in ("Pixels pooled: liver", "Pixels pooled: slice", "Table I/II", "Table III"):
+    for heading in ("Pixels pooled: liver", "Pixels pooled: slice", "Table I/II", "Table III",
+                    "Lesion level (liver)"):  # fmt: skip
         assert heading in md
     assert "| GDPI |" in md and "| AE |" in md
-    for png in ("roc_liver.png", "pr_liver.png", "roc_slice.png", "pr_slice.png"):
+    for png in ("roc_liver.png", "pr_liver.png", "roc_slice.png", "pr_slice.png", "froc_liver.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     panels = sorted((out / "qualitative").glob("*.png"))
     assert len(panels) == 2

@@ -24,7 +24,7 @@ TORCH_FREE_MODULES = (
     "errors", "method.parameters", "method.schedule", "files.outputs", "running.worker",
     "slicer_side.dependencies", "slicer_side.settings", "files.cases", "files.volumes",
     "method.ame", "method.grid", "method.scoring", "files.synthetic", "running.progress",
-    "method.phase", "method.calibration",
+    "method.phase", "method.calibration", "method.lesions",
 )  # fmt: skip
 #: Tests that need neither torch nor slicer.
 TORCH_FREE_TESTS = (

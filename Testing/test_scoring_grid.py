@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from GDPILiverAnomalyLib.method.grid import InputGrid, PlaneMapping
-from GDPILiverAnomalyLib.method.scoring import anomaly_mask, find_lesions, median_filter_slices
+from GDPILiverAnomalyLib.method.scoring import (
+    anomaly_mask,
+    find_lesions,
+    lesion_labels,
+    median_filter_slices,
+)
 
 
 def test_lesion_list_from_a_constructed_mask():
@@ -18,6 +23,7 @@ def test_lesion_list_from_a_constructed_mask():
     assert [les.voxels for les in lesions] == [48, 1]
     a, b = lesions
     assert a.id == 1 and b.id == 2
+    assert (a.lesion_score, b.lesion_score) == (55.0, 25.0)  # the maximum score
     assert a.volume_ml == pytest.approx(48 * 0.5 * 0.5 * 2 / 1000)
     assert a.max_score_hu == 55.0
     assert a.mean_score_hu == pytest.approx((47 * 30 + 55) / 48, abs=1e-3)
@@ -27,6 +33,20 @@ def test_lesion_list_from_a_constructed_mask():
     )
     assert (a.slice_first, a.slice_last) == (2, 4)
     assert (b.slice_first, b.slice_last) == (7, 7)
+
+
+def test_lesions_are_ranked_by_lesion_score_not_size():
+    ref = sitk.Image(12, 12, 4, sitk.sitkFloat32)
+    score = np.zeros((4, 12, 12), np.float32)
+    score[0:3, 1:6, 1:6] = 22.0  # large and faint: 75 voxels, maximum 22
+    score[1, 9, 9] = 40.0  # small and bright: one voxel
+    score[3, 9, 1:3] = 40.0  # as bright, two voxels: ties go to the larger
+    lesions = find_lesions(anomaly_mask(score, 20.0), score, ref)
+    assert [(x.id, x.voxels, x.lesion_score) for x in lesions] == [
+        (1, 2, 40.0), (2, 1, 40.0), (3, 75, 22.0)
+    ]  # fmt: skip
+    labels, n = lesion_labels(anomaly_mask(score, 20.0), score)
+    assert n == 3 and labels[1, 9, 9] == 2 and labels[0, 2, 2] == 3  # ids = table rows
 
 
 def test_diagonal_neighbours_join_one_lesion():

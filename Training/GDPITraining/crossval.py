@@ -6,9 +6,12 @@ that ``Training/crossval/run.sh`` writes (``RUNS/eval/<row>/<fold>/{real,synth}`
 For every evaluated row (a model recipe, optionally with a tag for other settings) and
 method it pools the saved scores of all folds (each fold's model only ever scores its
 own patient) and computes, on real and on synthetic tumours: pixel AUROC, AP and best
-Dice over liver pixels, lesions found at the best-Dice threshold, slice AUROC, and the
-normal-liver bias (mean score over the liver pixels of healthy slices, HU). Derived
-rows, from the same saved scores:
+Dice over liver pixels, lesions found at the best-Dice threshold, slice AUROC, the
+normal-liver bias (mean score over the liver pixels of healthy slices, HU), and the
+lesion-level figures (FROC: sensitivity at 0.5, 1, 2, 4 false-positive components per
+case, FROC score, sensitivity per lesion size; pooled: with bootstrap intervals over
+cases, as are the pixel AUROC and AP; ``--froc`` plots the curves). Derived rows,
+from the same saved scores:
 
 - ``gdpi (auto)``: per patient the one-sided or two-sided run, as the automatic AME
   side of ``gdpi detect`` picks it (contrast phase, ``phase.py``); identical to running
@@ -28,9 +31,11 @@ import numpy as np
 from GDPILiverAnomalyLib.method.metrics import lesion_detection, pixel_metrics, slice_auroc
 from GDPILiverAnomalyLib.method.scoring import smooth_across_slices
 
-from .evaluate import case_phases, load_test_set, slice_positions_mm
+from .evaluate import case_phases, lesion_level, load_test_set, slice_positions_mm
+from .report import LESION_NOTE, froc_png, lesion_table
 
 SETS = ("real", "synth")
+RESAMPLES = 1000  # bootstrap resamples over cases of the pooled figures (seed 0)
 DEPTH_SIGMAS_MM = (2.5, 5.0)
 
 
@@ -74,8 +79,10 @@ def _with_derived(test, scores: dict) -> dict:
     return out
 
 
-def metrics(score: np.ndarray, test) -> dict:
-    """The figures of one score stack on one (pooled) test set."""
+def metrics(score: np.ndarray, test, resamples: int = 0) -> dict:
+    """The figures of one score stack on one (pooled) test set; ``lesion_level``: the
+    FROC figures (``evaluate.lesion_level``), with bootstrap intervals over cases when
+    ``resamples`` > 0."""
     liver = test.liver > 0
     truth = test.tumour > 0
     pixel = pixel_metrics(score, truth, liver)
@@ -91,6 +98,7 @@ def metrics(score: np.ndarray, test) -> dict:
         "lesions": lesions.get("lesions"),
         "slice_auroc": slice_auroc(slice_scores, test.abnormal),
         "normal_bias_hu": float(score[healthy][liver[healthy]].mean()) if healthy.any() else None,
+        "lesion_level": lesion_level(score, test, resamples),
     }
 
 
@@ -102,6 +110,10 @@ class _Pooled:
         self.tumour = np.concatenate([t.tumour for t in tests])
         self.abnormal = np.concatenate([t.abnormal for t in tests])
         self.groups = [g for t in tests for g in t.groups]
+        self._voxel_ml = {case: ml for t in tests for case, ml in t.voxel_ml().items()}
+
+    def voxel_ml(self) -> dict:
+        return self._voxel_ml
 
 
 def summarize(runs: str | Path) -> dict:
@@ -129,7 +141,9 @@ def summarize(runs: str | Path) -> dict:
                         nfe_info[m] = nfe[m] and round(nfe[m] / max(1, len(test.index)), 1)
             pooled = _Pooled(tests)
             common = [m for m, parts in stacks.items() if len(parts) == len(folds)]
-            per_fold["pooled"] = {m: metrics(np.concatenate(stacks[m]), pooled) for m in common}
+            per_fold["pooled"] = {
+                m: metrics(np.concatenate(stacks[m]), pooled, RESAMPLES) for m in common
+            }
             row[which] = per_fold
         table[row_dir.name] = row
     return table
@@ -155,6 +169,11 @@ def markdown(table: dict) -> str:
                     f"{_pct(m['best_dice'])} | {found} | {_pct(m['slice_auroc'])} | {bias} |"
                 )
         lines.append("")
+        lines += [f"### {title}, lesion level, pooled over folds", ""]
+        lines += lesion_table({f"{row} · {method}": m["lesion_level"]
+                               for row, sets in table.items()
+                               for method, m in sets.get(which, {}).get("pooled", {}).items()})  # fmt: skip
+        lines += ["", LESION_NOTE, ""]
         lines += [f"### {title}, per fold (AUROC / AP / best Dice)", ""]
         for row, sets in table.items():
             folds = [f for f in sets.get(which, {}) if f != "pooled"]
@@ -253,6 +272,25 @@ def plot_curve(table: dict, runs: str | Path, path: str | Path, seconds_per_nfe:
     plt.close(fig)
 
 
+def plot_froc(table: dict, path: str | Path, methods: list[str]) -> list[Path]:
+    """The pooled FROC of ``methods`` of every row, one figure per tumour set:
+    ``<path stem>_real.png`` and ``<path stem>_synth.png``; returns the files written."""
+    path = Path(path)
+    written = []
+    for which, title in (("real", "real tumours"), ("synth", "synthetic tumours")):
+        curves = {
+            f"{row} · {method}": sets[which]["pooled"][method]["lesion_level"]
+            for row, sets in table.items()
+            for method in methods
+            if method in sets.get(which, {}).get("pooled", {})
+        }
+        if curves:
+            out = path.with_name(f"{path.stem}_{which}{path.suffix or '.png'}")
+            froc_png(out, curves, f"FROC, {title}, pooled over folds")
+            written.append(out)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m GDPITraining.crossval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -267,8 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--fixed-seconds", type=float, default=0.0,
                    help="--curve: seconds per CT besides the network (bench_detect)")  # fmt: skip
+    p.add_argument("--froc", help="also plot the pooled FROC into PATH_real.png and PATH_synth.png")
+    p.add_argument("--froc-methods", default="gdpi,gdpi (auto) + 3-D σ=5,darkness",
+                   help="--froc: comma-separated methods (derived names included)")  # fmt: skip
     args = p.parse_args(argv)
     table = summarize(args.runs)
+    if args.froc:
+        plot_froc(table, args.froc, args.froc_methods.split(","))
     if args.curve:
         plot_curve(table, args.runs, args.curve, args.seconds_per_nfe, args.fixed_seconds)
     text = markdown(table)

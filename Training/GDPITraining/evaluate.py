@@ -32,7 +32,12 @@ evaluated slice, as MedIAnomaly pools whole images); pixel AUROC, AP, best Dice 
 F1 at the exact F1-optimal threshold) and that threshold; per-lesion detection rate at
 that threshold; slice-level AUROC (slice score = maximum over its liver pixels);
 normal-image bias (Table III: mean score over the liver pixels of healthy slices) and
-the fraction of healthy liver pixels at or above the threshold.
+the fraction of healthy liver pixels at or above the threshold. Lesion level
+(``GDPILiverAnomalyLib.method.lesions``, liver pixels): the FROC of the 3-D components of
+``score > t`` (lesion sensitivity against false-positive components per case), its
+sensitivity at 0.5, 1, 2, 4 false positives per case, the FROC score (mean over 1/8 to
+8), the sensitivity per lesion size, and bootstrap intervals over cases for those and
+for the liver-pixel AUROC and AP.
 """
 
 from __future__ import annotations
@@ -50,6 +55,11 @@ import torch
 from GDPILiverAnomalyLib.errors import GDPIError, InputError, ParameterError
 from GDPILiverAnomalyLib.method.ame import adaptive_mask
 from GDPILiverAnomalyLib.method.calibration import reference_patches, remove_bias
+from GDPILiverAnomalyLib.method.lesions import (
+    bootstrap_pixel_metrics,
+    lesion_figures,
+    volumes_from_slices,
+)
 from GDPILiverAnomalyLib.method.metrics import lesion_detection, pixel_metrics, slice_auroc
 from GDPILiverAnomalyLib.method.parameters import DetectionParams, default_batch_size
 from GDPILiverAnomalyLib.method.repaint import slice_seeds
@@ -84,6 +94,18 @@ class TestSet:
     groups: list[tuple[str, int]]  # (case, slice number)
     ame_dark: np.ndarray | None = None  # AME margins from the CT's pixels (store), HU
     ame_bright: np.ndarray | None = None
+
+    def voxel_ml(self) -> dict[str, float | None]:
+        """Volume of one model-grid voxel of each case (mL): grid spacing squared times
+        the case's slice spacing; None on grids without a fixed spacing."""
+        step = (self.store.info.get("grid") or {}).get("spacing_mm")
+        rows = {s["case"]: s for s in self.store.slices}
+        return {
+            case: None
+            if step is None
+            else float(step) ** 2 * float(rows[case]["spacing_z_mm"]) / 1000
+            for case in {g[0] for g in self.groups}
+        }
 
     def describe(self) -> dict:
         cases = sorted({g[0] for g in self.groups})
@@ -464,11 +486,26 @@ def reuse_scores(report: Path, name: str, test: TestSet) -> MethodOutput:
     )
 
 
+def lesion_level(score: np.ndarray, test, resamples: int = 1000) -> dict:
+    """Lesion-level figures of a score stack (``lesions.lesion_figures``: FROC, its
+    points and size classes, bootstrap intervals over cases) and the liver-pixel AUROC
+    and AP with their bootstrap intervals (``pixel_bootstrap``). ``test``: a
+    :class:`TestSet` or anything with ``liver``, ``tumour``, ``groups`` and ``voxel_ml()``."""
+    volumes = volumes_from_slices(score, test.liver, test.tumour, test.groups, test.voxel_ml())
+    figures = lesion_figures(volumes, resamples=resamples)
+    cases = [g[0] for g in test.groups]
+    figures["pixel_bootstrap"] = bootstrap_pixel_metrics(
+        score, test.tumour, cases, test.liver, resamples=resamples
+    )
+    return figures
+
+
 def method_metrics(out: MethodOutput, test: TestSet) -> dict:
     """Every figure of one method (see the module docstring)."""
     liver = test.liver > 0
     truth = test.tumour > 0
     result: dict = {"units": out.units, "seconds": round(out.seconds, 2), "nfe": out.nfe}
+    result["lesion_level"] = lesion_level(out.score, test)
     for pool in POOLS:
         region = liver if pool == "liver" else None
         pixel = pixel_metrics(out.score, truth, region, curve_points=200)
@@ -585,9 +622,12 @@ def evaluate(config: EvaluateConfig, log=print) -> dict:
         outputs[spec.name] = output
         results[spec.name] = method_metrics(output, test)
         r = results[spec.name]["liver"]
+        froc = results[spec.name]["lesion_level"]["froc"]
         log(
             f"{DISPLAY[spec.name]}: AUROC {r['auroc']:.4f} AP {r['ap']:.4f} "
-            f"Dice {r['best_dice']:.4f} ({output.seconds:.1f} s, {output.nfe} NFE)"
+            f"Dice {r['best_dice']:.4f}"
+            + ("" if froc is None else f" FROC score {froc['mean']['value']:.4f}")
+            + f" ({output.seconds:.1f} s, {output.nfe} NFE)"
         )
     device = resolve_device(config.device)
     report = {

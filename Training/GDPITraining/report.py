@@ -4,7 +4,8 @@
   Table I/II (AE, VAE, DAE, GDPI), Table III (normal-image bias), Table IV (ablations).
   AUC, AP and DICE are percentages, as in the paper.
 - ``results.json``: every figure, the configuration, the test set, versions, hardware.
-- ``roc_liver.png``, ``pr_liver.png``, ``roc_slice.png``, ``pr_slice.png``.
+- ``roc_liver.png``, ``pr_liver.png``, ``roc_slice.png``, ``pr_slice.png``,
+  ``froc_liver.png`` (lesion sensitivity against false-positive components per case).
 - ``qualitative/slice-*.png``: input, reference, and per method its reconstruction,
   score and heatmap over the input (the layout of the paper's Figures 6 to 9).
 - ``scores/<method>.npz``: score (and reconstruction) of every evaluated slice, with
@@ -26,6 +27,51 @@ SCORE_DISPLAY_HU = (0.0, 50.0)
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _ci(figure: dict | None, scale: float = 100.0) -> str:
+    """``value [low, high]`` of a bootstrap interval (``lesions.interval``), in percent."""
+    if figure is None or figure.get("value") is None:
+        return "-"
+    text = f"{scale * figure['value']:.1f}"
+    if figure.get("low") is not None:
+        text += f" [{scale * figure['low']:.1f}, {scale * figure['high']:.1f}]"
+    return text
+
+
+def lesion_table(rows: dict[str, dict]) -> list[str]:
+    """Markdown lines of the lesion-level table: one row per ``name -> lesion_level``
+    figures (``evaluate.lesion_level``)."""
+    lines = [
+        "| method | lesions | sens. @0.5 FP | @1 FP | @2 FP | @4 FP | FROC score | "
+        "<1 mL | 1-10 mL | >10 mL | pixel AUROC | pixel AP |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, f in rows.items():
+        froc = f.get("froc") or {}
+        sizes = f.get("by_size") or {}
+        cells = [str(f["lesions"])]
+        cells += [_ci(froc.get(r)) for r in ("0.5", "1.0", "2.0", "4.0")]
+        cells.append(_ci(froc.get("mean")))
+        for size in ("<1 mL", "1-10 mL", ">10 mL"):
+            c = sizes.get(size)
+            cells.append(f"{c['found']}/{c['lesions']}" if c and c["lesions"] else "-")
+        pixel = f.get("pixel_bootstrap") or {}
+        cells += [_ci(pixel.get("auroc")), _ci(pixel.get("ap"))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+LESION_NOTE = (
+    "Lesion level: components = 3-D connected components (26-connectivity) of score > t in "
+    "the liver, as `gdpi detect`'s lesion table; a lesion (3-D component of the reference "
+    "within consecutive slices of a case) is found when a component overlaps it; a component "
+    "overlapping no lesion is a false positive (FP). Sensitivity (%) at 0.5, 1, 2, 4 FP per "
+    "case = the best of any threshold with at most that many; FROC score = mean over 1/8, "
+    "1/4, 1/2, 1, 2, 4, 8 FP per case (LUNA16); lesions found per size (mL on the model "
+    "grid, evaluated slices only) at 1 FP per case. [low, high]: 95 % bootstrap interval "
+    "over cases (1000 resamples, seed 0; none with one case)."
+)
 
 
 def _markdown(report: dict, title: str) -> str:
@@ -59,6 +105,11 @@ def _markdown(report: dict, title: str) -> str:
                 f"{les['found']}/{les['lesions']} | {_pct(r['slice_auroc'])} | "
                 f"{_pct(fp) if fp is not None else '-'} | {r['seconds']:.1f} | {r['nfe']} |"
             )
+    lesion_rows = {DISPLAY[n]: r["lesion_level"] for n, r in methods.items() if "lesion_level" in r}
+    if lesion_rows:
+        lines += ["", "## Lesion level (liver)", ""]
+        lines += lesion_table(lesion_rows)
+        lines += ["", LESION_NOTE]
     paper_rows = [n for n in (*BASELINES, "gdpi") if n in methods]
     if paper_rows:
         lines += [
@@ -143,6 +194,39 @@ def _curves_png(path: Path, report: dict, pool: str, kind: str) -> None:
     plt.close(fig)
 
 
+def froc_png(path: Path, curves: dict[str, dict], title: str = "FROC, liver") -> None:
+    """Lesion sensitivity against false-positive components per case (log axis, 1/8 to
+    8 marked) for each ``name -> lesion_level`` figures with a curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4.6), dpi=110)
+    for name, f in curves.items():
+        c = f.get("curve")
+        if not c:
+            continue
+        fp = np.asarray(c["fp_per_scan"])
+        sens = np.asarray(c["sensitivity"])
+        order = np.argsort(fp, kind="stable")
+        # the best sensitivity reachable at each false-positive rate (a staircase)
+        best = np.maximum.accumulate(sens[order])
+        score = f["froc"]["mean"]["value"]
+        ax.step(np.maximum(fp[order], 1 / 16), best, where="post", label=f"{name} ({score:.3f})")
+    for rate in (0.125, 0.25, 0.5, 1, 2, 4, 8):
+        ax.axvline(rate, color="0.85", lw=0.6, zorder=0)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([0.125, 0.25, 0.5, 1, 2, 4, 8], ["1/8", "1/4", "1/2", "1", "2", "4", "8"])
+    ax.minorticks_off()
+    ax.set(xlim=(1 / 16, 16), ylim=(0, 1.01), title=title,
+           xlabel="false-positive components per case", ylabel="lesion sensitivity")  # fmt: skip
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def _panel_slices(test, count: int) -> list[int]:
     """Abnormal slices for the panels: spread from the largest to the smallest tumour."""
     abnormal = np.flatnonzero(test.abnormal)
@@ -211,6 +295,10 @@ def write_report(folder: Path, report: dict, test, outputs: dict, panels: int, t
     for pool in ("liver", "slice"):
         for kind in ("roc", "pr"):
             _curves_png(folder / f"{kind}_{pool}.png", report, pool, kind)
+    froc_png(
+        folder / "froc_liver.png",
+        {DISPLAY[n]: r["lesion_level"] for n, r in report["methods"].items()},
+    )
     (folder / "qualitative").mkdir()
     for i in _panel_slices(test, panels):
         _panel_png(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
+from .lesions import consecutive_runs
+
 
 def pixel_metrics(
     score: np.ndarray,
@@ -73,30 +75,14 @@ def lesion_detection(
 
     truth = np.asarray(truth) > 0
     hit = np.asarray(score) >= threshold
-    by_case: dict[str, list[int]] = {}
-    for i, (case, _) in enumerate(groups):
-        by_case.setdefault(case, []).append(i)
     found, sizes = [], []
-    for rows in by_case.values():
-        rows = sorted(rows, key=lambda i: groups[i][1])
-        # runs of consecutive slice numbers form one volume
-        runs, current = [], [rows[0]]
-        for a, b in zip(rows, rows[1:]):
-            if groups[b][1] == groups[a][1] + 1:
-                current.append(b)
-            else:
-                runs.append(current)
-                current = [b]
-        runs.append(current)
-        for run in runs:
-            labels, n = ndimage.label(truth[run], structure=np.ones((3, 3, 3), bool))
-            if n == 0:
-                continue
-            ids = np.arange(1, n + 1)
-            sizes.extend(ndimage.sum(np.ones_like(labels), labels, ids).astype(int).tolist())
-            found.extend(
-                ndimage.maximum(hit[run].astype(np.uint8), labels, ids).astype(bool).tolist()
-            )
+    for _, run in consecutive_runs(groups):
+        labels, n = ndimage.label(truth[run], structure=np.ones((3, 3, 3), bool))
+        if n == 0:
+            continue
+        ids = np.arange(1, n + 1)
+        sizes.extend(ndimage.sum(np.ones_like(labels), labels, ids).astype(int).tolist())
+        found.extend(ndimage.maximum(hit[run].astype(np.uint8), labels, ids).astype(bool).tolist())
     total = len(found)
     return {
         "lesions": total,

@@ -62,9 +62,11 @@ def anomaly_mask(score: np.ndarray, threshold_hu: float) -> np.ndarray:
 
 @dataclass
 class Lesion:
-    """A 3-D connected component (26-connectivity) of the anomaly mask."""
+    """A 3-D connected component (26-connectivity) of the anomaly mask; ``id`` = its rank
+    by ``lesion_score`` (:func:`lesion_scores`), 1 = most likely a true lesion."""
 
     id: int
+    lesion_score: float
     voxels: int
     volume_ml: float
     max_score_hu: float
@@ -106,22 +108,35 @@ def _component_stats(labels: np.ndarray, n: int, score: np.ndarray) -> dict[str,
     }
 
 
+def lesion_scores(stats: dict[str, np.ndarray]) -> np.ndarray:
+    """The lesion score of each component (see :data:`LESION_SCORE`) from
+    :func:`_component_stats`: its maximum score, HU. Of the candidates measured (maximum,
+    mean, and volume-weighted = sum of the score times the voxel volume), the maximum
+    ranked true lesions above false detections best (docs/evaluation.md, "Lesion score")."""
+    return stats["max"]
+
+
+#: What ``lesion_score`` is, in words (``run.json`` conventions, docs).
+LESION_SCORE = "maximum score of the lesion's voxels (HU)"
+
+
 def lesion_labels(anomaly: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, int]:
     """Connected components (26-connectivity) of ``anomaly``, numbered 1..n as lesion ids:
-    largest first, ties broken by the higher maximum score. 0 = background."""
+    highest lesion score (:func:`lesion_scores`) first, ties broken by the larger volume.
+    0 = background."""
     labels, n = ndimage.label(anomaly > 0, structure=np.ones((3, 3, 3), bool))
     if n == 0:
         return labels.astype(np.int32), 0
     stats = _component_stats(labels, n, score)
-    order = np.lexsort((-stats["max"], -stats["voxels"]))
+    order = np.lexsort((-stats["voxels"], -lesion_scores(stats)))
     relabel = np.zeros(n + 1, np.int32)
     relabel[order + 1] = np.arange(1, n + 1, dtype=np.int32)
     return relabel[labels], n
 
 
 def find_lesions(anomaly: np.ndarray, score: np.ndarray, reference: sitk.Image) -> list[Lesion]:
-    """Lesions of an anomaly mask ``[k, j, i]`` on ``reference``'s grid, largest first
-    (``id`` = the label of :func:`lesion_labels`)."""
+    """Lesions of an anomaly mask ``[k, j, i]`` on ``reference``'s grid, highest lesion
+    score first (``id`` = the label of :func:`lesion_labels`)."""
     box = ndimage.find_objects((anomaly > 0).astype(np.uint8))
     if not box or box[0] is None:
         return []
@@ -131,6 +146,7 @@ def find_lesions(anomaly: np.ndarray, score: np.ndarray, reference: sitk.Image) 
     stats["centroid"] = stats["centroid"] + [s.start for s in box]
     stats["first"], stats["last"] = stats["first"] + box[0].start, stats["last"] + box[0].start
     voxel_ml = float(np.prod(reference.GetSpacing())) / 1000.0
+    ranking = lesion_scores(stats)
     lesions = []
     for index in range(n):
         k, j, i = stats["centroid"][index]
@@ -139,6 +155,7 @@ def find_lesions(anomaly: np.ndarray, score: np.ndarray, reference: sitk.Image) 
         lesions.append(
             Lesion(
                 index + 1,
+                round(float(ranking[index]), 3),
                 voxels,
                 round(voxels * voxel_ml, 4),
                 round(float(stats["max"][index]), 3),

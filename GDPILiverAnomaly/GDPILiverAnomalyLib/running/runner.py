@@ -47,7 +47,7 @@ from ..files.volumes import (
     read_liver_mask,
 )
 from ..method.parameters import DetectionParams
-from ..method.scoring import LESION_FIELDS
+from ..method.scoring import LESION_FIELDS, LESION_SCORE
 from . import signals
 from .pipeline import DetectionResult, detect
 from .progress import Progress
@@ -268,6 +268,7 @@ def write_case(
             "candidates": "1 = inpainted region (AME)",
             "anomaly": f"1 = score > {params.threshold_hu} HU",
             "lesion_centroids": "patient LPS coordinates in mm",
+            "lesion_score": f"{LESION_SCORE}; lesions.csv is sorted by it, id 1 first",
         },
         "outputs": list(OUTPUT_FILES),
     }

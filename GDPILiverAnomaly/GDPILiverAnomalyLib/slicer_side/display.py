@@ -45,7 +45,9 @@ LESION_TERMINOLOGY = (
     "~SCT^49755003^Morphologically Altered Structure~SCT^4147007^Mass~^^"
     "~Anatomic codes - DICOM master list~SCT^10200004^Liver~^^"
 )
-LESION_COLUMNS = ("id", "volume_ml", "max_score_hu", "mean_score_hu", "r_mm", "a_mm", "s_mm")
+LESION_COLUMNS = (
+    "id", "lesion_score", "volume_ml", "max_score_hu", "mean_score_hu", "r_mm", "a_mm", "s_mm"
+)  # fmt: skip
 
 
 class ResultDisplay:
@@ -120,7 +122,8 @@ class ResultDisplay:
     # ---- lesions and segmentation -------------------------------------------------
 
     def lesionsAt(self, scoreNode, threshold: float) -> list[dict]:
-        """Lesions (26-connected score > ``threshold``), largest first, centroids in RAS mm."""
+        """Lesions (26-connected score > ``threshold``), highest lesion score first
+        (``scoring.lesion_scores``), centroids in RAS mm."""
         from ..method.scoring import anomaly_mask, find_lesions
 
         score = slicer.util.arrayFromVolume(scoreNode)
@@ -137,7 +140,8 @@ class ResultDisplay:
             for row, lesion in enumerate(lesions):
                 column.SetValue(row, lesion[name])
             table.AddColumn(column)
-        titles = {"id": "Lesion", "volume_ml": "Volume (mL)", "max_score_hu": "Max score (HU)",
+        titles = {"id": "Lesion", "lesion_score": "Lesion score (HU)",
+                  "volume_ml": "Volume (mL)", "max_score_hu": "Max score (HU)",
                   "mean_score_hu": "Mean score (HU)", "r_mm": "R (mm)", "a_mm": "A (mm)",
                   "s_mm": "S (mm)"}  # fmt: skip
         # Slicer 5.6 has only the older "long name" API (titles came in 5.8); there the
@@ -346,6 +350,8 @@ def lesionRow(lesion: dict) -> dict:
     x, y, z = (float(lesion[f"centroid_{a}_mm"]) for a in "xyz")
     row = {
         "id": int(lesion["id"]),
+        # a lesions.csv written before the column: its score is the maximum, as now
+        "lesion_score": float(lesion.get("lesion_score", lesion["max_score_hu"])),
         "volume_ml": float(lesion["volume_ml"]),
         "max_score_hu": float(lesion["max_score_hu"]),
         "mean_score_hu": float(lesion["mean_score_hu"]),
