@@ -9,7 +9,8 @@ per slice per network evaluation (NFE) for:
 - OpenVINO: the PyTorch module converted directly (``openvino.convert_model``), compiled
   for the CPU with inference precision f32 and with the bf16 hint (the precision the
   plugin then actually uses is reported: it falls back to f32 without native bf16);
-- ONNX Runtime: ``torch.onnx.export`` then an ``InferenceSession`` on the CPU provider;
+- ONNX Runtime: ``torch.onnx.export`` then an ``InferenceSession`` on the CPU provider,
+  exactly as ``gdpi detect`` runs it with the ``[onnx]`` extra (``running.cpu_runtime``);
 - Intel's PyTorch extension (IPEX) when it imports for this torch (else the reason).
 
 Timings are interleaved (every runtime once per round, ``--rounds`` rounds, median),
@@ -113,25 +114,17 @@ def openvino_network(model, x, t, precision: str, threads: int) -> tuple[Network
     return run, f"openvino {ov.__version__.split('-')[0]}, precision used: {used}"
 
 
-def onnxruntime_network(model, x, t, threads: int, folder: Path) -> tuple[Network, str]:
-    import onnxruntime as ort
+def onnxruntime_network(model, threads: int) -> tuple[Network, str]:
+    """ONNX Runtime as ``gdpi detect`` runs it (:func:`cpu_runtime.onnx_network`: the
+    TorchScript exporter where torch has it, else dynamo's), with ``threads`` threads."""
+    from GDPILiverAnomalyLib.running import cpu_runtime
 
-    path = folder / "unet.onnx"
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    with torch.no_grad():
-        torch.onnx.export(
-            model, (x, t), str(path), input_names=["x", "t"], output_names=["out"],
-            dynamic_shapes=({0: batch}, {0: batch}), dynamo=True, verbose=False,
-        )  # fmt: skip
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {"x": x.numpy(), "t": t.numpy()})[0])
-
-    return run, f"onnxruntime {ort.__version__} (torch.onnx.export, dynamo)"
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # onnx_network takes torch's thread count
+    try:
+        return cpu_runtime.onnx_network(model, model.config.image_size, model.config.in_channels)
+    finally:
+        torch.set_num_threads(before)
 
 
 def ipex_network(model, bf16: bool) -> tuple[Network, str]:
@@ -149,7 +142,7 @@ def timed(network: Network, x, t, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def bench_size(size: str, rounds: int, threads: int, target_s: float, tmp: Path) -> list[dict]:
+def bench_size(size: str, rounds: int, threads: int, target_s: float) -> list[dict]:
     model = model_for(size)
     n = model.config.image_size
     batch = default_batch_size("cpu", n)
@@ -162,7 +155,7 @@ def bench_size(size: str, rounds: int, threads: int, target_s: float, tmp: Path)
          lambda: (eager(model, True), f"torch {torch.__version__}")),
         ("openvino f32", lambda: openvino_network(model, x, t, "f32", threads)),
         ("openvino bf16 hint", lambda: openvino_network(model, x, t, "bf16", threads)),
-        ("onnxruntime", lambda: onnxruntime_network(model, x, t, threads, tmp)),
+        ("onnxruntime", lambda: onnxruntime_network(model, threads)),
         ("ipex float32", lambda: ipex_network(model, False)),
     ]  # fmt: skip
     networks, rows = {}, []
@@ -282,20 +275,19 @@ def main() -> int:
           "vs bf16 eager | max abs diff | setup s | version |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for size in args.sizes:
-            for row in bench_size(size, args.rounds, args.threads, args.target_s, Path(tmp)):
-                rows.append(row)
-                if not row["available"]:
-                    print(f"| {size} | {row['batch']} | {row['runtime']} | not available | | | "
-                          f"| | {row['note']} |")  # fmt: skip
-                    continue
-                lo, hi = row["ms_range"]
-                print(f"| {size} | {row['batch']} | {row['runtime']} | "
-                      f"{row['ms_per_slice_per_nfe']} ({lo}-{hi}) | "
-                      f"{row['speedup_vs_fp32_eager']}x | {row['speedup_vs_bf16_eager']}x | "
-                      f"{row['max_abs_diff']:.2g} | {row['setup_s']} | {row['note']} |",
-                      flush=True)  # fmt: skip
+    for size in args.sizes:
+        for row in bench_size(size, args.rounds, args.threads, args.target_s):
+            rows.append(row)
+            if not row["available"]:
+                print(f"| {size} | {row['batch']} | {row['runtime']} | not available | | | "
+                      f"| | {row['note']} |")  # fmt: skip
+                continue
+            lo, hi = row["ms_range"]
+            print(f"| {size} | {row['batch']} | {row['runtime']} | "
+                  f"{row['ms_per_slice_per_nfe']} ({lo}-{hi}) | "
+                  f"{row['speedup_vs_fp32_eager']}x | {row['speedup_vs_bf16_eager']}x | "
+                  f"{row['max_abs_diff']:.2g} | {row['setup_s']} | {row['note']} |",
+                  flush=True)  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"cpu_flags": cpu_flags(), "threads": args.threads,
                                          "torch": torch.__version__, "rows": rows}, indent=1))  # fmt: skip
