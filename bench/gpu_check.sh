@@ -117,8 +117,7 @@ fi
         [ -f "$OUT/$name.log" ] || continue
         echo
         echo "## $name"
-        grep -E '^(\||#|[0-9]+ (passed|failed|skipped)|=+ .*(passed|failed|skipped))' \
-            "$OUT/$name.log" | tail -n 60
+        grep -E '( \| |^\||^#|[0-9]+ (passed|failed|skipped))' "$OUT/$name.log" | tail -n 60
     done
 } >"$OUT/summary.md"
 cat "$OUT/summary.md"
