@@ -31,7 +31,7 @@ from ..method.parameters import DetectionParams, default_batch_size
 from ..method.phase import PhaseEstimate, estimate_phase
 from ..method.repaint import SliceNoise, repaint, slice_seeds
 from ..method.scoring import Lesion, anomaly_mask, find_lesions, finish_score, smooth_across_slices
-from . import cpu_runtime, signals
+from . import signals
 from .devices import resolve_device
 from .progress import Progress
 
@@ -256,7 +256,6 @@ def detect(
     """
     params.validate(checkpoint.diffusion.num_timesteps)
     device = resolve_device(params.device)
-    cpu_runtime.use_onnx(device, bf16_active(params.bf16, device))  # a bad GDPI_CPU_RUNTIME: now
     start = time.perf_counter()
     plan = plan_slices(ct, liver, checkpoint.grid, params)
     params = plan.params
@@ -331,7 +330,6 @@ def detect(
     inpainting = {
         "device": str(device),
         "bf16": bf16_active(params.bf16, device),
-        "runtime": network_runtime(device, bf16_active(params.bf16, device)),
         "batches": len(batches),
         "batch_size": batch_size,
         "nfe": done["nfe"],
@@ -384,7 +382,6 @@ def finish_detection(
     stats = {
         "device": device,
         "bf16": inpainting["bf16"],
-        "runtime": inpainting.get("runtime"),
         "two_sided": params.two_sided,
         "two_sided_from": "contrast phase" if plan.phase is not None else "parameter",
         "phase": None if plan.phase is None else plan.phase.to_dict(),
@@ -432,14 +429,6 @@ def bf16_active(requested: bool | None, device: torch.device) -> bool:
     if device.type == "cpu":
         return cpu_can_bf16() if requested else cpu_has_bf16()
     return bool(requested) and device.type == "cuda"
-
-
-def network_runtime(device: torch.device, bf16: bool) -> str:
-    """What runs the network: ``onnxruntime X.Y.Z`` (CPU, float32, the ``[onnx]`` extra
-    installed: :mod:`.cpu_runtime`) or ``pytorch X.Y.Z``."""
-    if cpu_runtime.use_onnx(device, bf16):
-        return cpu_runtime.describe() or "onnxruntime"
-    return f"pytorch {torch.__version__}"
 
 
 def cpu_has_bf16() -> bool:
@@ -520,23 +509,17 @@ def inpaint_grid(
     diffusion = GaussianDiffusion.from_config(checkpoint.diffusion, params.steps)
     model = checkpoint.model.to(device).eval()
     use_bf16 = bf16_active(params.bf16, device)
-    runtime = (
-        cpu_runtime.cached_onnx_network(model) if cpu_runtime.use_onnx(device, use_bf16) else None
-    )
     checked = False
 
     def network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         nonlocal checked
-        if runtime is not None:
-            out = runtime(x, t)
-        else:
-            ctx = (
-                torch.autocast(device.type, dtype=torch.bfloat16)
-                if use_bf16
-                else contextlib.nullcontext()
-            )
-            with ctx:
-                out = model(x, t).float()
+        ctx = (
+            torch.autocast(device.type, dtype=torch.bfloat16)
+            if use_bf16
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            out = model(x, t).float()
         if not checked:  # the first evaluation: a broken model is refused at once
             check_network_output(out, checkpoint)
             checked = True
