@@ -9,8 +9,8 @@ per slice per network evaluation (NFE) for:
 - OpenVINO: the PyTorch module converted directly (``openvino.convert_model``), compiled
   for the CPU with inference precision f32 and with the bf16 hint (the precision the
   plugin then actually uses is reported: it falls back to f32 without native bf16);
-- ONNX Runtime: ``torch.onnx.export`` then an ``InferenceSession`` on the CPU provider,
-  exactly as ``gdpi detect`` runs it with the ``[onnx]`` extra (``running.cpu_runtime``);
+- ONNX Runtime: ``torch.onnx.export`` (dynamo exporter; and the TorchScript one, faster
+  to export but deprecated) then an ``InferenceSession`` on the CPU provider;
 - Intel's PyTorch extension (IPEX) when it imports for this torch (else the reason).
 
 Timings are interleaved (every runtime once per round, ``--rounds`` rounds, median),
@@ -21,12 +21,6 @@ other sizes random weights (with a random, not zero, last layer so outputs diffe
 
     python bench/bench_runtimes.py [--sizes tiny small] [--rounds 7] [--threads 1] [--json out.json]
     python bench/bench_runtimes.py --smoke        # micro model, 2 rounds (CI)
-    python bench/bench_runtimes.py --detect ../shared/data/hcc_1720 [--detect-rounds 2]
-
-``--detect CASE`` (a folder with ``ct.nii.gz`` and ``seg.nii.gz``) instead times ``gdpi
-detect`` end to end with the defaults and the bundled model, one child process per run,
-``GDPI_CPU_RUNTIME=torch`` and ``=onnxruntime`` interleaved, and compares their scores
-(max |difference| in HU over the liver).
 
 The optional runtimes come from their own packages (``pip install openvino onnxruntime
 onnx onnxscript``); a runtime that is missing is reported and skipped.
@@ -36,12 +30,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
+import logging
 import platform
 import statistics
 import sys
-import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -114,17 +110,48 @@ def openvino_network(model, x, t, precision: str, threads: int) -> tuple[Network
     return run, f"openvino {ov.__version__.split('-')[0]}, precision used: {used}"
 
 
-def onnxruntime_network(model, threads: int) -> tuple[Network, str]:
-    """ONNX Runtime as ``gdpi detect`` runs it (:func:`cpu_runtime.onnx_network`: the
-    TorchScript exporter where torch has it, else dynamo's), with ``threads`` threads."""
-    from GDPILiverAnomalyLib.running import cpu_runtime
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)  # onnx_network takes torch's thread count
+def export_onnx(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, dynamo: bool) -> bytes:
+    """``model`` as ONNX bytes with a dynamic batch axis (inputs ``x``, ``t``; output
+    ``out``): the TorchScript exporter (seconds; deprecated since torch 2.9) or dynamo's."""
+    names = {"input_names": ["x", "t"], "output_names": ["out"]}
+    buffer = io.BytesIO()
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the exporters' notes on torchvision and deprecation
     try:
-        return cpu_runtime.onnx_network(model, model.config.image_size, model.config.in_channels)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            if not dynamo:
+                axes = {name: {0: "batch"} for name in ("x", "t", "out")}
+                torch.onnx.export(model, (x, t), buffer, dynamic_axes=axes, dynamo=False,
+                                  opset_version=17, **names)  # fmt: skip
+            else:
+                batch = torch.export.Dim("batch", min=1, max=4096)
+                program = torch.onnx.export(model, (x, t), dynamic_shapes=({0: batch}, {0: batch}),
+                                            dynamo=True, verbose=False, **names)  # fmt: skip
+                program.save(buffer)
     finally:
-        torch.set_num_threads(before)
+        quiet.setLevel(level)
+    return buffer.getvalue()
+
+
+def onnxruntime_network(model, x, t, threads: int, dynamo: bool) -> tuple[Network, str]:
+    """The module exported by :func:`export_onnx` in an ONNX Runtime CPU session."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only
+    session = ort.InferenceSession(
+        export_onnx(model, x, t, dynamo), options, providers=["CPUExecutionProvider"]
+    )
+
+    def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {"x": x.numpy(), "t": t.numpy()})[0])
+
+    exporter = "dynamo" if dynamo else "TorchScript"
+    return run, f"onnxruntime {ort.__version__}, {exporter} export"
 
 
 def ipex_network(model, bf16: bool) -> tuple[Network, str]:
@@ -155,7 +182,9 @@ def bench_size(size: str, rounds: int, threads: int, target_s: float) -> list[di
          lambda: (eager(model, True), f"torch {torch.__version__}")),
         ("openvino f32", lambda: openvino_network(model, x, t, "f32", threads)),
         ("openvino bf16 hint", lambda: openvino_network(model, x, t, "bf16", threads)),
-        ("onnxruntime", lambda: onnxruntime_network(model, threads)),
+        ("onnxruntime", lambda: onnxruntime_network(model, x, t, threads, dynamo=True)),
+        ("onnxruntime, TorchScript export",
+         lambda: onnxruntime_network(model, x, t, threads, dynamo=False)),
         ("ipex float32", lambda: ipex_network(model, False)),
     ]  # fmt: skip
     networks, rows = {}, []
@@ -202,47 +231,6 @@ def bench_size(size: str, rounds: int, threads: int, target_s: float) -> list[di
     return rows
 
 
-def detect_ab(case: Path, rounds: int, threads: int, extra: list[str]) -> list[dict]:
-    """``gdpi detect`` on ``case`` with PyTorch eager and with ONNX Runtime, interleaved."""
-    import os
-    import subprocess
-
-    import SimpleITK as sitk
-
-    rows, scores = [], {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(rounds):
-            for runtime in ("torch", "onnxruntime"):
-                out = Path(tmp) / f"{runtime}-{r}"
-                env = {**os.environ, "GDPI_CPU_RUNTIME": runtime,
-                       "OMP_NUM_THREADS": str(threads)}  # fmt: skip
-                cmd = [sys.executable, "-m", "GDPILiverAnomalyLib", "detect", "--ct",
-                       str(case / "ct.nii.gz"), "--liver", str(case / "seg.nii.gz"), "--out",
-                       str(out), "--progress", "none", "--device", "cpu", *extra]  # fmt: skip
-                start = time.perf_counter()
-                subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
-                wall = time.perf_counter() - start
-                stats = json.loads((out / "run.json").read_text())["stats"]
-                score = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "score.nrrd")))
-                scores.setdefault(runtime, score)
-                row = {"case": case.name, "round": r, "runtime": stats.get("runtime"),
-                       "wall_s": round(wall, 1), "inpaint_s": stats["timings_s"]["inpaint"],
-                       "nfe": stats["nfe"], "bf16": stats["bf16"], "threads": threads}  # fmt: skip
-                rows.append(row)
-                print(f"| {case.name} | {r} | {row['runtime']} | {row['wall_s']} | "
-                      f"{row['inpaint_s']} | {row['nfe']} | {row['bf16']} |", flush=True)  # fmt: skip
-    liver = scores["torch"] != 0
-    diff = float(abs(scores["torch"] - scores["onnxruntime"]).max())
-    med = {rt: statistics.median(r["wall_s"] for r in rows if r["runtime"].startswith(rt[:4]))
-           for rt in ("pytorch", "onnxruntime")}  # fmt: skip
-    print(f"\nmedian wall s: pytorch {med['pytorch']}, onnxruntime {med['onnxruntime']}: "
-          f"{med['pytorch'] / med['onnxruntime']:.2f}x; scores differ by at most {diff:.3f} HU "
-          f"({int(liver.sum())} scored voxels)")  # fmt: skip
-    rows.append({"median_wall_s": med, "speedup": round(med["pytorch"] / med["onnxruntime"], 2),
-                 "max_score_diff_hu": diff})  # fmt: skip
-    return rows
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"])
@@ -251,20 +239,7 @@ def main() -> int:
     parser.add_argument("--target-s", type=float, default=0.5, help="seconds per measurement")
     parser.add_argument("--smoke", action="store_true", help="micro model, 2 rounds")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
-    parser.add_argument("--detect", type=Path, help="a case folder: gdpi detect end to end")
-    parser.add_argument("--detect-rounds", type=int, default=2)
-    parser.add_argument("--detect-args", default="", help="more gdpi detect options")
     args = parser.parse_args()
-    if args.detect:
-        import shlex
-
-        print("| case | round | runtime | wall s | inpainting s | NFE | bf16 |")
-        print("|---|---|---|---|---|---|---|")
-        rows = detect_ab(args.detect, args.detect_rounds, args.threads,
-                         shlex.split(args.detect_args))  # fmt: skip
-        if args.json:
-            args.json.write_text(json.dumps(rows, indent=1))
-        return 0
     if args.smoke:
         args.sizes, args.rounds, args.target_s = ["micro"], 2, 0.01
     torch.set_num_threads(args.threads)
