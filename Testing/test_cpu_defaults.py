@@ -10,7 +10,7 @@ from GDPILiverAnomalyLib.files.checkpoint import load_checkpoint
 from GDPILiverAnomalyLib.files.volumes import read_ct, read_liver_mask
 from GDPILiverAnomalyLib.method.metrics import pixel_metrics
 from GDPILiverAnomalyLib.method.parameters import DetectionParams, default_batch_size
-from GDPILiverAnomalyLib.running.pipeline import bf16_active, cpu_has_bf16, detect
+from GDPILiverAnomalyLib.running.pipeline import bf16_active, cpu_can_bf16, cpu_has_bf16, detect
 
 REAL_MODEL = (
     REPO / "GDPILiverAnomaly" / "GDPILiverAnomalyLib" / "models" / "real_ct_tiny.safetensors"
@@ -30,9 +30,25 @@ def test_bf16_is_on_by_default_only_where_the_cpu_runs_it_natively():
     assert bf16_active(False, cpu) is False
     assert bf16_active(None, torch.device("cuda")) is False  # CUDA: only when asked
     assert bf16_active(True, torch.device("cuda")) is True
+    assert bf16_active(True, cpu) == cpu_can_bf16()  # asked for: emulated bf16 too
 
 
-@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no native bfloat16")
+def test_native_bf16_means_the_cpu_flags_not_onednn_emulation():
+    """On a plain AVX-512 CPU oneDNN runs bf16 by conversion, about 2x slower than float32
+    (bench/bench_runtimes.py): the default turns bf16 on only with AVX-512 BF16 or AMX."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo on this system")
+    flags = set(
+        next(ln for ln in text.splitlines() if ln.startswith("flags")).split(":")[1].split()
+    )
+    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert cpu_has_bf16() is (native and cpu_can_bf16())
+    assert bf16_active(None, torch.device("cpu")) is cpu_has_bf16()
+
+
+@pytest.mark.skipif(not cpu_can_bf16(), reason="oneDNN runs no bfloat16 on this CPU")
 def test_bf16_does_not_change_the_answer_on_a_real_case():
     """hcc_1720 with the bundled real-CT model, a short schedule: bf16 scores stay within
     1.5 HU of float32 everywhere (mean 0.05 HU), and AUROC, AP and best Dice (%) differ by

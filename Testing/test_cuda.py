@@ -1,11 +1,13 @@
-"""CUDA checks; they skip on machines without a GPU (CI has none)."""
+"""CUDA checks; they skip on machines without a GPU (CI has none). They need no
+``../shared`` data (a generated CT), so ``bench/gpu_check.sh`` runs them on a bare GPU
+machine."""
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import shared
 from GDPILiverAnomalyLib.files.checkpoint import load_checkpoint
+from GDPILiverAnomalyLib.files.synthetic import synthetic_case
 from GDPILiverAnomalyLib.method.parameters import DetectionParams
 from GDPILiverAnomalyLib.running.devices import resolve_device
 from GDPILiverAnomalyLib.running.runner import run_case
@@ -20,7 +22,10 @@ def test_auto_device_picks_what_exists():
 @cuda
 @pytest.mark.parametrize("bf16", [False, True])
 def test_cuda_matches_cpu(tmp_path, tiny_checkpoint, bf16):
-    ct, mask = shared("dcmqi_3slice", "dicom"), shared("dcmqi_3slice", "liver_seg.nrrd")
+    case = synthetic_case(seed=1, n_slices=4, size=128, pixel_mm=2.5, slice_mm=5.0)
+    ct, mask = tmp_path / "ct.nii.gz", tmp_path / "liver.nii.gz"
+    sitk.WriteImage(case.image(case.ct), str(ct))
+    sitk.WriteImage(case.image(case.liver), str(mask))
     scores = {}
     for device in ("cpu", "cuda"):
         params = DetectionParams.from_preset(

@@ -1,8 +1,8 @@
 """CPU speed of the network per model size, batch size and bf16 autocast.
 
 Prints milliseconds per slice per network evaluation (NFE) for randomly initialised
-models of each size at batch 1 to 8, in float32 and with bfloat16 autocast (where the
-CPU runs bf16 natively: AVX-512 BF16 or AMX). The CPU defaults of ``gdpi detect``
+models of each size at batch 1 to 8, in float32 and with bfloat16 autocast (where oneDNN
+runs bf16: natively with AVX-512 BF16 or AMX, emulated on plain AVX-512). The CPU defaults of ``gdpi detect``
 (``parameters.default_batch_size``, bf16 on) were chosen from this table.
 
     .venv/bin/python bench/bench_cpu.py [--sizes tiny small] [--repeats 10] [--smoke]
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GDPILiverAnomaly")
 
 from GDPILiverAnomalyLib.files.checkpoint import init_checkpoint  # noqa: E402
 from GDPILiverAnomalyLib.method.parameters import default_batch_size  # noqa: E402
-from GDPILiverAnomalyLib.running.pipeline import cpu_has_bf16  # noqa: E402
+from GDPILiverAnomalyLib.running.pipeline import cpu_can_bf16, cpu_has_bf16  # noqa: E402
 
 
 def measure(
@@ -95,9 +95,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.smoke:
         args.sizes, args.batches, args.repeats = ["micro"], [1, 2], 1
-    modes = [False, True] if cpu_has_bf16() else [False]
+    modes = [False, True] if cpu_can_bf16() else [False]  # emulated bf16 too: measured
     print(f"# {platform.machine()} CPU, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}, native bf16: {cpu_has_bf16()}")  # fmt: skip
+          f"{torch.__version__}, native bf16: {cpu_has_bf16()}, oneDNN bf16: {cpu_can_bf16()}")  # fmt: skip
     print("| model | grid px | batch | float32 ms/slice/NFE | bf16 ms/slice/NFE |")
     print("|---|---|---|---|---|")
     rows = []

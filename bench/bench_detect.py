@@ -11,6 +11,7 @@ extrapolated from the same run's time per network evaluation unless ``--full``
     python bench/bench_detect.py                     # every case, presets fast (+ paper extrapolated)
     python bench/bench_detect.py --cases hcc_1211 --full
     python bench/bench_detect.py --smoke             # ts_small, 3-step schedule (CI)
+    python bench/bench_detect.py --cases synthetic_100 --presets fast paper --detect-args "--batch-size 64"
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -45,9 +47,10 @@ CASES = {  # name: (CT, liver mask, liver label)
 }
 
 
-def synthetic_100(folder: Path) -> tuple[Path, Path, None]:
-    """A generated CT (192 x 192 x 100, 2 mm pixels, 2 mm slices) with liver on every slice."""
-    case = synthetic_case(seed=0, n_slices=100, slice_mm=2.0)
+def synthetic_100(folder: Path, n_slices: int = 100) -> tuple[Path, Path, None]:
+    """A generated CT (192 x 192 x 100, 2 mm pixels, 2 mm slices) with liver on every
+    slice (``n_slices`` other than 100: a smaller one, for smoke runs)."""
+    case = synthetic_case(seed=0, n_slices=n_slices, slice_mm=2.0)
     paths = folder / "ct.nii.gz", folder / "liver.nii.gz"
     folder.mkdir(parents=True, exist_ok=True)
     for array, path in ((case.ct, paths[0]), (case.liver, paths[1])):
@@ -75,17 +78,24 @@ def run_detect(ct: Path, liver: Path, label, out: Path, options: list[str]) -> d
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--presets", nargs="*", default=[p for p in PRESETS if p != "paper"],
-                        choices=list(PRESETS), help="presets run for real")  # fmt: skip
+    parser.add_argument("--cases", nargs="*", choices=list(CASES),
+                        help="default: every case (--smoke: ts_small)")  # fmt: skip
+    parser.add_argument("--presets", nargs="*", choices=list(PRESETS),
+                        help="presets run for real (default: all but paper; --smoke: fast)")  # fmt: skip
     parser.add_argument("--full", action="store_true", help="also run the paper preset for real")
     parser.add_argument("--smoke", action="store_true", help="ts_small, 3-step schedule (CI)")
+    parser.add_argument("--detect-args", default="", help="more gdpi detect options, every run")
+    parser.add_argument("--synthetic-slices", type=int, default=100,
+                        help="slices of the generated case (smoke runs: fewer)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()
-    extra: list[str] = []
+    extra: list[str] = shlex.split(args.detect_args)
+    if args.cases is None:
+        args.cases = ["ts_small"] if args.smoke else list(CASES)
+    if args.presets is None:
+        args.presets = ["fast"] if args.smoke else [p for p in PRESETS if p != "paper"]
     if args.smoke:
-        args.cases, args.presets = ["ts_small"], ["fast"]
-        extra = ["--steps", "3", "--jump-length", "1", "--jump-n-sample", "1"]
+        extra += ["--steps", "3", "--jump-length", "1", "--jump-n-sample", "1"]
     if args.full and "paper" not in args.presets:
         args.presets.append("paper")
     print(f"# gdpi detect, bundled model, defaults; {os.cpu_count()} CPU cores "
@@ -97,7 +107,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases:
             if CASES[case] is None:
-                ct, liver, label = synthetic_100(Path(tmp) / case)
+                ct, liver, label = synthetic_100(Path(tmp) / case, args.synthetic_slices)
             else:
                 if not SHARED.exists():
                     print(f"{SHARED} not found: skipping {case}", file=sys.stderr)
@@ -114,7 +124,9 @@ def main() -> int:
                        "total_s": r["wall_s"], "rss_gib": r["rss_gib"], "how": "measured",
                        "batch_size": s["batch_size"], "bf16": s["bf16"], "device": s["device"]}  # fmt: skip
                 rows.append(row)
-                if preset == args.presets[0] and not args.full and not args.smoke:
+                if args.json:  # so far: a run cut short still leaves its rows
+                    args.json.write_text(json.dumps({"rows": rows}, indent=2))
+                if preset == args.presets[0] and "paper" not in args.presets and not args.smoke:
                     paper = DetectionParams.from_preset("paper").nfe_per_batch()
                     per_nfe = row["inpaint_s"] / max(1, row["network_evaluations"])
                     nfe = s["batches"] * paper

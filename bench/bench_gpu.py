@@ -29,12 +29,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(size: str, batch: int, bf16: bool, compiled: str | None, repeats: int, device) -> dict:
+def measure(
+    size: str,
+    batch: int,
+    bf16: bool,
+    compiled: str | None,
+    repeats: int,
+    device,
+    backend: str = "inductor",
+) -> dict:
     """ms per slice per network evaluation, compile seconds and peak memory (MiB)."""
     model = init_checkpoint(size).model.eval().to(device)
     n = init_checkpoint(size).grid.size
     if compiled:  # "default", or "reduce-overhead" = CUDA graphs
-        model = torch.compile(model, mode=compiled)
+        torch._dynamo.reset()  # each setting compiles afresh (its warm-up counts it)
+        model = torch.compile(model, mode=compiled, backend=backend)
     x = torch.randn(batch, 1, n, n, device=device)
     t = torch.full((batch,), 500, device=device)
     if device.type == "cuda":
@@ -59,19 +68,30 @@ def measure(size: str, batch: int, bf16: bool, compiled: str | None, repeats: in
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=["tiny", "medium", "small"])
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 64])
+    parser.add_argument("--sizes", nargs="+", help="default tiny medium small (--smoke: micro)")
+    parser.add_argument("--batches", nargs="+", type=int,
+                        help="default 1 8 32 64 (--smoke: 1 2)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--compile-sizes", nargs="*", default=["tiny"],
-                        help="sizes also measured with torch.compile")  # fmt: skip
+    parser.add_argument("--compile-sizes", nargs="*",
+                        help="sizes also measured with torch.compile (default tiny; --smoke: "
+                             "none)")  # fmt: skip
     parser.add_argument("--compile-batches", nargs="*", type=int, default=[8, 64],
                         help="batch sizes also measured compiled")  # fmt: skip
-    parser.add_argument("--smoke", action="store_true", help="CPU, micro model, 1 repeat")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--compiled-only", action="store_true",
+                        help="only the compiled settings (the eager ones measured elsewhere)")  # fmt: skip
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU, micro model, 1 repeat; compilation with the eager backend")  # fmt: skip
+    parser.add_argument("--json", type=Path, help="the rows as JSON, rewritten after each row")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    if args.smoke:
-        args.sizes, args.batches, args.repeats, args.compile_sizes = ["micro"], [1, 2], 1, []
+    smoke = args.smoke
+    args.sizes = args.sizes or (["micro"] if smoke else ["tiny", "medium", "small"])
+    args.batches = args.batches or ([1, 2] if smoke else [1, 8, 32, 64])
+    if args.compile_sizes is None:
+        args.compile_sizes = [] if smoke else ["tiny"]
+    if smoke:
+        args.repeats = 1
+    backend = "eager" if smoke else "inductor"  # eager: the compile path without codegen
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# {name}, torch {torch.__version__}")
     print("| model | grid px | batch | bf16 | compiled | ms/slice/NFE | warm-up s | peak MiB |")
@@ -86,16 +106,25 @@ def main() -> int:
                     else [None, "default"]
                 )
                 compile_here = size in args.compile_sizes and batch in args.compile_batches
-                for compiled in modes if compile_here else [None]:
-                    r = measure(size, batch, bf16, compiled, args.repeats, device)
+                settings = modes if compile_here else [None]
+                if args.compiled_only:
+                    settings = [m for m in settings if m is not None]
+                for compiled in settings:
+                    r = measure(size, batch, bf16, compiled, args.repeats, device, backend)
                     rows.append(r)
+                    if args.json:  # so far: a run cut short still leaves its rows
+                        write_json(args.json, name, rows)
                     print(f"| {size} | {r['grid_px']} | {batch} | {bf16} | {compiled} | "
                           f"{r['ms_per_slice_per_nfe']} | {r['warmup_s']} | {r['peak_mib']} |",
                           flush=True)  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__,
-                                         "rows": rows}, indent=1))  # fmt: skip
+        write_json(args.json, name, rows)
     return 0
+
+
+def write_json(path: Path, device_name: str, rows: list[dict]) -> None:
+    path.write_text(json.dumps({"device": device_name, "torch": torch.__version__,
+                                "rows": rows}, indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -424,22 +424,50 @@ def finish_detection(
 
 def bf16_active(requested: bool | None, device: torch.device) -> bool:
     """Whether bfloat16 autocast runs: ``None`` (default) = on CPUs with native bf16
-    (AVX-512 BF16 / AMX), off on CUDA; ``True`` = on CUDA and on native-bf16 CPUs;
-    ``False`` = never."""
+    (AVX-512 BF16 / AMX), off on CUDA; ``True`` = on CUDA, and on CPUs where oneDNN runs
+    bf16 at all (natively, or emulated on plain AVX-512: about 2x slower than float32
+    there, ``bench/bench_runtimes.py``); ``False`` = never."""
     if requested is False:
         return False
     if device.type == "cpu":
-        return cpu_has_bf16()
+        return cpu_can_bf16() if requested else cpu_has_bf16()
     return bool(requested) and device.type == "cuda"
 
 
 def cpu_has_bf16() -> bool:
-    """True when oneDNN can run bfloat16 natively on this CPU."""
+    """True when this CPU runs bfloat16 natively (AVX-512 BF16 or AMX): where bf16
+    autocast is faster than float32. oneDNN also runs bf16 on plain AVX-512 CPUs
+    (:func:`cpu_can_bf16`), by conversion, at about half float32's speed."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None)
+              for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]  # fmt: skip
+    if all(check is None for check in checks):  # torch < 2.3: the CPU's own flags (Linux)
+        return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"}) and cpu_can_bf16()
+    try:
+        return any(bool(check()) for check in checks if check is not None) and cpu_can_bf16()
+    except RuntimeError:
+        return False
+
+
+def cpu_can_bf16() -> bool:
+    """True when oneDNN can run bfloat16 on this CPU at all (natively or emulated)."""
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     try:
         return bool(check()) if check is not None else False
     except RuntimeError:
         return False
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def slices_to_inpaint(inpaint_mask: np.ndarray) -> list[int]:
