@@ -8,9 +8,12 @@ order) is inpainted only at a subset of its slices that have AME candidates:
    one where none is that close), so no two consecutive inpainted slices are more than
    ``S`` apart unless no slice with candidates lies between them;
 2. *components*: every 3-D connected component of the candidates (26-connectivity on
-   the stack) has at least one inpainted slice: the one holding most of its pixels;
-3. *overlap*: a slice whose candidates lie less than :data:`MIN_OVERLAP` inside the
-   candidates of each of its two inpainted neighbours is inpainted too (walking up).
+   the stack) with at least ``min_pixels`` pixels on one of its slices has an inpainted
+   slice: the one holding most of its pixels (smaller ones cannot outlast the score's
+   median filter on their own: :func:`min_component_pixels`);
+3. *overlap*: a slice whose candidates (those of its in-slice regions of at least
+   ``min_pixels``) lie less than :data:`MIN_OVERLAP` inside the candidates of each of
+   its two inpainted neighbours is inpainted too (walking up).
 
 Every other slice with candidates lies between two inpainted slices of the same stack
 and gets their linear interpolation in depth (:func:`interpolation_sources`). Slices
@@ -28,12 +31,20 @@ from scipy import ndimage
 MIN_OVERLAP = 0.5
 
 
+def min_component_pixels(median_size: int) -> int:
+    """Pixels a candidate region needs on a slice to give a score through the
+    ``median_size`` x ``median_size`` median filter when alone (more than half of the
+    window); 1 without the filter."""
+    return median_size * median_size // 2 + 1 if median_size > 1 else 1
+
+
 def depth_samples(
-    positions_mm: np.ndarray, candidates: np.ndarray, spacing_mm: float
+    positions_mm: np.ndarray, candidates: np.ndarray, spacing_mm: float, min_pixels: int = 1
 ) -> tuple[np.ndarray, dict[str, int]]:
     """Slices to inpaint of one stack: ``positions_mm`` (``[m]``, ascending) and
-    ``candidates`` (``[m, n, n]``, 1 = AME candidate). Returns a bool ``[m]`` and the
-    number of slices each rule added (``regular``, ``components``, ``overlap``)."""
+    ``candidates`` (``[m, n, n]``, 1 = AME candidate); rule 2 for the components with
+    ``min_pixels`` pixels on a slice. Returns a bool ``[m]`` and the number of slices
+    each rule added (``regular``, ``components``, ``overlap``)."""
     m = len(candidates)
     has = candidates.reshape(m, -1).any(axis=1) if m else np.zeros(0, bool)
     counts = {"regular": 0, "components": 0, "overlap": 0}
@@ -60,7 +71,7 @@ def depth_samples(
         slice_of = np.broadcast_to(np.arange(m)[:, None, None], labels.shape)
         np.add.at(per_slice, (labels.ravel(), slice_of.ravel()), 1)
         per_slice = per_slice[1:]
-        missed = ~(per_slice[:, picked] > 0).any(axis=1)
+        missed = ~(per_slice[:, picked] > 0).any(axis=1) & (per_slice.max(axis=1) >= min_pixels)
         for c in np.flatnonzero(missed):
             best = int(np.argmax(per_slice[c]))
             if not picked[best]:
@@ -73,12 +84,26 @@ def depth_samples(
             continue
         below = np.flatnonzero(picked[:j])[-1]
         above = j + 1 + np.flatnonzero(picked[j + 1 :])[0]
-        size = flat[j].sum()
-        share = [(flat[j] & flat[other]).sum() / size for other in (below, above)]
+        own = _large_regions(candidates[j] > 0, min_pixels).ravel()
+        size = own.sum()
+        if not size:
+            continue
+        share = [(own & flat[other]).sum() / size for other in (below, above)]
         if max(share) < MIN_OVERLAP:
             picked[j] = True
             counts["overlap"] += 1
     return picked, counts
+
+
+def _large_regions(mask: np.ndarray, min_pixels: int) -> np.ndarray:
+    """The 8-connected regions of a 2-D ``mask`` with at least ``min_pixels`` pixels."""
+    if min_pixels <= 1:
+        return mask
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = sizes >= min_pixels
+    keep[0] = False
+    return keep[labels]
 
 
 def interpolation_sources(

@@ -234,6 +234,7 @@ PRESETS: dict[str, dict] = {
         offset_hu=10.0,
         calibrate=True,
         depth_sigma_mm=5.0,
+        depth_spacing_mm=3.5,
     ),
 }
 

@@ -25,7 +25,7 @@ from ..errors import Cancelled, CheckpointError, GDPIError
 from ..files.checkpoint import Checkpoint
 from ..method.ame import adaptive_mask, denoise_for_ame
 from ..method.calibration import reference_patches, remove_bias
-from ..method.depth import depth_samples, interpolation_sources
+from ..method.depth import depth_samples, interpolation_sources, min_component_pixels
 from ..method.diffusion import GaussianDiffusion
 from ..method.grid import InputGrid, PlaneMapping, sliding_windows, window_weights
 from ..method.parameters import DetectionParams, default_batch_size
@@ -234,7 +234,7 @@ def plan_slices(
     if refs_grid is not None:
         paint_grid = np.maximum(cand_grid, refs_grid)
     positions = liver_slices[image_slice] * case.spacing_zyx[0]
-    sampling = _depth_sampling(positions, cand_grid, image_window, params.depth_spacing_mm)
+    sampling = _depth_sampling(positions, cand_grid, image_window, params)
     return SlicePlan(
         params, case, (z0, z1), slab_ct, slab_liver, liver_slices, in_slab, phase, candidates,
         mapping, ct_grid, cand_grid, paint_grid, refs_grid, seeds, windows, image_slice,
@@ -243,11 +243,12 @@ def plan_slices(
 
 
 def _depth_sampling(
-    positions_mm: np.ndarray, cand_grid: np.ndarray, image_window: np.ndarray, spacing_mm: float
+    positions_mm: np.ndarray, cand_grid: np.ndarray, image_window: np.ndarray, params
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """:func:`.depth.depth_samples` and :func:`.depth.interpolation_sources` on each
-    window's images (their slices in depth order): ``(inpainted, sources, source_weight,
-    counts)`` over all grid images."""
+    """:func:`.depth.depth_samples` (``params.depth_spacing_mm``) and
+    :func:`.depth.interpolation_sources` on each window's images (their slices in depth
+    order): ``(inpainted, sources, source_weight, counts)`` over all grid images."""
+    spacing_mm, min_pixels = params.depth_spacing_mm, min_component_pixels(params.median_size)
     n = len(cand_grid)
     inpainted = np.zeros(n, bool)
     sources = np.full((n, 2), -1, np.intp)
@@ -255,7 +256,9 @@ def _depth_sampling(
     counts = {"regular": 0, "components": 0, "overlap": 0}
     for w in np.unique(image_window):
         images = np.flatnonzero(image_window == w)  # ascending slices (see _windows)
-        picked, added = depth_samples(positions_mm[images], cand_grid[images], spacing_mm)
+        picked, added = depth_samples(
+            positions_mm[images], cand_grid[images], spacing_mm, min_pixels
+        )
         has = cand_grid[images].reshape(len(images), -1).any(axis=1)
         src, wt = interpolation_sources(positions_mm[images], has, picked)
         inpainted[images] = picked
