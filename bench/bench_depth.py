@@ -8,7 +8,7 @@ default settings (the ``fast`` preset): wall seconds, inpainting seconds, grid i
 inpainted, network evaluations and peak RSS (``bench_detect.run_detect``).
 
     python bench/bench_depth.py                 # 200 x 1 mm, spacing 0 and the default
-    python bench/bench_depth.py --smoke         # 24 x 1 mm, 3-step schedule (CI)
+    python bench/bench_depth.py --smoke         # 12 x 1 mm, 3-step schedule (CI)
 """
 
 from __future__ import annotations
@@ -46,12 +46,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=200)
     parser.add_argument("--slice-mm", type=float, default=1.0)
-    parser.add_argument("--smoke", action="store_true", help="24 slices, 3-step schedule (CI)")
+    parser.add_argument("--smoke", action="store_true", help="12 slices, 3-step schedule (CI)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()
     extra: list[str] = []
     if args.smoke:
-        args.slices = 24
+        args.slices = 12
         extra = ["--steps", "3", "--jump-length", "1", "--jump-n-sample", "1"]
     default = DetectionParams.from_preset("fast").depth_spacing_mm
     settings = [("0", ["--depth-spacing-mm", "0"]), (f"{default:g} (default)", [])]
