@@ -83,6 +83,7 @@ PARAMETER_WIDGETS = {
     "min_candidate_mm2": "minCandidateSpinBox",
     "calibrate": "calibrateCheckBox",
     "depth_sigma_mm": "depthSigmaSpinBox",
+    "depth_spacing_mm": "depthSpacingSpinBox",
     "median_size": "medianSizeSpinBox",
     "seed": "seedSpinBox",
     "bf16": "bf16ComboBox",
@@ -226,6 +227,9 @@ class GDPILiverAnomalyParameterNode:
     depth_sigma_mm: Annotated[float, WithinRange(*value_range("depth_sigma_mm"))] = PANEL_DEFAULTS[
         "depth_sigma_mm"
     ]
+    depth_spacing_mm: Annotated[float, WithinRange(*value_range("depth_spacing_mm"))] = (
+        PANEL_DEFAULTS["depth_spacing_mm"]
+    )
     median_size: Annotated[int, WithinRange(*value_range("median_size"))] = PANEL_DEFAULTS[
         "median_size"
     ]

@@ -31,6 +31,20 @@ def test_bench_smoke(tmp_path):
     assert 0.1 < row["rss_gib"] < 4 and row["total_s"] > row["inpaint_s"] > 0
 
 
+def test_depth_bench_smoke(tmp_path):
+    """bench/bench_depth.py times gdpi detect on a generated 1 mm-slice CT at depth
+    spacing 0 and at the default: the default inpaints fewer grid images, interpolates
+    the rest, and needs fewer network evaluations."""
+    proc, data = _smoke("bench_depth.py", tmp_path / "depth.json")
+    every, default = data["rows"]
+    assert every["depth_spacing_mm"] == 0 and default["depth_spacing_mm"] > 0
+    assert every["inpainted"] == every["images_with_candidates"] == 12
+    assert every["interpolated"] == 0 and default["interpolated"] > 0
+    assert default["inpainted"] + default["interpolated"] == 12
+    assert default["network_evaluations"] < every["network_evaluations"]
+    assert "speed-up end to end" in proc.stdout
+
+
 def test_cpu_bench_smoke(tmp_path):
     """bench/bench_cpu.py (the table the CPU defaults were chosen from) runs and reports
     every row it was asked for."""

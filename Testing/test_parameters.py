@@ -70,7 +70,7 @@ def test_command_line_options_round_trip():
         steps=30, jump_length=3, jump_n_sample=2, sampler="ddnm", eta=0.5, samples=2,
         offset_hu=12.5,
         ame_sigma_mm=1.5, two_sided=True, min_candidate_mm2=4.0, calibrate=True,
-        depth_sigma_mm=2.5, median_size=3, threshold_hu=7.5, batch_size=4,
+        depth_sigma_mm=2.5, depth_spacing_mm=1.5, median_size=3, threshold_hu=7.5, batch_size=4,
         device="cpu", seed=11, bf16=True,
     )  # fmt: skip
     assert set(given) == set(PARAMETER_NAMES)

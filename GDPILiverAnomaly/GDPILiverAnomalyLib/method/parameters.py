@@ -117,6 +117,17 @@ class DetectionParams:
         50.0,
         "mm",
     )
+    depth_spacing_mm: float = _param(
+        0.0,
+        float,
+        "depth spacing",
+        "inpaint liver slices at most this far apart in depth, plus every slice whose AME "
+        "candidates its inpainted neighbours do not cover; the other slices get their "
+        "pseudo-healthy image by interpolation in depth (0 = inpaint every slice)",
+        0.0,
+        50.0,
+        "mm",
+    )
     median_size: int = _param(
         5,
         int,
@@ -223,6 +234,7 @@ PRESETS: dict[str, dict] = {
         offset_hu=10.0,
         calibrate=True,
         depth_sigma_mm=5.0,
+        depth_spacing_mm=3.5,
     ),
 }
 

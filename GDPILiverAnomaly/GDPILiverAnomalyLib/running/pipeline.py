@@ -25,6 +25,7 @@ from ..errors import Cancelled, CheckpointError, GDPIError
 from ..files.checkpoint import Checkpoint
 from ..method.ame import adaptive_mask, denoise_for_ame
 from ..method.calibration import reference_patches, remove_bias
+from ..method.depth import depth_samples, interpolation_sources, min_component_pixels
 from ..method.diffusion import GaussianDiffusion
 from ..method.grid import InputGrid, PlaneMapping, sliding_windows, window_weights
 from ..method.parameters import DetectionParams, default_batch_size
@@ -82,6 +83,33 @@ class SlicePlan:
     windows: list[PlaneMapping]  # windows[0] is ``mapping``
     image_slice: np.ndarray  # int, the liver slice (index into liver_slices) of each image
     image_window: np.ndarray  # int, the window (index into windows) of each image
+    inpainted: np.ndarray  # bool, the grid images to inpaint (candidates, depth sampling)
+    sources: np.ndarray  # int [image, 2]: the inpainted images (below, above) an image
+    # with candidates but not inpainted is interpolated from; -1 for the others
+    source_weight: np.ndarray  # float, the weight of ``sources[:, 0]`` (linear in depth)
+    depth_counts: dict  # images each depth-sampling rule chose (method.depth)
+
+    @property
+    def work(self) -> list[int]:
+        """The grid images to inpaint, in image order (every image with candidates when
+        ``params.depth_spacing_mm`` is 0)."""
+        return np.flatnonzero(self.inpainted).tolist()
+
+    def interpolated(self) -> np.ndarray:
+        """The grid images filled in by interpolation in depth."""
+        return np.flatnonzero(self.sources[:, 0] >= 0)
+
+    def grid_ct(self, images: np.ndarray) -> np.ndarray:
+        """The CT (HU) of grid ``images``, from ``ct_grid`` or, on an attached plan
+        (Ray: no ``ct_grid``), resampled from the slab again (the same values)."""
+        if self.ct_grid is not None:
+            return self.ct_grid[images]
+        out = np.zeros((len(images), self.mapping.size, self.mapping.size), np.float32)
+        for w in np.unique(self.image_window[images]):
+            which = np.flatnonzero(self.image_window[images] == w)
+            rows = self.in_slab[self.image_slice[np.asarray(images)[which]]]
+            out[which] = self.windows[w].to_grid(self.slab_ct[rows], "image")
+        return out
 
     def to_slab(self, grid: np.ndarray, images: Sequence[int]) -> np.ndarray:
         """Values of grid ``images`` (``grid[j]`` for ``images[j]``, HU) on the slab, 0
@@ -205,11 +233,40 @@ def plan_slices(
     paint_grid, refs_grid = cand_grid, (_stack(refs_grid) if params.calibrate else None)
     if refs_grid is not None:
         paint_grid = np.maximum(cand_grid, refs_grid)
+    positions = liver_slices[image_slice] * case.spacing_zyx[0]
+    sampling = _depth_sampling(positions, cand_grid, image_window, params)
     return SlicePlan(
         params, case, (z0, z1), slab_ct, slab_liver, liver_slices, in_slab, phase, candidates,
         mapping, ct_grid, cand_grid, paint_grid, refs_grid, seeds, windows, image_slice,
-        image_window,
+        image_window, *sampling,
     )  # fmt: skip
+
+
+def _depth_sampling(
+    positions_mm: np.ndarray, cand_grid: np.ndarray, image_window: np.ndarray, params
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """:func:`.depth.depth_samples` (``params.depth_spacing_mm``) and
+    :func:`.depth.interpolation_sources` on each window's images (their slices in depth
+    order): ``(inpainted, sources, source_weight, counts)`` over all grid images."""
+    spacing_mm, min_pixels = params.depth_spacing_mm, min_component_pixels(params.median_size)
+    n = len(cand_grid)
+    inpainted = np.zeros(n, bool)
+    sources = np.full((n, 2), -1, np.intp)
+    weight = np.full(n, np.nan)
+    counts = {"regular": 0, "components": 0, "overlap": 0}
+    for w in np.unique(image_window):
+        images = np.flatnonzero(image_window == w)  # ascending slices (see _windows)
+        picked, added = depth_samples(
+            positions_mm[images], cand_grid[images], spacing_mm, min_pixels
+        )
+        has = cand_grid[images].reshape(len(images), -1).any(axis=1)
+        src, wt = interpolation_sources(positions_mm[images], has, picked)
+        inpainted[images] = picked
+        sources[images] = np.where(src >= 0, images[np.maximum(src, 0)], -1)
+        weight[images] = wt
+        for key, value in added.items():
+            counts[key] += value
+    return inpainted, sources, weight, counts
 
 
 def _stack(parts: list[np.ndarray]) -> np.ndarray:
@@ -261,8 +318,8 @@ def detect(
     plan = plan_slices(ct, liver, checkpoint.grid, params)
     params = plan.params
     batch_size = params.batch_size or default_batch_size(device.type, checkpoint.grid.size)
-    batches = plan_batches(plan.cand_grid, batch_size)
-    work = [i for batch in batches for i in batch]
+    work = plan.work
+    batches = [work[i : i + batch_size] for i in range(0, len(work), batch_size)]
     t_prepare = time.perf_counter() - start
 
     nfe_batch = params.nfe_per_batch()
@@ -344,18 +401,35 @@ def detect(
 
 
 def finish_detection(
-    plan: SlicePlan, diff_grid: np.ndarray, work: list[int], inpainting: dict, start: float
+    plan: SlicePlan,
+    diff_grid: np.ndarray,
+    work: list[int],
+    inpainting: dict,
+    start: float,
+    interpolate: str = "pseudo-healthy",
 ) -> DetectionResult:
     """Score a plan whose grid slices ``work`` were inpainted (``diff_grid``: inpainted -
     input, HU, ``[liver slice, n, n]``) and build the outputs. ``inpainting`` holds how
     (device, bf16, batches, batch_size, nfe, timings_s of prepare and inpaint); ``start``
-    is the ``time.perf_counter()`` the detection began at. Local and Ray engines alike."""
+    is the ``time.perf_counter()`` the detection began at. Local and Ray engines alike.
+    Images the depth sampling skipped get the pseudo-healthy image interpolated in depth
+    (``interpolate="score"``: their score is interpolated instead; for measurements)."""
     params, case, (z0, z1) = plan.params, plan.case, plan.slab
     t1 = time.perf_counter()
     bias = None
     if params.calibrate:
-        diff_grid, bias = remove_bias(diff_grid, plan.cand_grid, plan.refs_grid)
+        refs = plan.refs_grid
+        if not plan.inpainted.all():  # the bias from the discs that were re-painted
+            refs = np.where(plan.inpainted[:, None, None], refs, 0).astype(refs.dtype)
+        diff_grid, bias = remove_bias(diff_grid, plan.cand_grid, refs)
+    between = plan.interpolated()
+    if len(between):
+        diff_grid = _interpolate_pseudo_healthy(plan, diff_grid, between)
     score_grid = finish_score(diff_grid, params.two_sided, params.median_size)
+    if len(between) and interpolate == "score":
+        a, b = plan.sources[between, 0], plan.sources[between, 1]
+        w = plan.source_weight[between].astype(np.float32)[:, None, None]
+        score_grid[between] = w * score_grid[a] + (1 - w) * score_grid[b]
     positions = plan.liver_slices[plan.image_slice] * case.spacing_zyx[0]
     score_grid = smooth_across_slices(  # each window on its own
         score_grid, positions, params.depth_sigma_mm, plan.image_window
@@ -393,6 +467,12 @@ def finish_detection(
         "slab_slices": z1 - z0,
         "slices_with_liver": len(plan.liver_slices),
         "slices_inpainted": len(work),  # grid images: a slice once per sliding window
+        "depth_sampling": {
+            "spacing_mm": params.depth_spacing_mm,
+            "images_with_candidates": int(np.count_nonzero(plan.cand_grid.any(axis=(1, 2)))),
+            "inpainted_by_rule": dict(plan.depth_counts),
+            "interpolated": len(between),
+        },
         "batches": inpainting["batches"],
         "batch_size": inpainting["batch_size"],
         "nfe": inpainting["nfe"],
@@ -420,6 +500,22 @@ def finish_detection(
         },
     }
     return DetectionResult(score, pseudo, cand, anomaly, lesions, stats)
+
+
+def _interpolate_pseudo_healthy(
+    plan: SlicePlan, diff_grid: np.ndarray, between: np.ndarray
+) -> np.ndarray:
+    """``diff_grid`` with each image of ``between`` (not inpainted) set, on its own
+    candidates, to the linear interpolation in depth of its inpainted neighbours'
+    pseudo-healthy images (CT + difference, HU) minus its own CT; 0 elsewhere."""
+    out = diff_grid.copy()
+    below, above = plan.sources[between, 0], plan.sources[between, 1]
+    needed = np.unique(np.concatenate([between, below, above]))
+    ct = dict(zip(needed.tolist(), plan.grid_ct(needed)))
+    for j, a, b, w in zip(between, below, above, plan.source_weight[between]):
+        healthy = w * (ct[a] + out[a]) + (1 - w) * (ct[b] + out[b])
+        out[j] = np.where(plan.cand_grid[j] > 0, healthy - ct[j], 0.0)
+    return out
 
 
 def bf16_active(requested: bool | None, device: torch.device) -> bool:

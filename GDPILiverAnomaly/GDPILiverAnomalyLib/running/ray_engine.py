@@ -42,7 +42,6 @@ from .pipeline import (
     finish_detection,
     inpaint_grid,
     plan_slices,
-    slices_to_inpaint,
 )
 from .progress import BatchProgress
 from .runner import (
@@ -123,7 +122,7 @@ def prepare_case(inputs, grid: InputGrid, params: DetectionParams) -> tuple[dict
         return {"error": str(exc)}, None
     except OSError as exc:
         return {"error": os_error_message(exc)}, None
-    work = slices_to_inpaint(plan.cand_grid)
+    work = plan.work  # the grid images with candidates that the depth sampling keeps
     return {
         "ct": plan.ct_grid[work],
         "mask": plan.paint_grid[work],
