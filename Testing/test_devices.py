@@ -58,7 +58,6 @@ def _tiny_model():
 def test_self_check_agrees_cpu_with_cpu_and_catches_a_perturbed_device():
     from GDPILiverAnomalyLib.running.devices import SELF_CHECK_TOLERANCE, device_self_check
 
-    torch.set_num_threads(1)
     model = _tiny_model()
     agree, difference = device_self_check(model, torch.device("cpu"))
     assert agree and difference < 1e-5  # the real UNet, CPU against CPU

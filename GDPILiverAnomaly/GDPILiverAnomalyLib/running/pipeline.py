@@ -519,14 +519,16 @@ def _interpolate_pseudo_healthy(
 
 
 def bf16_active(requested: bool | None, device: torch.device) -> bool:
-    """Whether bfloat16 autocast runs: ``None`` (default) = on CPUs with native bf16
-    (AVX-512 BF16 / AMX), off on CUDA; ``True`` = on CUDA, and on CPUs where oneDNN runs
-    bf16 at all (natively, or emulated on plain AVX-512: about 2x slower than float32
-    there, ``bench/bench_runtimes.py``); ``False`` = never."""
+    """Whether bfloat16 autocast runs: ``None`` (default) or ``True`` = on CPUs where
+    oneDNN runs bf16 (natively with AVX-512 BF16 / AMX, or emulated on plain AVX-512,
+    where float32 is 2.7x faster end to end, ``bench/bench_runtimes.py``, but a slice's
+    score then depends on its batch by float32 rounding, ~1e-5 HU: the default keeps
+    bf16 there until the equality tests allow that), off on CUDA unless asked;
+    ``False`` = never."""
     if requested is False:
         return False
     if device.type == "cpu":
-        return cpu_can_bf16() if requested else cpu_has_bf16()
+        return cpu_can_bf16()
     return bool(requested) and device.type == "cuda"
 
 
