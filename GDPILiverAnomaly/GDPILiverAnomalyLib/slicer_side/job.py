@@ -222,6 +222,25 @@ def loadPartial(path: Path) -> np.ndarray:
     return np.load(path)
 
 
+def waitForJob(job, what: str, pollInterval: float, timeout: float | None):
+    """Poll ``job`` (``poll()`` True while running; ``cancel()``, ``state``, ``error``,
+    ``outputs``, ``logic.idle``) until it ends; return its outputs or raise
+    :class:`GDPIError` naming ``what``. Ctrl+C or the timeout (s) cancels it."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while job.poll():
+            if deadline is not None and time.monotonic() > deadline:
+                job.cancel()
+                raise GDPIError(f"{what} did not finish within {timeout} s; cancelled")
+            job.logic.idle(pollInterval)
+    except KeyboardInterrupt:
+        job.cancel()
+        raise
+    if job.state != "completed":
+        raise GDPIError(job.error or f"{what} {job.state}")
+    return job.outputs
+
+
 class DetectionJob:
     """One running detection: a worker process, its temporary folder, its nodes.
 
@@ -476,16 +495,4 @@ class DetectionJob:
         cancels the job. Between polls the logic's ``idle`` runs (in Slicer: the GUI
         keeps processing events, so it stays responsive while a console call waits).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            while self.poll():
-                if deadline is not None and time.monotonic() > deadline:
-                    self.cancel()
-                    raise GDPIError(f"detection did not finish within {timeout} s; cancelled")
-                self.logic.idle(pollInterval)
-        except KeyboardInterrupt:
-            self.cancel()
-            raise
-        if self.state != "completed":
-            raise GDPIError(self.error or f"detection {self.state}")
-        return self.outputs  # type: ignore[return-value]
+        return waitForJob(self, "detection", pollInterval, timeout)

@@ -28,6 +28,7 @@ import slicer
 from ..errors import GDPIError
 from ..running.worker import WorkerProcess, default_python
 from .display import placeBeside, removeNodeAndDisplay
+from .job import waitForJob
 
 #: TotalSegmentator's class name of the liver (its file in the output folder).
 LIVER_CLASS = "liver"
@@ -259,19 +260,7 @@ class LiverSegmentationJob:
     def wait(self, pollInterval: float = 0.2, timeout: float | None = None) -> tuple:
         """Block (the logic's ``idle`` between polls: Slicer keeps handling events) until
         done; return ``(segmentationNode, liverSegmentId)`` or raise :class:`GDPIError`."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            while self.poll():
-                if deadline is not None and time.monotonic() > deadline:
-                    self.cancel()
-                    raise GDPIError(f"TotalSegmentator did not finish within {timeout} s")
-                self.logic.idle(pollInterval)
-        except KeyboardInterrupt:
-            self.cancel()
-            raise
-        if self.state != "completed":
-            raise GDPIError(self.error or f"TotalSegmentator {self.state}")
-        return self.outputs  # type: ignore[return-value]
+        return waitForJob(self, "TotalSegmentator", pollInterval, timeout)
 
 
 def totalSegmentatorEnvironment(totalSegmentatorLogic=None) -> dict:
