@@ -241,7 +241,7 @@ def test_detect_with_depth_spacing_end_to_end(tmp_path, tiny_checkpoint):
     packer = Packer(3)
     case = CaseSlices("thin", work["ct"], work["mask"], work["seeds"], work["work"])
     packer.add(case)
-    worker = InpaintWorker(checkpoint, params, threads=1)
+    worker = InpaintWorker(checkpoint, params, threads=0)  # 0: leave this process's threads
     while (batch := packer.next_batch(flush=True)) is not None:
         diff, name = worker.inpaint(batch.ct, batch.mask, batch.seeds)
         packer.receive(batch, diff, name)

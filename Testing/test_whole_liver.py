@@ -228,7 +228,7 @@ def test_the_ray_engine_gives_the_local_outputs_on_a_wide_liver(wide_run, grid_c
     packer = Packer(5)
     case = CaseSlices("wide", work["ct"], work["mask"], work["seeds"], work["work"])
     packer.add(case)
-    worker = InpaintWorker(checkpoint, params, threads=1)
+    worker = InpaintWorker(checkpoint, params, threads=0)  # 0: leave this process's threads
     done = []
     while (batch := packer.next_batch(flush=True)) is not None:
         diff, name = worker.inpaint(batch.ct, batch.mask, batch.seeds)
