@@ -519,16 +519,17 @@ def _interpolate_pseudo_healthy(
 
 
 def bf16_active(requested: bool | None, device: torch.device) -> bool:
-    """Whether bfloat16 autocast runs: ``None`` (default) or ``True`` = on CPUs where
-    oneDNN runs bf16 (natively with AVX-512 BF16 / AMX, or emulated on plain AVX-512,
-    where float32 is 2.7x faster end to end, ``bench/bench_runtimes.py``, but a slice's
-    score then depends on its batch by float32 rounding, ~1e-5 HU: the default keeps
-    bf16 there until the equality tests allow that), off on CUDA unless asked;
-    ``False`` = never."""
+    """Whether bfloat16 autocast runs. ``None`` (default): on CPUs that run bf16
+    natively (AVX-512 BF16 / AMX), off elsewhere: on plain AVX-512 oneDNN only emulates
+    bf16 and float32 is 2.7x faster end to end (``bench/bench_runtimes.py``); off on
+    CUDA. ``True``: wherever oneDNN runs bf16 at all (emulated too) and on CUDA.
+    ``False``: never. float32 rounds a convolution differently with its batch's
+    composition (~1e-5 HU), so results match across engines/batches within 1e-3 HU,
+    not bit for bit."""
     if requested is False:
         return False
     if device.type == "cpu":
-        return cpu_can_bf16()
+        return cpu_can_bf16() if requested else cpu_has_bf16()
     return bool(requested) and device.type == "cuda"
 
 
