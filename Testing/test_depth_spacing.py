@@ -15,6 +15,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import assert_same_detection
 from GDPILiverAnomalyLib.method.depth import (
     depth_samples,
     interpolation_sources,
@@ -251,6 +252,4 @@ def test_detect_with_depth_spacing_end_to_end(tmp_path, tiny_checkpoint):
                            out, params, checkpoint.identity(), timings, {"name": "ray"},
                            False)  # fmt: skip
     assert "error" not in ray_info
-    for name in ("score.nrrd", "pseudo_healthy.nrrd", "anomaly.nrrd"):
-        local = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "local" / name)))
-        assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / name))), local)
+    assert_same_detection(tmp_path / "local", out, params.threshold_hu)

@@ -169,9 +169,9 @@ class DetectionParams:
         None,
         bool,
         "bf16",
-        "bfloat16 autocast (default: on for CPUs where oneDNN runs bf16: natively with "
-        "AVX-512 BF16 or AMX, 1.6x faster, scores within 0.6 HU of float32; emulated on "
-        "other AVX-512 CPUs, where --no-bf16 is 2.7x faster; off on CUDA)",
+        "bfloat16 autocast (default: on for CPUs that run bf16 natively, AVX-512 BF16 or "
+        "AMX: 1.6x faster, scores within 0.6 HU of float32; off elsewhere: plain AVX-512 "
+        "only emulates bf16, 2.7x slower than float32; off on CUDA)",
     )
     preset: Optional[str] = None  # noqa: UP045 - the preset these values started from
 
