@@ -17,11 +17,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 #: Equal scores across engines, batches and cases (HU). float32 convolutions (the CPU
-#: default without native bf16) round with a batch's composition: one slice inpainted in
-#: another batch differs by up to ~1e-3 HU (measured: 1.04e-3 HU on 13.6 M voxels of
-#: hcc_1720, Ray packing against the local engine). A wrong slice, seed or window
-#: differs by whole HU.
-SAME_HU = 1e-2
+#: default without native bf16) round differently with the batch size (not with the
+#: other slices in the batch: same size, same bits), and the sampling chain carries that
+#: on: a slice inpainted in a batch of another size differs by up to 0.011 HU (measured
+#: on the Ray tests' 20 M voxels, tiny random model, 4 steps). A wrong slice, seed or
+#: window differs by whole HU.
+SAME_HU = 0.05
 
 
 def assert_same_hu(actual, expected, what: str = "") -> None:
