@@ -2,20 +2,36 @@
 
 In the arterial phase contrast fills the aorta while the liver has barely enhanced, so
 the aorta is far brighter than the liver (here 180 vs 55 HU); from the portal-venous
-phase on both are enhanced and close (166 vs 143 HU); without contrast the aorta is
-blood (~40 HU). Arterial-phase HCC is often brighter than the liver, so detection
-uses the two-sided AME there (``DetectionParams.two_sided`` None = decide by this).
+phase on both are enhanced and close (166 vs 143 HU); without contrast both are blood
+and tissue (~40-60 HU). Arterial-phase HCC is often brighter than the liver, so
+detection uses the two-sided AME there (``DetectionParams.two_sided`` None = decide by
+this).
 
-The aorta is found as the longest vertical run of round, homogeneous bright regions
-(110..700 HU after a 3x3 median, 150..1500 mm^2, filled >= 70 % of their bounding
-ellipse, aspect <= 1.5, standard deviation <= 35 HU, within 50 mm of the body's
-left-right centre) on the liver's slices, linked from slice to slice when their
-centres are within 10 mm. Arterial: such a run over >= 15 % of the liver's slices
-(at least 3) whose median HU exceeds the liver's median by >= ``ARTERIAL_GAP_HU``.
+The aorta is looked for on the liver's slices, in-plane within 70 mm of the midline
+(the spine's centre, else the body's), on a ~1.5 mm grid after a 3x3 median. Each slice
+is cut into HU bands (``_BANDS``: overlapping, 0..1000 HU), so that an aorta of any
+brightness is one region of a band while bone, liver and bowel of other HU fall apart
+from it; each region is opened by a 2 mm disc, and a region too large or not round is
+also split by a 5 mm erosion (an aorta touching the vertebral body). A region counts as
+a vessel when it is round and homogeneous: 150..1500 mm^2, aspect <= 1.5, filling
+>= 70 % of its bounding ellipse, standard deviation <= 35 HU, centre within 50 mm of
+the midline. Vessels are linked from slice to slice (centres within 10 mm); the aorta
+is the longest such run (ties: the brighter), and it must span >= 15 % of the liver's
+slices and at least 3. Its median HU against the liver's median decides:
+
+- ``arterial``: aorta - liver >= ``ARTERIAL_GAP_HU`` (90), the aorta >= 150 HU;
+- ``non-contrast``: aorta and liver both <= ``NONCONTRAST_MAX_HU`` (70) and within
+  25 HU of each other;
+- ``venous``: otherwise (aorta and liver both enhanced, the gap below 90 HU);
+- ``unknown``: no run long enough. Only ``arterial`` changes detection.
+
+:attr:`PhaseEstimate.reason` says in plain words what decided.
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -23,21 +39,57 @@ from scipy import ndimage
 
 #: Aorta minus liver median (HU) from which a scan counts as arterial phase.
 ARTERIAL_GAP_HU = 90.0
+#: Lowest aorta median (HU) that can count as arterial (blood with contrast).
+ARTERIAL_MIN_AORTA_HU = 150.0
+#: Aorta and liver medians (HU) at or below which, within 25 HU of each other, a scan
+#: counts as non-contrast.
+NONCONTRAST_MAX_HU = 70.0
+#: HU bands (after a 3x3 median) in which round regions are looked for.
+_BANDS = (
+    (10, 100),
+    (60, 180),
+    (100, 260),
+    (150, 330),
+    (220, 420),
+    (300, 520),
+    (400, 650),
+    (500, 800),
+    (600, 1000),
+)
+_BLOOD_MAX_HU = 650.0  # brightest median HU of blood with contrast; above: bone
+_GRID_MM = 1.5  # in-plane sampling of the search (mm), at most
+_SEARCH_MM = 70.0  # half-width of the searched band around the midline (mm)
+_MIDLINE_MM = 50.0  # largest distance of the aorta's centre from the midline (mm)
+_SPINE_MM = 75.0  # largest distance of the aorta's centre from the spine's centre (mm)
+_LINK_MM = 10.0  # largest in-plane step of the aorta between linked slices (mm)
+_RULES = (
+    "size",
+    "shape",
+    "fill",
+    "inhomogeneous",
+    "brighter than blood",
+    "off the midline",
+    "far from the spine",
+    "not set off",
+)
 
 
 @dataclass
 class PhaseEstimate:
-    phase: str  # "arterial", "venous" (aorta and liver both enhanced) or "unknown"
+    phase: str  # "arterial", "venous", "non-contrast" or "unknown"
     liver_hu: float  # median HU of the liver
     aorta_hu: float | None  # median HU of the aorta run found (None: none found)
     aorta_slices: int  # slices of that run
+    reason: str = ""  # plain words: what decided the phase ("" from older run.json)
 
     @property
     def arterial(self) -> bool:
         return self.phase == "arterial"
 
     def describe(self) -> str:
-        if self.aorta_hu is None:
+        if self.reason:
+            return f"{self.phase} phase: {self.reason}"
+        if self.aorta_hu is None:  # a run.json written before the reason was kept
             return f"no enhanced aorta found (liver {self.liver_hu:.0f} HU): not arterial"
         return (
             f"{self.phase} phase: aorta {self.aorta_hu:.0f} HU over {self.aorta_slices} "
@@ -49,66 +101,234 @@ class PhaseEstimate:
 
     @classmethod
     def from_dict(cls, values: dict) -> PhaseEstimate:
-        """Back from :meth:`to_dict` (run.json's ``stats.phase``)."""
-        return cls(*(values[f] for f in ("phase", "liver_hu", "aorta_hu", "aorta_slices")))
+        """Back from :meth:`to_dict` (run.json's ``stats.phase``; ``reason`` may be absent)."""
+        fields = (values[f] for f in ("phase", "liver_hu", "aorta_hu", "aorta_slices"))
+        return cls(*fields, reason=values.get("reason", ""))
 
 
-def _round_regions(hu: np.ndarray, spacing_yx: tuple[float, float]) -> list[dict]:
-    """Round homogeneous bright regions of one axial slice (see the module docstring)."""
+def _disc(radius_px: float) -> np.ndarray:
+    r = max(1, int(round(radius_px)))
+    y, x = np.ogrid[-r : r + 1, -r : r + 1]
+    return x * x + y * y <= radius_px * radius_px + 0.5
+
+
+def _spine_px(hu: np.ndarray, body: np.ndarray) -> tuple[float, float] | None:
+    """Row and column (px) of the spine's centre on one slice: the largest bone region (> 250 HU)
+    in the posterior two thirds of the body and its central half; None when none."""
+    rows, cols = np.nonzero(body)
+    if not len(rows):
+        return None
+    y0, y1, x0, x1 = rows.min(), rows.max(), cols.min(), cols.max()
+    window = np.zeros_like(body)
+    window[y0 + (y1 - y0) // 3 : y1 + 1, x0 + (x1 - x0) // 4 : x1 - (x1 - x0) // 4 + 1] = True
+    labels, n = ndimage.label((hu > 250) & window)
+    if not n:
+        return None
+    sizes = np.bincount(labels.ravel())[1:]
+    rows, cols = np.nonzero(labels == np.argmax(sizes) + 1)
+    return float(rows.mean()), float(cols.mean())
+
+
+def _pieces(region: np.ndarray, erode_px: float) -> list[np.ndarray]:
+    """``region`` split where it narrows below ``2 * erode_px``: each core of its erosion
+    grown back inside it (an aorta touching bone of the same HU)."""
+    disc = _disc(erode_px)
+    cores, n = ndimage.label(ndimage.binary_erosion(region, disc))
+    if n < 1:
+        return []
+    grown = [ndimage.binary_dilation(cores == i + 1, disc) & region for i in range(n)]
+    return grown
+
+
+def _test(
+    region: np.ndarray,
+    smooth: np.ndarray,
+    box: tuple[slice, slice],
+    spacing: tuple[float, float],
+    midline_mm: float,
+    spine_y_mm: float | None,
+) -> tuple[str | None, dict]:
+    """The first rule of the module docstring that ``region`` (a mask on ``smooth[box]``)
+    breaks (None: a vessel), and its centre (mm), median HU and area (mm^2)."""
+    sy, sx = spacing
+    values = smooth[box][region]
+    offset = (box[0].start, box[1].start)
+    area = region.sum() * sy * sx
+    rows, cols = np.nonzero(region)
+    h, w = (rows.max() - rows.min() + 1) * sy, (cols.max() - cols.min() + 1) * sx
+    y, x = (rows.mean() + offset[0]) * sy, (cols.mean() + offset[1]) * sx
+    found = {"x": x, "y": y, "hu": float(np.median(values)), "area": area}
+    if not 150 <= area <= 1500:
+        return "size", found
+    if max(h, w) > 1.5 * min(h, w):
+        return "shape", found
+    if area < 0.7 * np.pi / 4 * h * w:
+        return "fill", found
+    if values.std() > 35:
+        return "inhomogeneous", found
+    if found["hu"] > _BLOOD_MAX_HU:
+        return "brighter than blood", found
+    if abs(x - midline_mm) > _MIDLINE_MM:
+        return "off the midline", found
+    if spine_y_mm is not None and math.hypot(x - midline_mm, y - spine_y_mm) > _SPINE_MM:
+        return "far from the spine", found
+    # A vessel stands out from what surrounds it (fat, soft tissue); the vertebral body's
+    # marrow does not (cortical bone around it): the median of a 3 mm ring around the
+    # region must be >= 40 HU darker, and at most half of the ring brighter than it.
+    grow = _disc(3.0 / min(sy, sx))
+    r = grow.shape[0] // 2
+    y0, x0 = max(0, offset[0] - r), max(0, offset[1] - r)
+    y1 = min(smooth.shape[0], offset[0] + region.shape[0] + r)
+    x1 = min(smooth.shape[1], offset[1] + region.shape[1] + r)
+    local = np.zeros((y1 - y0, x1 - x0), bool)
+    local[
+        offset[0] - y0 : offset[0] - y0 + region.shape[0],
+        offset[1] - x0 : offset[1] - x0 + region.shape[1],
+    ] = region
+    ring = smooth[y0:y1, x0:x1][ndimage.binary_dilation(local, grow) & ~local]
+    if np.median(ring) > found["hu"] - 40 or (ring > found["hu"] + 50).mean() > 0.5:
+        return "not set off", found
+    return None, found
+
+
+def _round_regions(
+    hu: np.ndarray,
+    spacing_yx: tuple[float, float],
+    midline_mm: float,
+    spine_y_mm: float | None,
+    rejected: Counter,
+) -> list[dict]:
+    """Round homogeneous regions of one axial slice (already cropped and resampled; see
+    the module docstring), one per place (the largest); counts rejections in ``rejected``."""
     sy, sx = spacing_yx
     smooth = ndimage.median_filter(hu, 3)
-    body = smooth > -300
-    if not body.any():
-        return []
-    centre_x = np.nonzero(body)[1].mean()
-    labels, _ = ndimage.label(ndimage.binary_opening((smooth > 110) & (smooth < 700)))
-    found = []
-    for i, box in enumerate(ndimage.find_objects(labels)):
-        if box is None:
-            continue
-        region = labels[box] == i + 1
-        area = region.sum() * sy * sx
-        h, w = (box[0].stop - box[0].start) * sy, (box[1].stop - box[1].start) * sx
-        if not 150 <= area <= 1500 or max(h, w) > 1.5 * min(h, w):
-            continue
-        if area < 0.7 * np.pi / 4 * h * w:
-            continue
-        values = smooth[box][region]
-        if values.std() > 35:
-            continue
-        y, x = ndimage.center_of_mass(region)
-        y, x = (y + box[0].start) * sy, (x + box[1].start) * sx
-        if abs(x - centre_x * sx) > 50:
-            continue
-        found.append({"x": x, "y": y, "hu": float(np.median(values))})
+    open_disc = _disc(1.0 / min(sy, sx))
+    found: list[dict] = []
+    for lo, hi in _BANDS:
+        band = ndimage.binary_opening((smooth >= lo) & (smooth < hi), open_disc)
+        labels, _ = ndimage.label(band)
+        for i, box in enumerate(ndimage.find_objects(labels)):
+            if box is None:
+                continue
+            region = labels[box] == i + 1
+            if region.sum() * sy * sx < 100:  # specks: not worth a rule
+                continue
+            rule, region_found = _test(region, smooth, box, spacing_yx, midline_mm, spine_y_mm)
+            if rule in ("size", "shape", "fill") and region_found["area"] > 150:
+                for piece in _pieces(region, 5.0 / min(sy, sx)):
+                    piece_rule, piece_found = _test(
+                        piece, smooth, box, spacing_yx, midline_mm, spine_y_mm
+                    )
+                    if piece_rule is None:
+                        rule, region_found = None, piece_found
+                        break
+            if rule is not None:
+                rejected[rule] += 1
+                continue
+            for other in found:
+                if (
+                    math.hypot(other["x"] - region_found["x"], other["y"] - region_found["y"])
+                    < _LINK_MM
+                ):
+                    if region_found["area"] > other["area"]:
+                        other.update(region_found)
+                    break
+            else:
+                found.append(region_found)
     return found
+
+
+def _search_box(ct: np.ndarray, slices: np.ndarray, spacing_yx) -> tuple:
+    """In-plane crop (slices) around the midline, the sampling step (px) and the midline
+    (mm from the crop's left edge after sampling)."""
+    sy, sx = spacing_yx
+    centres, spines = [], []
+    for z in slices[:: max(1, len(slices) // 12)]:
+        body = ct[z] > -300
+        if not body.any():
+            continue
+        centres.append(np.nonzero(body)[1].mean())
+        spine = _spine_px(ct[z], body)
+        if spine is not None:
+            spines.append(spine)
+    if not centres:
+        return None
+    on_spine = len(spines) >= max(1, len(centres) // 2)
+    mid = float(np.median([x for _, x in spines] if on_spine else centres))
+    spine_y = float(np.median([y for y, _ in spines])) * sy if on_spine else None
+    half = int(round(_SEARCH_MM / sx))
+    x0, x1 = max(0, int(mid) - half), min(ct.shape[2], int(mid) + half + 1)
+    step = max(1, int(round(_GRID_MM / min(sy, sx))))
+    return (slice(None), slice(x0, x1)), step, (mid - x0) * sx, spine_y
+
+
+def _no_region_reason(n_slices: int, rejected: Counter) -> str:
+    counts = ", ".join(f"{rejected[r]} {r}" for r in _RULES if rejected[r])
+    return (
+        f"no round homogeneous region (aorta) within {_MIDLINE_MM:.0f} mm of the midline on "
+        f"{n_slices} liver slice{'s' if n_slices != 1 else ''}"
+        + (f" (regions rejected: {counts})" if counts else "")
+    )
 
 
 def estimate_phase(
     ct: np.ndarray, liver: np.ndarray, spacing_yx: tuple[float, float]
 ) -> PhaseEstimate:
     """Phase of a CT in HU ``[slices, rows, columns]`` (axial slices, any in-plane
-    orientation) with its liver mask (1 = liver); ``spacing_yx`` in mm."""
+    orientation) with its liver mask (1 = liver); ``spacing_yx`` in mm. Conservative:
+    ``arterial`` only on a clear aorta-liver gap (see the module docstring)."""
     liver = liver > 0
-    liver_hu = float(np.median(ct[liver])) if liver.any() else float("nan")
+    if not liver.any():
+        return PhaseEstimate("unknown", float("nan"), None, 0, "no liver voxels")
+    liver_hu = float(np.median(ct[liver]))
     slices = np.flatnonzero(liver.any(axis=(1, 2)))
+    box = _search_box(ct, slices, spacing_yx)
+    if box is None:
+        return PhaseEstimate(
+            "unknown", liver_hu, None, 0, "no body (> -300 HU) on the liver's slices"
+        )
+    crop, step, midline_mm, spine_y_mm = box
+    spacing = (spacing_yx[0] * step, spacing_yx[1] * step)
+    rejected: Counter = Counter()
     runs: list[list[tuple[int, dict]]] = []
     for z in slices:
-        for region in _round_regions(ct[z], spacing_yx):
+        hu = np.asarray(ct[z][crop][::step, ::step], dtype=np.float32)
+        for region in _round_regions(hu, spacing, midline_mm, spine_y_mm, rejected):
             for run in runs:
                 last_z, last = run[-1]
-                near = abs(region["x"] - last["x"]) < 10 and abs(region["y"] - last["y"]) < 10
-                if z - last_z <= 2 and near:
+                near = math.hypot(region["x"] - last["x"], region["y"] - last["y"]) < _LINK_MM
+                if 0 < z - last_z <= 2 and near:
                     run.append((z, region))
                     break
             else:
                 runs.append([(z, region)])
-    best = max(runs, key=len, default=[])
-    if len(best) < max(3, 0.15 * len(slices)):
-        return PhaseEstimate("unknown", liver_hu, None, 0)
-    aorta = float(np.median([r["hu"] for _, r in best]))
-    phase = "arterial" if aorta - liver_hu >= ARTERIAL_GAP_HU else "venous"
-    return PhaseEstimate(phase, liver_hu, aorta, len(best))
+    need = max(3, math.ceil(0.15 * len(slices)))
+    if not runs:
+        return PhaseEstimate("unknown", liver_hu, None, 0, _no_region_reason(len(slices), rejected))
+
+    def median_hu(run):
+        return float(np.median([r["hu"] for _, r in run]))
+
+    best = max(runs, key=lambda run: (len(run), median_hu(run)))
+    aorta = median_hu(best)
+    if len(best) < need:
+        return PhaseEstimate(
+            "unknown",
+            liver_hu,
+            None,
+            0,
+            f"aorta run only {len(best)} slice{'s' if len(best) != 1 else ''} (< {need}) "
+            f"of {len(slices)} liver slices (its median {aorta:.0f} HU, liver {liver_hu:.0f} HU)",
+        )
+    gap = aorta - liver_hu
+    said = f"aorta {aorta:.0f} HU vs liver {liver_hu:.0f} HU: gap {gap:.0f}"
+    if gap >= ARTERIAL_GAP_HU and aorta >= ARTERIAL_MIN_AORTA_HU:
+        phase, why = "arterial", f"{said} >= {ARTERIAL_GAP_HU:.0f} HU"
+    elif max(aorta, liver_hu) <= NONCONTRAST_MAX_HU and abs(gap) <= 25:
+        phase, why = "non-contrast", f"{said}, both <= {NONCONTRAST_MAX_HU:.0f} HU"
+    else:
+        phase, why = "venous", f"{said} < {ARTERIAL_GAP_HU:.0f} HU"
+    return PhaseEstimate(phase, liver_hu, aorta, len(best), f"{why} over {len(best)} slices")
 
 
 def describe_ame_side(two_sided: bool, phase: dict | None) -> str:
