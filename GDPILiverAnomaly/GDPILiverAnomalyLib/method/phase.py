@@ -57,11 +57,14 @@ _BANDS = (
     (600, 1000),
 )
 _BLOOD_MAX_HU = 650.0  # brightest median HU of blood with contrast; above: bone
+_AREA_MM2 = (150.0, 1000.0)  # aorta cross-section: 14..36 mm across (vertebral bodies ~1000-2000)
 _GRID_MM = 1.5  # in-plane sampling of the search (mm), at most
 _SEARCH_MM = 70.0  # half-width of the searched band around the midline (mm)
 _MIDLINE_MM = 50.0  # largest distance of the aorta's centre from the midline (mm)
 _SPINE_MM = 75.0  # largest distance of the aorta's centre from the spine's centre (mm)
 _LINK_MM = 10.0  # largest in-plane step of the aorta between linked slices (mm)
+_ARTERIAL_DARK = 0.6  # share of an arterial aorta's 3 mm rim >= 60 HU darker than it
+_LINK_HU = 30.0  # largest HU change of the aorta between linked slices (HU)
 _RULES = (
     "size",
     "shape",
@@ -147,9 +150,11 @@ def _test(
     spacing: tuple[float, float],
     midline_mm: float,
     spine_y_mm: float | None,
+    whole: np.ndarray | None = None,
 ) -> tuple[str | None, dict]:
-    """The first rule of the module docstring that ``region`` (a mask on ``smooth[box]``)
-    breaks (None: a vessel), and its centre (mm), median HU and area (mm^2)."""
+    """The first rule of the module docstring that ``region`` (a mask on ``smooth[box]``,
+    a piece of ``whole`` if given) breaks (None: a vessel), and its centre (mm), median
+    HU, area (mm^2) and the share of its 3 mm rim >= 60 HU darker (``dark``)."""
     sy, sx = spacing
     values = smooth[box][region]
     offset = (box[0].start, box[1].start)
@@ -158,7 +163,7 @@ def _test(
     h, w = (rows.max() - rows.min() + 1) * sy, (cols.max() - cols.min() + 1) * sx
     y, x = (rows.mean() + offset[0]) * sy, (cols.mean() + offset[1]) * sx
     found = {"x": x, "y": y, "hu": float(np.median(values)), "area": area}
-    if not 150 <= area <= 1500:
+    if not _AREA_MM2[0] <= area <= _AREA_MM2[1]:
         return "size", found
     if max(h, w) > 1.5 * min(h, w):
         return "shape", found
@@ -172,22 +177,30 @@ def _test(
         return "off the midline", found
     if spine_y_mm is not None and math.hypot(x - midline_mm, y - spine_y_mm) > _SPINE_MM:
         return "far from the spine", found
-    # A vessel stands out from what surrounds it (fat, soft tissue); the vertebral body's
-    # marrow does not (cortical bone around it): the median of a 3 mm ring around the
-    # region must be >= 40 HU darker, and at most half of the ring brighter than it.
-    grow = _disc(3.0 / min(sy, sx))
-    r = grow.shape[0] // 2
+    # A vessel stands out from what surrounds it (fat, soft tissue): the median of a
+    # 3 mm ring around it is >= 40 HU darker. Marrow is walled in by cortical bone: most
+    # pixels just outside it are >= 50 HU brighter. (Outside: outside ``whole``, the
+    # band's region that ``region`` was split from, if it was.)
+    whole = region if whole is None else whole
+    r = int(round(3.0 / min(sy, sx)))
     y0, x0 = max(0, offset[0] - r), max(0, offset[1] - r)
     y1 = min(smooth.shape[0], offset[0] + region.shape[0] + r)
     x1 = min(smooth.shape[1], offset[1] + region.shape[1] + r)
-    local = np.zeros((y1 - y0, x1 - x0), bool)
-    local[
-        offset[0] - y0 : offset[0] - y0 + region.shape[0],
-        offset[1] - x0 : offset[1] - x0 + region.shape[1],
-    ] = region
-    ring = smooth[y0:y1, x0:x1][ndimage.binary_dilation(local, grow) & ~local]
-    if np.median(ring) > found["hu"] - 40 or (ring > found["hu"] + 50).mean() > 0.5:
+    inner = (slice(offset[0] - y0, offset[0] - y0 + region.shape[0]),
+             slice(offset[1] - x0, offset[1] - x0 + region.shape[1]))  # fmt: skip
+    local, outside = np.zeros((2, y1 - y0, x1 - x0), bool)
+    local[inner], outside[inner] = region, whole
+    outside = ~outside
+    around = smooth[y0:y1, x0:x1]
+    ring = around[ndimage.binary_dilation(local, _disc(r)) & outside]
+    edge = around[ndimage.binary_dilation(local, np.ones((3, 3), bool)) & outside]
+    if not len(edge):
         return "not set off", found
+    found["dark"] = float((ring < found["hu"] - 60).mean())
+    if np.median(ring) > found["hu"] - 40:
+        return "not set off", found
+    if (edge > found["hu"] + 50).mean() > 0.5:
+        return "walled in by bone", found
     return None, found
 
 
@@ -201,7 +214,7 @@ def _round_regions(
     """Round homogeneous regions of one axial slice (already cropped and resampled; see
     the module docstring), one per place (the largest); counts rejections in ``rejected``."""
     sy, sx = spacing_yx
-    smooth = ndimage.median_filter(hu, 3)
+    smooth = hu
     open_disc = _disc(1.0 / min(sy, sx))
     found: list[dict] = []
     for lo, hi in _BANDS:
@@ -217,7 +230,7 @@ def _round_regions(
             if rule in ("size", "shape", "fill") and region_found["area"] > 150:
                 for piece in _pieces(region, 5.0 / min(sy, sx)):
                     piece_rule, piece_found = _test(
-                        piece, smooth, box, spacing_yx, midline_mm, spine_y_mm
+                        piece, smooth, box, spacing_yx, midline_mm, spine_y_mm, region
                     )
                     if piece_rule is None:
                         rule, region_found = None, piece_found
@@ -259,7 +272,12 @@ def _search_box(ct: np.ndarray, slices: np.ndarray, spacing_yx) -> tuple:
     half = int(round(_SEARCH_MM / sx))
     x0, x1 = max(0, int(mid) - half), min(ct.shape[2], int(mid) + half + 1)
     step = max(1, int(round(_GRID_MM / min(sy, sx))))
-    return (slice(None), slice(x0, x1)), step, (mid - x0) * sx, spine_y
+    rows = slice(None)
+    if spine_y is not None:  # the aorta lies within _SPINE_MM of the spine's centre
+        reach = int(math.ceil(_SPINE_MM / sy)) + 2
+        rows = slice(max(0, int(spine_y / sy) - reach), int(spine_y / sy) + reach + 1)
+        spine_y -= rows.start * sy
+    return (rows, slice(x0, x1)), step, (mid - x0) * sx, spine_y
 
 
 def _no_region_reason(n_slices: int, rejected: Counter) -> str:
@@ -292,12 +310,14 @@ def estimate_phase(
     rejected: Counter = Counter()
     runs: list[list[tuple[int, dict]]] = []
     for z in slices:
-        hu = np.asarray(ct[z][crop][::step, ::step], dtype=np.float32)
+        native = np.asarray(ct[z][crop], dtype=np.float32)
+        hu = ndimage.median_filter(native, 3)[::step, ::step]  # 3x3 median, then sampled
         for region in _round_regions(hu, spacing, midline_mm, spine_y_mm, rejected):
             for run in runs:
                 last_z, last = run[-1]
                 near = math.hypot(region["x"] - last["x"], region["y"] - last["y"]) < _LINK_MM
-                if 0 < z - last_z <= 2 and near:
+                similar = abs(region["hu"] - last["hu"]) <= _LINK_HU
+                if 0 < z - last_z <= 2 and near and similar:
                     run.append((z, region))
                     break
             else:
@@ -322,6 +342,17 @@ def estimate_phase(
         )
     gap = aorta - liver_hu
     said = f"aorta {aorta:.0f} HU vs liver {liver_hu:.0f} HU: gap {gap:.0f}"
+    dark = float(np.median([r["dark"] for _, r in best]))
+    if gap >= ARTERIAL_GAP_HU and aorta >= ARTERIAL_MIN_AORTA_HU and dark < _ARTERIAL_DARK:
+        return PhaseEstimate(
+            "unknown",
+            liver_hu,
+            aorta,
+            len(best),
+            f"{said} >= {ARTERIAL_GAP_HU:.0f} HU over {len(best)} slices, but only "
+            f"{100 * dark:.0f} % of its rim is fat or tissue (< {100 * _ARTERIAL_DARK:.0f} %): "
+            "perhaps bone, not the aorta",
+        )
     if gap >= ARTERIAL_GAP_HU and aorta >= ARTERIAL_MIN_AORTA_HU:
         phase, why = "arterial", f"{said} >= {ARTERIAL_GAP_HU:.0f} HU"
     elif max(aorta, liver_hu) <= NONCONTRAST_MAX_HU and abs(gap) <= 25:
