@@ -139,13 +139,15 @@ def _torso(
     shift_mm=0.0,
     slices=12,
     cortex_hu=700.0,
+    halo_hu=-100.0,
 ):
     """A 1 mm grid, 240 x 320 mm, LPS (rows: anterior to posterior, columns: right to
     left): body 40 HU around fat (-100 HU), the liver on the patient's right, a vertebral
     body (marrow ``marrow_hu``, a 3 mm cortex of ``cortex_hu``) with its posterior arch, and a
     24 mm aorta (``aorta_hu``; None: no aorta) in front of it, left of the midline; the
     spine and aorta ``shift_mm`` towards the patient's left of the body's centre;
-    ``touching``: the aorta sits on the vertebral body (no fat between)."""
+    ``touching``: the aorta sits on the vertebral body (no fat between); ``halo_hu``: what
+    surrounds the aorta (4 mm of fat, or 10 mm of that HU)."""
     rng = np.random.default_rng(1)
     y, x = np.mgrid[0:240, 0:320]
     plane = np.full((240, 320), -1000.0)
@@ -172,7 +174,8 @@ def _torso(
         ay = cy - 19 - 12 + (1 if touching else -6)  # touching: overlaps the cortex by 1 mm
         ax = cx + 12
         if not touching:
-            plane[(y - ay) ** 2 + (x - ax) ** 2 <= 16**2] = -100.0
+            halo = 16 if halo_hu < 0 else 22  # fat 4 mm, else 10 mm of tissue
+            plane[((y - ay) ** 2 + (x - ax) ** 2 <= halo**2) & (plane < 150)] = halo_hu
         plane[(y - ay) ** 2 + (x - ax) ** 2 <= 12**2] = aorta_hu
     ct = np.repeat(plane[None], slices, axis=0) + rng.normal(0, 8, (slices, 240, 320))
     return ct.astype(np.float32), np.repeat(liver[None], slices, 0).astype(np.uint8), (1.0, 1.0)
@@ -208,13 +211,26 @@ def test_an_aorta_off_the_body_centre_is_found_from_the_spine():
 
 def test_non_contrast_is_its_own_phase_and_bright_marrow_is_no_aorta():
     """Blood 40 HU, liver 55 HU: non-contrast (previous version: unknown); the vertebral
-    body's marrow (200 HU, round, homogeneous) is not taken for an enhanced aorta."""
+    body's marrow (200-300 HU, round, homogeneous) is not taken for an enhanced aorta
+    (the previous version called marrow 230 HU in a 300 HU cortex arterial)."""
     estimate = estimate_phase(*_torso(40.0, liver_hu=55.0, marrow_hu=200.0))
     assert estimate.phase == "non-contrast", estimate.reason
     assert "both <= 70 HU" in estimate.reason
     for marrow, cortex in ((230.0, 300.0), (250.0, 700.0), (300.0, 400.0)):
         no_aorta = estimate_phase(*_torso(None, liver_hu=55.0, marrow_hu=marrow, cortex_hu=cortex))
         assert not no_aorta.arterial, no_aorta.reason
+
+
+def test_a_bright_round_region_not_set_off_by_fat_is_not_called_arterial():
+    """250 HU in 200 HU tissue (no fat around it, as marrow or an organ): its gap to the
+    liver would say arterial, but its rim says it may not be the aorta: unknown, and why
+    (a guard of the new band search, which finds it; the previous version did not)."""
+    estimate = estimate_phase(*_torso(250.0, halo_hu=200.0))
+    assert estimate.phase == "unknown", estimate.reason
+    assert estimate.reason.endswith(
+        "of its rim is fat or tissue (< 60 %): perhaps bone, not the aorta"
+    )
+    assert estimate_phase(*_torso(250.0, halo_hu=40.0)).phase == "arterial"
 
 
 def test_the_reason_when_nothing_is_found_and_when_the_run_is_short():

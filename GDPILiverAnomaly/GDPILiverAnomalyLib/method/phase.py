@@ -2,30 +2,45 @@
 
 In the arterial phase contrast fills the aorta while the liver has barely enhanced, so
 the aorta is far brighter than the liver (here 180 vs 55 HU); from the portal-venous
-phase on both are enhanced and close (166 vs 143 HU); without contrast both are blood
-and tissue (~40-60 HU). Arterial-phase HCC is often brighter than the liver, so
+phase on both are enhanced and close (162 vs 143 HU; later, 98 vs 92 HU); without
+contrast both are ~35-60 HU. Arterial-phase HCC is often brighter than the liver, so
 detection uses the two-sided AME there (``DetectionParams.two_sided`` None = decide by
-this).
+this). Only ``arterial`` changes detection, so the decision is conservative: when in
+doubt, ``unknown``.
 
-The aorta is looked for on the liver's slices, in-plane within 70 mm of the midline
-(the spine's centre, else the body's), on a ~1.5 mm grid after a 3x3 median. Each slice
-is cut into HU bands (``_BANDS``: overlapping, 0..1000 HU), so that an aorta of any
-brightness is one region of a band while bone, liver and bowel of other HU fall apart
-from it; each region is opened by a 2 mm disc, and a region too large or not round is
-also split by a 5 mm erosion (an aorta touching the vertebral body). A region counts as
-a vessel when it is round and homogeneous: 150..1500 mm^2, aspect <= 1.5, filling
->= 70 % of its bounding ellipse, standard deviation <= 35 HU, centre within 50 mm of
-the midline. Vessels are linked from slice to slice (centres within 10 mm); the aorta
-is the longest such run (ties: the brighter), and it must span >= 15 % of the liver's
-slices and at least 3. Its median HU against the liver's median decides:
+The aorta is looked for on the liver's slices, in-plane within 70 mm of the midline (the
+centre of the spine, the largest bone region > 250 HU behind the body's front third,
+else the body's centre) and 75 mm of the spine's centre, after a 3x3 median on a grid of
+about 1.5 mm. Each slice is cut into overlapping HU bands (``_BANDS``, 10..1000 HU), so
+that an aorta of any brightness is one region of some band while bone, liver and bowel of
+other HU fall apart from it; regions are opened by a 2 mm disc, and one too large or not
+round is also split by a 5 mm erosion (an aorta touching the vertebral body). A region
+is a vessel when it passes every rule, in this order (the names are the reason's):
 
-- ``arterial``: aorta - liver >= ``ARTERIAL_GAP_HU`` (90), the aorta >= 150 HU;
-- ``non-contrast``: aorta and liver both <= ``NONCONTRAST_MAX_HU`` (70) and within
+- ``size``: 150..1000 mm^2 (14..36 mm across; a vertebral body is larger);
+- ``shape``: bounding box aspect <= 1.5; ``fill``: >= 70 % of its bounding ellipse;
+- ``inhomogeneous``: standard deviation <= 35 HU;
+- ``brighter than blood``: median <= 650 HU (cortical bone is brighter);
+- ``off the midline``: centre within 50 mm of the midline (left-right);
+- ``far from the spine``: centre within 75 mm of the spine's centre;
+- ``not set off``: the median of a 3 mm ring around it >= 40 HU darker (fat, tissue);
+- ``walled in by bone``: at most half the pixels just outside it >= 50 HU brighter
+  (marrow inside its cortex).
+
+Vessels are linked from slice to slice (centres within 10 mm, HU within 30 HU, at most
+one slice skipped); the aorta is the longest run (ties: the brighter), and it must span
+>= 15 % of the liver's slices and at least 3. Its median HU against the liver's median
+decides:
+
+- ``arterial``: aorta - liver >= ``ARTERIAL_GAP_HU`` (90 HU), the aorta >= 150 HU and
+  >= 60 % of its 3 mm rim >= 60 HU darker than it (else ``unknown``: perhaps bone);
+- ``non-contrast``: aorta and liver both <= ``NONCONTRAST_MAX_HU`` (70 HU) and within
   25 HU of each other;
 - ``venous``: otherwise (aorta and liver both enhanced, the gap below 90 HU);
-- ``unknown``: no run long enough. Only ``arterial`` changes detection.
+- ``unknown``: no run long enough.
 
-:attr:`PhaseEstimate.reason` says in plain words what decided.
+:attr:`PhaseEstimate.reason` says in plain words what decided (docs/method.md,
+"Contrast phase").
 """
 
 from __future__ import annotations
@@ -74,6 +89,7 @@ _RULES = (
     "off the midline",
     "far from the spine",
     "not set off",
+    "walled in by bone",
 )
 
 
@@ -292,9 +308,11 @@ def _no_region_reason(n_slices: int, rejected: Counter) -> str:
 def estimate_phase(
     ct: np.ndarray, liver: np.ndarray, spacing_yx: tuple[float, float]
 ) -> PhaseEstimate:
-    """Phase of a CT in HU ``[slices, rows, columns]`` (axial slices, any in-plane
-    orientation) with its liver mask (1 = liver); ``spacing_yx`` in mm. Conservative:
-    ``arterial`` only on a clear aorta-liver gap (see the module docstring)."""
+    """Phase of a CT in HU ``[slices, rows, columns]`` (axial slices; rows from anterior
+    to posterior as :class:`~GDPILiverAnomalyLib.files.volumes.OrientedCase` gives them,
+    else the spine is not found and the body's centre is the midline) with its liver
+    mask (1 = liver); ``spacing_yx`` in mm. Conservative: ``arterial`` only on a clear
+    aorta-liver gap (see the module docstring)."""
     liver = liver > 0
     if not liver.any():
         return PhaseEstimate("unknown", float("nan"), None, 0, "no liver voxels")
