@@ -117,7 +117,7 @@ def _caudal_half(ct, liver, spacing_yx):
 @pytest.mark.parametrize(
     ("case", "crop", "phase"),
     [
-        ("hcc_1211", _liver_box, "arterial"),
+        ("hcc_0697", _liver_box, "venous"),  # was unknown
         ("hcc_1211", _middle_slices, "arterial"),
         ("hcc_1720", _caudal_half, "venous"),
         ("chaos_ct3", _middle_slices, "venous"),  # was unknown
@@ -265,3 +265,26 @@ def test_the_slicer_run_details_show_the_phase_and_why():
     lines = job.formatRunDetails(info).splitlines()
     assert "Re-painted: darker and brighter tissue (contrast phase)" in lines
     assert f"Contrast phase: arterial phase: {phase['reason']}" in lines
+
+
+def test_gdpi_detect_prints_and_records_the_phase_and_why(tmp_path, capsys):
+    """The automatic side on a real non-contrast scan: the log line and run.json's
+    ``stats.phase`` carry the phase and its reason (a tiny random model, 2 steps)."""
+    pytest.importorskip("torch")
+    import json
+
+    from GDPILiverAnomalyLib.files.checkpoint import init_checkpoint, save_checkpoint
+    from GDPILiverAnomalyLib.running import cli
+
+    checkpoint = save_checkpoint(init_checkpoint("tiny", seed=0), tmp_path / "tiny.safetensors")
+    ct, labels = shared("ts_small", "ct.nii.gz"), shared("ts_small", "totalseg.nii.gz")
+    code = cli.main(
+        ["detect", "--ct", str(ct), "--liver", str(labels), "--liver-label", "5",
+         "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"), "--steps", "2",
+         "--jump-length", "1", "--jump-n-sample", "1", "--device", "cpu", "--progress", "text"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0, err
+    phase = json.loads((tmp_path / "out" / "run.json").read_text())["stats"]["phase"]
+    assert phase["phase"] == "non-contrast" and phase["reason"].startswith("aorta ")
+    assert f"re-painted darker tissue: non-contrast phase: {phase['reason']}; outputs in" in err

@@ -14,7 +14,8 @@ else the body's centre) and 75 mm of the spine's centre, after a 3x3 median on a
 about 1.5 mm. Each slice is cut into overlapping HU bands (``_BANDS``, 10..1000 HU), so
 that an aorta of any brightness is one region of some band while bone, liver and bowel of
 other HU fall apart from it; regions are opened by a 2 mm disc, and one too large or not
-round is also split by a 5 mm erosion (an aorta touching the vertebral body). A region
+round (up to 4000 mm^2) is also split by a 5 mm erosion (an aorta touching the
+vertebral body). A region
 is a vessel when it passes every rule, in this order (the names are the reason's):
 
 - ``size``: 150..1000 mm^2 (14..36 mm across; a vertebral body is larger);
@@ -73,6 +74,7 @@ _BANDS = (
 )
 _BLOOD_MAX_HU = 650.0  # brightest median HU of blood with contrast; above: bone
 _AREA_MM2 = (150.0, 1000.0)  # aorta cross-section: 14..36 mm across (vertebral bodies ~1000-2000)
+_SPLIT_MM2 = 4000.0  # largest region (mm^2) split by erosion (an aorta on a vertebra)
 _GRID_MM = 1.5  # in-plane sampling of the search (mm), at most
 _SEARCH_MM = 70.0  # half-width of the searched band around the midline (mm)
 _MIDLINE_MM = 50.0  # largest distance of the aorta's centre from the midline (mm)
@@ -170,21 +172,23 @@ def _test(
 ) -> tuple[str | None, dict]:
     """The first rule of the module docstring that ``region`` (a mask on ``smooth[box]``,
     a piece of ``whole`` if given) breaks (None: a vessel), and its centre (mm), median
-    HU, area (mm^2) and the share of its 3 mm rim >= 60 HU darker (``dark``)."""
+    HU (once past ``fill``), area (mm^2) and the share of its 3 mm rim >= 60 HU darker
+    (``dark``)."""
     sy, sx = spacing
-    values = smooth[box][region]
     offset = (box[0].start, box[1].start)
     area = region.sum() * sy * sx
     rows, cols = np.nonzero(region)
     h, w = (rows.max() - rows.min() + 1) * sy, (cols.max() - cols.min() + 1) * sx
     y, x = (rows.mean() + offset[0]) * sy, (cols.mean() + offset[1]) * sx
-    found = {"x": x, "y": y, "hu": float(np.median(values)), "area": area}
+    found = {"x": x, "y": y, "area": area}
     if not _AREA_MM2[0] <= area <= _AREA_MM2[1]:
         return "size", found
     if max(h, w) > 1.5 * min(h, w):
         return "shape", found
     if area < 0.7 * np.pi / 4 * h * w:
         return "fill", found
+    values = smooth[box][region]
+    found["hu"] = float(np.median(values))
     if values.std() > 35:
         return "inhomogeneous", found
     if found["hu"] > _BLOOD_MAX_HU:
@@ -243,7 +247,7 @@ def _round_regions(
             if region.sum() * sy * sx < 100:  # specks: not worth a rule
                 continue
             rule, region_found = _test(region, smooth, box, spacing_yx, midline_mm, spine_y_mm)
-            if rule in ("size", "shape", "fill") and region_found["area"] > 150:
+            if rule in ("size", "shape", "fill") and 150 < region_found["area"] <= _SPLIT_MM2:
                 for piece in _pieces(region, 5.0 / min(sy, sx)):
                     piece_rule, piece_found = _test(
                         piece, smooth, box, spacing_yx, midline_mm, spine_y_mm, region
