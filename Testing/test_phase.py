@@ -128,6 +128,21 @@ def test_phase_of_crops_of_the_shared_scans(case, crop, phase):
     assert estimate.phase == phase, estimate.describe()
 
 
+def _right_side(ct, liver, spacing_yx):
+    """The patient's right 40 % of the columns (LPS): the liver without the aorta."""
+    keep = int(0.4 * ct.shape[2])
+    return ct[:, :, :keep], liver[:, :, :keep]
+
+
+def test_without_the_aorta_bright_bowel_is_not_taken_for_it():
+    """hcc_1211 cut to the liver's side: oral contrast in the bowel (373 HU, round, over 13
+    slices) is no aorta; arterial needs a run over half the liver's slices: unknown, and
+    the reason says why (a guard of the band search; the previous version found nothing)."""
+    estimate = _real("hcc_1211", crop=_right_side)
+    assert estimate.phase == "unknown", estimate.describe()
+    assert "but it covers only" in estimate.reason and "perhaps bowel" in estimate.reason
+
+
 # --- issue 22: robust recognition that says why ------------------------------------------
 
 
@@ -231,6 +246,14 @@ def test_a_bright_round_region_not_set_off_by_fat_is_not_called_arterial():
         "of its rim is fat or tissue (< 60 %): perhaps bone, not the aorta"
     )
     assert estimate_phase(*_torso(250.0, halo_hu=40.0)).phase == "arterial"
+
+
+def test_a_vessel_far_darker_than_the_liver_is_no_venous_aorta():
+    """A 60 HU round vessel beside a 140 HU liver is not enhanced blood beside an enhanced
+    liver (it is not the aorta): unknown, not venous."""
+    estimate = estimate_phase(*_torso(60.0, liver_hu=140.0))
+    assert estimate.phase == "unknown", estimate.reason
+    assert estimate.reason.endswith("nor non-contrast: perhaps not the aorta")
 
 
 def test_the_reason_when_nothing_is_found_and_when_the_run_is_short():

@@ -3,8 +3,9 @@
 
 For each scan of ``../shared/data`` (its expected phase from data/README.md) and each
 crop (the whole scan; the cranial / caudal half of the liver's slices; the liver's
-slices +- 2; the liver's in-plane box + 30 mm on every slice, which may cut the aorta
-off; the 3 middle liver slices), ``estimate_phase`` runs on the oriented (LPS) CT and
+slices +- 2; the liver's in-plane box + 30 mm on every slice; the 3 middle liver slices;
+the patient's right 40 % of the columns, which cuts the aorta off: expected
+``unknown``), ``estimate_phase`` runs on the oriented (LPS) CT and
 liver mask and the phase and its reason are written to a JSON table. ``--baseline`` names
 another ``phase.py`` (e.g. the previous version, ``git show REV:PATH > old.py``) whose
 result is recorded beside it.
@@ -41,6 +42,11 @@ CASES = (
 )
 
 
+#: The crop without the aorta: the patient's right 40 % of the columns (LPS), the liver's
+#: side; its expected phase is ``unknown`` (whatever else is bright there is no aorta).
+CUT = "patient's right 40 % (no aorta)"
+
+
 def crops(ct: np.ndarray, liver: np.ndarray, spacing_yx: tuple[float, float]) -> dict:
     """Named (CT, liver) crops of an LPS case (slices ascend to the head)."""
     zs = np.flatnonzero(liver.any(axis=(1, 2)))
@@ -60,6 +66,7 @@ def crops(ct: np.ndarray, liver: np.ndarray, spacing_yx: tuple[float, float]) ->
         "liver slices +- 2": (slice(max(0, z0 - 2), z1 + 2), slice(None), slice(None)),
         "liver box + 30 mm in-plane": (slice(None), y, x),
         "3 middle liver slices": (three, slice(None), slice(None)),
+        CUT: (slice(None), slice(None), slice(0, int(0.4 * ct.shape[2]))),
     }
     return {name: (ct[box], liver[box]) for name, box in out.items()}
 
@@ -93,7 +100,7 @@ def main() -> None:
                 "crop": crop,
                 "slices": int(ct.shape[0]),
                 "liver_slices": int(liver.any(axis=(1, 2)).sum()),
-                "expected": expected,
+                "expected": "unknown" if crop == CUT else expected,
                 "phase": found.phase,
                 "reason": found.reason,
                 "seconds": round(time.perf_counter() - t0, 2),

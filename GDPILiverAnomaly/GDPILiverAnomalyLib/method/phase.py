@@ -33,12 +33,15 @@ one slice skipped); the aorta is the longest run (ties: the brighter), and it mu
 >= 15 % of the liver's slices and at least 3. Its median HU against the liver's median
 decides:
 
-- ``arterial``: aorta - liver >= ``ARTERIAL_GAP_HU`` (90 HU), the aorta >= 150 HU and
-  >= 60 % of its 3 mm rim >= 60 HU darker than it (else ``unknown``: perhaps bone);
+- ``arterial``: aorta - liver >= ``ARTERIAL_GAP_HU`` (90 HU), the aorta >= 150 HU, its
+  run over >= 50 % of the liver's slices (the aorta passes all of them; bowel with oral
+  contrast does not) and >= 60 % of its 3 mm rim >= 60 HU darker than it (else
+  ``unknown``, saying which failed);
 - ``non-contrast``: aorta and liver both <= ``NONCONTRAST_MAX_HU`` (70 HU) and within
   25 HU of each other;
-- ``venous``: otherwise (aorta and liver both enhanced, the gap below 90 HU);
-- ``unknown``: no run long enough.
+- ``venous``: aorta >= ``VENOUS_MIN_AORTA_HU`` (80 HU) and the gap -30..90 HU (aorta
+  and liver both enhanced: portal-venous and later);
+- ``unknown``: no run long enough, or none of the above (the run is not the aorta).
 
 :attr:`PhaseEstimate.reason` says in plain words what decided (docs/method.md,
 "Contrast phase").
@@ -60,6 +63,8 @@ ARTERIAL_MIN_AORTA_HU = 150.0
 #: Aorta and liver medians (HU) at or below which, within 25 HU of each other, a scan
 #: counts as non-contrast.
 NONCONTRAST_MAX_HU = 70.0
+#: Lowest aorta median (HU) of the venous phase (enhanced blood).
+VENOUS_MIN_AORTA_HU = 80.0
 #: HU bands (after a 3x3 median) in which round regions are looked for.
 _BANDS = (
     (10, 100),
@@ -80,6 +85,7 @@ _SEARCH_MM = 70.0  # half-width of the searched band around the midline (mm)
 _MIDLINE_MM = 50.0  # largest distance of the aorta's centre from the midline (mm)
 _SPINE_MM = 75.0  # largest distance of the aorta's centre from the spine's centre (mm)
 _LINK_MM = 10.0  # largest in-plane step of the aorta between linked slices (mm)
+_ARTERIAL_COVER = 0.5  # share of the liver's slices an arterial aorta run covers, at least
 _ARTERIAL_DARK = 0.6  # share of an arterial aorta's 3 mm rim >= 60 HU darker than it
 _LINK_HU = 30.0  # largest HU change of the aorta between linked slices (HU)
 _RULES = (
@@ -365,22 +371,43 @@ def estimate_phase(
     gap = aorta - liver_hu
     said = f"aorta {aorta:.0f} HU vs liver {liver_hu:.0f} HU: gap {gap:.0f}"
     dark = float(np.median([r["dark"] for _, r in best]))
-    if gap >= ARTERIAL_GAP_HU and aorta >= ARTERIAL_MIN_AORTA_HU and dark < _ARTERIAL_DARK:
+    if gap >= ARTERIAL_GAP_HU and aorta >= ARTERIAL_MIN_AORTA_HU:
+        doubt = None
+        if len(best) < _ARTERIAL_COVER * len(slices):  # the aorta passes every liver slice
+            doubt = (
+                f"it covers only {len(best)} of {len(slices)} liver slices "
+                f"(< {100 * _ARTERIAL_COVER:.0f} %): perhaps bowel with oral contrast or bone"
+            )
+        elif dark < _ARTERIAL_DARK:
+            doubt = (
+                f"only {100 * dark:.0f} % of its rim is fat or tissue "
+                f"(< {100 * _ARTERIAL_DARK:.0f} %): perhaps bone, not the aorta"
+            )
+        if doubt:
+            return PhaseEstimate(
+                "unknown",
+                liver_hu,
+                aorta,
+                len(best),
+                f"{said} >= {ARTERIAL_GAP_HU:.0f} HU over {len(best)} slices, but {doubt}",
+            )
+    if gap >= ARTERIAL_GAP_HU and aorta >= ARTERIAL_MIN_AORTA_HU:
+        phase, why = "arterial", f"{said} >= {ARTERIAL_GAP_HU:.0f} HU"
+    elif max(aorta, liver_hu) <= NONCONTRAST_MAX_HU and abs(gap) <= 25:
+        phase, why = "non-contrast", f"{said}, both <= {NONCONTRAST_MAX_HU:.0f} HU"
+    elif aorta >= VENOUS_MIN_AORTA_HU and gap >= -30:
+        phase, why = "venous", f"{said} < {ARTERIAL_GAP_HU:.0f} HU"
+    else:  # blood darker than the liver by more than 30 HU, or unenhanced blood in an
+        # enhanced liver: what was found is not the aorta
         return PhaseEstimate(
             "unknown",
             liver_hu,
             aorta,
             len(best),
-            f"{said} >= {ARTERIAL_GAP_HU:.0f} HU over {len(best)} slices, but only "
-            f"{100 * dark:.0f} % of its rim is fat or tissue (< {100 * _ARTERIAL_DARK:.0f} %): "
-            "perhaps bone, not the aorta",
+            f"{said} over {len(best)} slices: neither arterial, venous (aorta >= "
+            f"{VENOUS_MIN_AORTA_HU:.0f} HU, at most 30 HU darker than the liver) nor "
+            "non-contrast: perhaps not the aorta",
         )
-    if gap >= ARTERIAL_GAP_HU and aorta >= ARTERIAL_MIN_AORTA_HU:
-        phase, why = "arterial", f"{said} >= {ARTERIAL_GAP_HU:.0f} HU"
-    elif max(aorta, liver_hu) <= NONCONTRAST_MAX_HU and abs(gap) <= 25:
-        phase, why = "non-contrast", f"{said}, both <= {NONCONTRAST_MAX_HU:.0f} HU"
-    else:
-        phase, why = "venous", f"{said} < {ARTERIAL_GAP_HU:.0f} HU"
     return PhaseEstimate(phase, liver_hu, aorta, len(best), f"{why} over {len(best)} slices")
 
 
