@@ -85,9 +85,9 @@ _SEARCH_MM = 70.0  # half-width of the searched band around the midline (mm)
 _MIDLINE_MM = 50.0  # largest distance of the aorta's centre from the midline (mm)
 _SPINE_MM = 75.0  # largest distance of the aorta's centre from the spine's centre (mm)
 _LINK_MM = 10.0  # largest in-plane step of the aorta between linked slices (mm)
+_LINK_HU = 30.0  # largest HU change of the aorta between linked slices (HU)
 _ARTERIAL_COVER = 0.5  # share of the liver's slices an arterial aorta run covers, at least
 _ARTERIAL_DARK = 0.6  # share of an arterial aorta's 3 mm rim >= 60 HU darker than it
-_LINK_HU = 30.0  # largest HU change of the aorta between linked slices (HU)
 _RULES = (
     "size",
     "shape",
@@ -103,6 +103,8 @@ _RULES = (
 
 @dataclass
 class PhaseEstimate:
+    """What :func:`estimate_phase` found (HU: medians; run.json ``stats.phase``)."""
+
     phase: str  # "arterial", "venous", "non-contrast" or "unknown"
     liver_hu: float  # median HU of the liver
     aorta_hu: float | None  # median HU of the aorta run found (None: none found)
@@ -134,14 +136,16 @@ class PhaseEstimate:
 
 
 def _disc(radius_px: float) -> np.ndarray:
+    """A disc structuring element of ``radius_px`` pixels (at least 3x3)."""
     r = max(1, int(round(radius_px)))
     y, x = np.ogrid[-r : r + 1, -r : r + 1]
     return x * x + y * y <= radius_px * radius_px + 0.5
 
 
 def _spine_px(hu: np.ndarray, body: np.ndarray) -> tuple[float, float] | None:
-    """Row and column (px) of the spine's centre on one slice: the largest bone region (> 250 HU)
-    in the posterior two thirds of the body and its central half; None when none."""
+    """Row and column (px) of the spine's centre on one slice: the largest bone region
+    (> 250 HU) in the posterior two thirds of the body (``body``: > -300 HU) and its
+    central half; None when there is none."""
     rows, cols = np.nonzero(body)
     if not len(rows):
         return None
