@@ -264,6 +264,9 @@ def test_liver_outside_the_model_grid_is_reported_in_plain_words(tmp_path, monke
     assert "Preset: custom (from paper: steps 4 instead of 250" in details
     assert "Device: cpu" in details and f"torch {info['versions']['torch']}" in details
     assert f"started {info['started']}" in details
+    # the contrast phase the automatic AME side came from, and why (issue 22)
+    assert "Re-painted: darker tissue (contrast phase)" in details.splitlines()
+    assert f"Contrast phase: non-contrast phase: {info['stats']['phase']['reason']}" in details
     full = dict(info, stats=dict(info["stats"], liver_outside_grid_voxels=0))
     assert coverageWarning(full) is None
     assert "Liver analysed: all of it" in formatRunDetails(full)

@@ -231,7 +231,7 @@ def case_phases(test: TestSet) -> dict[str, dict]:
             oriented = OrientedCase.from_arrays(ct, labels.astype(np.uint8))
             estimate = estimate_phase(oriented.ct, oriented.liver, oriented.spacing_yx)
         except (GDPIError, OSError, RuntimeError, KeyError, ValueError):
-            estimate = PhaseEstimate("unknown", float("nan"), None, 0)
+            estimate = PhaseEstimate("unknown", float("nan"), None, 0, "no readable source CT")
         phases[case] = estimate.to_dict()
     return phases
 

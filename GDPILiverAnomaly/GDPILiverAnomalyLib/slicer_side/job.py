@@ -21,6 +21,7 @@ import slicer
 
 from ..errors import GDPIError
 from ..method.parameters import PARAMETER_NAMES, PRESETS, DetectionParams, default_batch_size
+from ..method.phase import PhaseEstimate
 from ..running.worker import WorkerProcess
 from .display import (
     LESION_TABLE_REFERENCE,
@@ -213,6 +214,8 @@ def formatRunDetails(runInfo: dict) -> str:
     if stats.get("two_sided") is not None:
         side = "darker and brighter" if stats["two_sided"] else "darker"
         lines.append(f"Re-painted: {side} tissue ({stats.get('two_sided_from', 'setting')})")
+        if stats.get("phase"):
+            lines.append(f"Contrast phase: {PhaseEstimate.from_dict(stats['phase']).describe()}")
     lines.append(coverageWarning(runInfo) or "Liver analysed: all of it")
     return "\n".join(lines)
 
