@@ -70,6 +70,17 @@ def test_cross_validation_script_end_to_end(tmp_path):
     assert real["hcc_0697"]["darkness"]["lesion_level"]["froc"]["mean"]["low"] is None
     synth = table["tiny"]["synth"]["pooled"]["darkness"]["lesion_level"]
     assert synth["scans"] == 2 and synth["froc"] is not None
+    # figures at gdpi detect's default threshold, and an operating point chosen on the
+    # synthetic set (<= 1 false positive per case there) reported on the real set
+    at_default = pooled["darkness"]["lesion_level"]["at_threshold"]
+    assert at_default["threshold_hu"] == 20.0 and at_default["lesions"] == 3
+    point = table["tiny"]["operating_point"]["darkness"]
+    chosen = synth["at"]["1.0"]
+    assert point["threshold_hu"] == chosen["threshold"] and point["synth"] == chosen
+    assert point["synth"]["fp_per_scan"] <= 1.0
+    tested = point["real"]
+    assert tested["threshold_hu"] == chosen["threshold"] and tested["lesions"] == 3
+    assert tested["sensitivity"]["value"] == tested["found"] / 3
     curve = tmp_path / "curve.png"
     assert main(["--runs", str(runs), "--out", str(tmp_path / "table.md"), "--curve", str(curve),
                  "--seconds-per-nfe", "0.2", "--fixed-seconds", "3",
@@ -78,6 +89,7 @@ def test_cross_validation_script_end_to_end(tmp_path):
     assert "Real tumours, pooled over folds" in text
     assert "Synthetic tumours, lesion level, pooled over folds" in text
     assert "| tiny · darkness | 3 |" in text
+    assert "### Operating point: chosen on the synth set at <= 1 false positive" in text
     for which in ("real", "synth"):
         assert (tmp_path / f"froc_{which}.png").read_bytes()[:4] == b"\x89PNG"
     assert curve.stat().st_size > 10_000 and curve.read_bytes()[:4] == b"\x89PNG"

@@ -5,6 +5,7 @@ import pytest
 from GDPILiverAnomalyLib.method.lesions import (
     FROC_RATES,
     ScanVolume,
+    at_threshold,
     bootstrap_pixel_metrics,
     bootstrap_weights,
     lesion_figures,
@@ -58,6 +59,22 @@ def test_sweep_counts_components_lesions_and_false_positives_as_by_hand():
     sized = sweep(_two_scans(), thresholds=[50, 35, 25, 17, 13, 5], min_voxels=2)
     assert sized.fp.tolist() == [[0, 0], [0, 0], [0, 0], [0, 1], [0, 1], [0, 1]]
     np.testing.assert_array_equal(sized.found, result.found)
+
+
+def test_figures_at_one_threshold_match_the_hand_count():
+    """At 17 HU (as by hand above): L1 and L2 found, L3 not; scan a one false positive
+    (40), scan b one (20): sensitivity 2/3, 1 FP per scan; by size L1 < 1 mL found,
+    L2 1-10 mL found, L3 > 10 mL missed. At 5 HU everything is found."""
+    at = at_threshold(_two_scans(), 17.0, resamples=200)
+    assert (at["lesions"], at["found"], at["scans"], at["components"]) == (3, 2, 2, 3)
+    assert at["sensitivity"]["value"] == pytest.approx(2 / 3)
+    assert at["fp_per_scan"]["value"] == pytest.approx(1.0)
+    assert at["sensitivity"]["low"] <= 2 / 3 <= at["sensitivity"]["high"]
+    found = {name: (c["found"], c["lesions"]) for name, c in at["by_size"].items()}
+    assert found == {"<1 mL": (1, 1), "1-10 mL": (1, 1), ">10 mL": (0, 1)}
+    low = at_threshold(_two_scans(), 5.0, resamples=0)
+    assert low["sensitivity"]["value"] == 1.0 and low["fp_per_scan"]["value"] == 1.5
+    assert low["sensitivity"]["low"] is None  # no resamples: no interval
 
 
 def test_thresholds_that_flag_much_of_the_liver_are_not_swept():

@@ -28,11 +28,18 @@ import json
 from pathlib import Path
 
 import numpy as np
+from GDPILiverAnomalyLib.method.lesions import at_threshold, volumes_from_slices
 from GDPILiverAnomalyLib.method.metrics import lesion_detection, pixel_metrics, slice_auroc
 from GDPILiverAnomalyLib.method.scoring import smooth_across_slices
 
-from .evaluate import case_phases, lesion_level, load_test_set, slice_positions_mm
-from .report import LESION_NOTE, froc_png, lesion_table
+from .evaluate import (
+    DEFAULT_THRESHOLD_HU,
+    case_phases,
+    lesion_level,
+    load_test_set,
+    slice_positions_mm,
+)
+from .report import LESION_NOTE, ci_text, froc_png, lesion_table
 
 SETS = ("real", "synth")
 RESAMPLES = 1000  # bootstrap resamples over cases of the pooled figures (seed 0)
@@ -98,7 +105,7 @@ def metrics(score: np.ndarray, test, resamples: int = 0) -> dict:
         "lesions": lesions.get("lesions"),
         "slice_auroc": slice_auroc(slice_scores, test.abnormal),
         "normal_bias_hu": float(score[healthy][liver[healthy]].mean()) if healthy.any() else None,
-        "lesion_level": lesion_level(score, test, resamples),
+        "lesion_level": lesion_level(score, test, resamples, DEFAULT_THRESHOLD_HU),
     }
 
 
@@ -122,6 +129,7 @@ def summarize(runs: str | Path) -> dict:
     table: dict = {}
     for row_dir in sorted(p for p in (runs / "eval").iterdir() if p.is_dir()):
         row: dict = {}
+        kept: dict = {}
         for which in SETS:
             folds = sorted(
                 p.name for p in row_dir.iterdir() if (p / which / "results.json").is_file()
@@ -145,8 +153,41 @@ def summarize(runs: str | Path) -> dict:
                 m: metrics(np.concatenate(stacks[m]), pooled, RESAMPLES) for m in common
             }
             row[which] = per_fold
+            kept[which] = (pooled, {m: np.concatenate(stacks[m]) for m in common})
+        if len(kept) == len(SETS):
+            row["operating_point"] = operating_points(row, kept)
         table[row_dir.name] = row
     return table
+
+
+#: False positives per scan at which the operating point is chosen (on ``CHOOSE_ON``).
+OPERATING_RATE = 1.0
+#: The set the threshold is chosen on; it is then reported on the other one.
+CHOOSE_ON = "synth"
+
+
+def operating_points(row: dict, kept: dict) -> dict:
+    """Per method: the threshold (HU) of the highest lesion sensitivity with at most
+    :data:`OPERATING_RATE` false positives per scan on the pooled :data:`CHOOSE_ON` set,
+    and the figures that one threshold gives on the other set (``lesions.at_threshold``,
+    bootstrap intervals over cases): a threshold chosen on one set, tested on another."""
+    other = next(w for w in SETS if w != CHOOSE_ON)
+    test, stacks = kept[other]
+    out = {}
+    for method, figures in row[CHOOSE_ON]["pooled"].items():
+        at = (figures["lesion_level"].get("at") or {}).get(str(OPERATING_RATE))
+        if at is None or method not in stacks:
+            continue
+        volumes = volumes_from_slices(stacks[method], test.liver, test.tumour, test.groups,
+                                      test.voxel_ml())  # fmt: skip
+        out[method] = {
+            "rate": OPERATING_RATE,
+            "chosen_on": CHOOSE_ON,
+            "threshold_hu": at["threshold"],
+            CHOOSE_ON: at,
+            other: at_threshold(volumes, at["threshold"], RESAMPLES),
+        }
+    return out
 
 
 def _pct(v) -> str:
@@ -189,6 +230,22 @@ def markdown(table: dict) -> str:
                                  f"{_pct(m['auroc'])} / {_pct(m['ap'])} / {_pct(m['best_dice'])}")  # fmt: skip
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
             lines.append("")
+    points = {f"{row} · {m}": p for row, sets in table.items()
+              for m, p in sets.get("operating_point", {}).items()}  # fmt: skip
+    if points:
+        lines += [f"### Operating point: chosen on the {CHOOSE_ON} set at <= {OPERATING_RATE:g} "
+                  "false positive per case, tested on the other", "",
+                  "| row · method | threshold (HU) | chosen on: sens. / FP per case | tested on: "
+                  "sens. [95% CI] | FP per case [95% CI] | found |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for name, p in points.items():
+            chosen, tested = p[p["chosen_on"]], p[next(w for w in SETS if w != p["chosen_on"])]
+            lines.append(
+                f"| {name} | {p['threshold_hu']:.2f} | {100 * chosen['sensitivity']:.1f} / "
+                f"{chosen['fp_per_scan']:.2f} | {ci_text(tested['sensitivity'])} | "
+                f"{ci_text(tested['fp_per_scan'], 1.0, 2)} | {tested['found']}/{tested['lesions']} |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 

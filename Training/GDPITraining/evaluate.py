@@ -56,6 +56,7 @@ from GDPILiverAnomalyLib.errors import GDPIError, InputError, ParameterError
 from GDPILiverAnomalyLib.method.ame import adaptive_mask
 from GDPILiverAnomalyLib.method.calibration import reference_patches, remove_bias
 from GDPILiverAnomalyLib.method.lesions import (
+    at_threshold,
     bootstrap_pixel_metrics,
     lesion_figures,
     volumes_from_slices,
@@ -486,13 +487,23 @@ def reuse_scores(report: Path, name: str, test: TestSet) -> MethodOutput:
     )
 
 
-def lesion_level(score: np.ndarray, test, resamples: int = 1000) -> dict:
+#: The anomaly threshold of ``gdpi detect`` (HU), whose lesion figures are reported apart.
+DEFAULT_THRESHOLD_HU = DetectionParams.from_preset("fast").threshold_hu
+
+
+def lesion_level(
+    score: np.ndarray, test, resamples: int = 1000, threshold_hu: float | None = None
+) -> dict:
     """Lesion-level figures of a score stack (``lesions.lesion_figures``: FROC, its
-    points and size classes, bootstrap intervals over cases) and the liver-pixel AUROC
-    and AP with their bootstrap intervals (``pixel_bootstrap``). ``test``: a
+    points and size classes, bootstrap intervals over cases), the liver-pixel AUROC
+    and AP with their bootstrap intervals (``pixel_bootstrap``) and, given a
+    ``threshold_hu`` (HU scores only), the figures at that one threshold
+    (``at_threshold``: sensitivity, false positives per scan). ``test``: a
     :class:`TestSet` or anything with ``liver``, ``tumour``, ``groups`` and ``voxel_ml()``."""
     volumes = volumes_from_slices(score, test.liver, test.tumour, test.groups, test.voxel_ml())
     figures = lesion_figures(volumes, resamples=resamples)
+    if threshold_hu is not None:
+        figures["at_threshold"] = at_threshold(volumes, threshold_hu, resamples)
     cases = [g[0] for g in test.groups]
     figures["pixel_bootstrap"] = bootstrap_pixel_metrics(
         score, test.tumour, cases, test.liver, resamples=resamples
@@ -505,7 +516,10 @@ def method_metrics(out: MethodOutput, test: TestSet) -> dict:
     liver = test.liver > 0
     truth = test.tumour > 0
     result: dict = {"units": out.units, "seconds": round(out.seconds, 2), "nfe": out.nfe}
-    result["lesion_level"] = lesion_level(out.score, test)
+    hu = out.units == "HU"
+    result["lesion_level"] = lesion_level(
+        out.score, test, threshold_hu=DEFAULT_THRESHOLD_HU if hu else None
+    )
     for pool in POOLS:
         region = liver if pool == "liver" else None
         pixel = pixel_metrics(out.score, truth, region, curve_points=200)

@@ -29,13 +29,14 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
-def _ci(figure: dict | None, scale: float = 100.0) -> str:
-    """``value [low, high]`` of a bootstrap interval (``lesions.interval``), in percent."""
+def ci_text(figure: dict | None, scale: float = 100.0, digits: int = 1) -> str:
+    """``value [low, high]`` of a bootstrap interval (``lesions.interval``), in percent
+    (``scale`` 1: as is)."""
     if figure is None or figure.get("value") is None:
         return "-"
-    text = f"{scale * figure['value']:.1f}"
+    text = f"{scale * figure['value']:.{digits}f}"
     if figure.get("low") is not None:
-        text += f" [{scale * figure['low']:.1f}, {scale * figure['high']:.1f}]"
+        text += f" [{scale * figure['low']:.{digits}f}, {scale * figure['high']:.{digits}f}]"
     return text
 
 
@@ -44,20 +45,23 @@ def lesion_table(rows: dict[str, dict]) -> list[str]:
     figures (``evaluate.lesion_level``)."""
     lines = [
         "| method | lesions | sens. @0.5 FP | @1 FP | @2 FP | @4 FP | FROC score | "
-        "<1 mL | 1-10 mL | >10 mL | pixel AUROC | pixel AP |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "<1 mL | 1-10 mL | >10 mL | pixel AUROC | pixel AP | at threshold: sens. / FP per scan |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, f in rows.items():
         froc = f.get("froc") or {}
         sizes = f.get("by_size") or {}
         cells = [str(f["lesions"])]
-        cells += [_ci(froc.get(r)) for r in ("0.5", "1.0", "2.0", "4.0")]
-        cells.append(_ci(froc.get("mean")))
+        cells += [ci_text(froc.get(r)) for r in ("0.5", "1.0", "2.0", "4.0")]
+        cells.append(ci_text(froc.get("mean")))
         for size in ("<1 mL", "1-10 mL", ">10 mL"):
             c = sizes.get(size)
             cells.append(f"{c['found']}/{c['lesions']}" if c and c["lesions"] else "-")
         pixel = f.get("pixel_bootstrap") or {}
-        cells += [_ci(pixel.get("auroc")), _ci(pixel.get("ap"))]
+        cells += [ci_text(pixel.get("auroc")), ci_text(pixel.get("ap"))]
+        at = f.get("at_threshold")
+        cells.append("-" if not at else f"{at['threshold_hu']:g} HU: {ci_text(at['sensitivity'])} / "
+                     f"{ci_text(at['fp_per_scan'], 1.0)}")  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 

@@ -232,6 +232,40 @@ def sweep(
     )
 
 
+def at_threshold(
+    volumes: list[ScanVolume],
+    threshold_hu: float,
+    resamples: int = 1000,
+    seed: int = 0,
+    min_voxels: int = 0,
+) -> dict:
+    """Lesion sensitivity and false-positive components per scan at one fixed threshold
+    (HU; e.g. the default of ``gdpi detect``, or one chosen on other data), each with a
+    bootstrap interval over scans, and the lesions found per size class (JSON-ready).
+    ``sensitivity`` is None without lesions."""
+    result = sweep(volumes, np.array([float(threshold_hu)]), min_voxels=min_voxels,
+                   max_liver_fraction=None)  # fmt: skip
+    fp_rate, sens = result.curve()
+    weights = bootstrap_weights(len(result.scans), resamples, seed)
+    boot = np.full((len(weights), 2), np.nan)
+    if len(result.scans) > 1:
+        for b, w in enumerate(weights):
+            f, s = result.curve(w)
+            boot[b] = [f[0], np.nan if s is None or not np.isfinite(s[0]) else s[0]]
+    with np.errstate(invalid="ignore"):
+        sensitivity = None if sens is None else float(sens[0])
+    return {
+        "threshold_hu": float(threshold_hu),
+        "scans": len(result.scans),
+        "lesions": int(len(result.lesion_scan)),
+        "found": int(result.found[0].sum()),
+        "components": int(result.components[0]),
+        "sensitivity": interval(boot[:, 1], sensitivity),
+        "fp_per_scan": interval(boot[:, 0], float(fp_rate[0])),
+        "by_size": _size_table(result, 0),
+    }
+
+
 def bootstrap_weights(n_scans: int, resamples: int = 1000, seed: int = 0) -> np.ndarray:
     """``[resamples, n_scans]``: how often each scan is drawn in each resample (scans
     drawn with replacement, ``n_scans`` per resample; seeded, reproducible)."""
