@@ -70,6 +70,36 @@ def assert_same_detection(folder: Path, other: Path, threshold_hu: float = 20.0)
             assert abs(int(row["voxels"]) - int(twin["voxels"])) <= flipped, (row, twin)
 
 
+def detect_as_ray_tasks(inputs, checkpoint, params, batch_size: int, out: Path) -> tuple:
+    """What the Ray engine's tasks and model worker do for one case, as plain functions in
+    this process: ``prepare_case``, the case's grid images packed into batches of
+    ``batch_size`` and inpainted by an ``InpaintWorker``, ``finish_case`` writing ``out``.
+    Returns finish_case's info and the number of grid images inpainted."""
+    from datetime import datetime, timezone
+
+    from GDPILiverAnomalyLib.running.packing import CaseSlices, Packer
+    from GDPILiverAnomalyLib.running.ray_engine import InpaintWorker, finish_case, prepare_case
+
+    work, plan = prepare_case(inputs, checkpoint.grid, params)
+    packer = Packer(batch_size)
+    case = CaseSlices(out.name, work["ct"], work["mask"], work["seeds"], work["work"])
+    packer.add(case)
+    worker = InpaintWorker(checkpoint, params, threads=0)  # 0: leave this process's threads
+    done = []
+    while (batch := packer.next_batch(flush=True)) is not None:
+        diff, name = worker.inpaint(batch.ct, batch.mask, batch.seeds)
+        done += packer.receive(batch, diff, name)
+    assert done == [case]
+    inpainting = {"device": "cpu", "bf16": False, "batches": case.batches,
+                  "batch_size": batch_size, "nfe": 0,
+                  "timings_s": {"prepare": 0.0, "inpaint": 0.0}}  # fmt: skip
+    timings = {"read": 0.1, "started": datetime.now(timezone.utc), "elapsed_s": 1.0}
+    info = finish_case(inputs, plan, case.diff, case.work, inpainting, out, params,
+                       checkpoint.identity(), timings, {"name": "ray"}, False)  # fmt: skip
+    assert "error" not in info, info
+    return info, len(work["work"])
+
+
 def assert_same_mask(actual, expected, score, threshold_hu: float, what: str = "") -> None:
     """Masks made by ``score > threshold_hu`` equal, except voxels whose score lies within
     :data:`SAME_HU` of the threshold (where batch rounding may flip them)."""

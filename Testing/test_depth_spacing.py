@@ -15,7 +15,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import assert_same_detection
+from conftest import assert_same_detection, detect_as_ray_tasks
 from GDPILiverAnomalyLib.method.depth import (
     depth_samples,
     interpolation_sources,
@@ -210,11 +210,8 @@ def test_detect_with_depth_spacing_end_to_end(tmp_path, tiny_checkpoint):
     batches than at 0, progress counts every grid image, run.json records the spacing
     and what was inpainted; the Ray engine's tasks (plain functions, packed batches of
     another size) give the same outputs voxel for voxel."""
-    from datetime import datetime, timezone
 
     from GDPILiverAnomalyLib.files.checkpoint import load_checkpoint
-    from GDPILiverAnomalyLib.running.packing import CaseSlices, Packer
-    from GDPILiverAnomalyLib.running.ray_engine import InpaintWorker, finish_case, prepare_case
     from GDPILiverAnomalyLib.running.runner import CaseInputs, run_case
 
     ct, _, liver, _ = thin_case()
@@ -236,20 +233,7 @@ def test_detect_with_depth_spacing_end_to_end(tmp_path, tiny_checkpoint):
     on_disk = json.loads((tmp_path / "local" / "run.json").read_text())
     assert on_disk["parameters"]["depth_spacing_mm"] == 5.0
 
-    inputs = CaseInputs(*paths)
-    work, plan = prepare_case(inputs, checkpoint.grid, params)
-    assert len(work["work"]) == 8
-    packer = Packer(3)
-    case = CaseSlices("thin", work["ct"], work["mask"], work["seeds"], work["work"])
-    packer.add(case)
-    worker = InpaintWorker(checkpoint, params, threads=0)  # 0: leave this process's threads
-    while (batch := packer.next_batch(flush=True)) is not None:
-        diff, name = worker.inpaint(batch.ct, batch.mask, batch.seeds)
-        packer.receive(batch, diff, name)
-    timings = {"read": 0.1, "started": datetime.now(timezone.utc), "elapsed_s": 1.0}
     out = tmp_path / "ray"
-    ray_info = finish_case(inputs, plan, case.diff, case.work, dict(INFO, batches=case.batches),
-                           out, params, checkpoint.identity(), timings, {"name": "ray"},
-                           False)  # fmt: skip
-    assert "error" not in ray_info
+    _, inpainted = detect_as_ray_tasks(CaseInputs(*paths), checkpoint, params, 3, out)
+    assert inpainted == 8
     assert_same_detection(tmp_path / "local", out, params.threshold_hu)

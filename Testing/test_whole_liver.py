@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import REPO, assert_same_hu, assert_same_mask, shared
+from conftest import REPO, assert_same_detection, detect_as_ray_tasks, shared
 from GDPILiverAnomalyLib.method.grid import InputGrid, PlaneMapping
 from GDPILiverAnomalyLib.method.parameters import DetectionParams
 
@@ -214,39 +214,16 @@ def test_a_320_mm_liver_is_analysed_everywhere(wide_run):
 def test_the_ray_engine_gives_the_local_outputs_on_a_wide_liver(wide_run, grid_checkpoint):
     """Ray's tasks and model worker as plain functions (what Ray runs), the window images
     packed into batches of another size: the local engine's outputs voxel for voxel."""
-    from datetime import datetime, timezone
-
     from GDPILiverAnomalyLib.files.checkpoint import load_checkpoint
-    from GDPILiverAnomalyLib.running.packing import CaseSlices, Packer
-    from GDPILiverAnomalyLib.running.ray_engine import InpaintWorker, finish_case, prepare_case
     from GDPILiverAnomalyLib.running.runner import CaseInputs
 
     checkpoint, params = load_checkpoint(grid_checkpoint), wide_run["params"]
-    inputs = CaseInputs(*wide_run["paths"])
-    work, plan = prepare_case(inputs, checkpoint.grid, params)
-    assert len(work["work"]) == 9
-    packer = Packer(5)
-    case = CaseSlices("wide", work["ct"], work["mask"], work["seeds"], work["work"])
-    packer.add(case)
-    worker = InpaintWorker(checkpoint, params, threads=0)  # 0: leave this process's threads
-    done = []
-    while (batch := packer.next_batch(flush=True)) is not None:
-        diff, name = worker.inpaint(batch.ct, batch.mask, batch.seeds)
-        done += packer.receive(batch, diff, name)
-    assert done == [case]
-    inpainting = {"device": "cpu", "bf16": False, "batches": case.batches, "batch_size": 5,
-                  "nfe": 0, "timings_s": {"prepare": 0.0, "inpaint": 0.0}}  # fmt: skip
-    timings = {"read": 0.1, "started": datetime.now(timezone.utc), "elapsed_s": 1.0}
     out = wide_run["out"].parent / "ray"
-    info = finish_case(inputs, plan, case.diff, case.work, inpainting, out, params,
-                       checkpoint.identity(), timings, {"name": "ray"}, False)  # fmt: skip
-    assert "error" not in info and info["stats"]["liver_outside_grid_voxels"] == 0
-    ray, local = ({v: _read(folder, v) for v in VOLUMES} for folder in (out, wide_run["out"]))
-    np.testing.assert_array_equal(ray["candidates.nrrd"], local["candidates.nrrd"])
-    for volume in ("score.nrrd", "pseudo_healthy.nrrd"):
-        assert_same_hu(ray[volume], local[volume], volume)
-    assert_same_mask(ray["anomaly.nrrd"], local["anomaly.nrrd"], local["score.nrrd"],
-                     params.threshold_hu, "anomaly.nrrd")  # fmt: skip
+    info, inpainted = detect_as_ray_tasks(
+        CaseInputs(*wide_run["paths"]), checkpoint, params, 5, out
+    )
+    assert inpainted == 9 and info["stats"]["liver_outside_grid_voxels"] == 0
+    assert_same_detection(wide_run["out"], out, params.threshold_hu)
 
 
 def test_the_demo_model_finds_the_tumour_outside_todays_window():

@@ -149,11 +149,10 @@ def summarize(runs: str | Path) -> dict:
                         nfe_info[m] = nfe[m] and round(nfe[m] / max(1, len(test.index)), 1)
             pooled = _Pooled(tests)
             common = [m for m, parts in stacks.items() if len(parts) == len(folds)]
-            per_fold["pooled"] = {
-                m: metrics(np.concatenate(stacks[m]), pooled, RESAMPLES) for m in common
-            }
+            joined = {m: np.concatenate(stacks[m]) for m in common}
+            per_fold["pooled"] = {m: metrics(joined[m], pooled, RESAMPLES) for m in common}
             row[which] = per_fold
-            kept[which] = (pooled, {m: np.concatenate(stacks[m]) for m in common})
+            kept[which] = (pooled, joined)
         if len(kept) == len(SETS):
             row["operating_point"] = operating_points(row, kept)
         table[row_dir.name] = row

@@ -252,8 +252,7 @@ def at_threshold(
         for b, w in enumerate(weights):
             f, s = result.curve(w)
             boot[b] = [f[0], np.nan if s is None or not np.isfinite(s[0]) else s[0]]
-    with np.errstate(invalid="ignore"):
-        sensitivity = None if sens is None else float(sens[0])
+    sensitivity = None if sens is None else float(sens[0])
     return {
         "threshold_hu": float(threshold_hu),
         "scans": len(result.scans),
